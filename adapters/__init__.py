@@ -1,0 +1,77 @@
+"""Adapters find sites (filters, gates, tokens) in a model; they never run the optimisation.
+
+``discover(model)`` picks the first family adapter that recognises the model (ResNet, VGG,
+MobileNet/EfficientNet, ViT/DeiT) and falls back to the generic adapter, which works on any model
+through torch.fx or, when the model does not trace, one probe forward pass.
+
+Example:
+    >>> import timm, hookchains.adapters as ad
+    >>> sites = ad.discover(timm.create_model("resnet50"))
+    >>> sites.totals()["conv_filters"]
+    26560
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Dict, Optional, Sequence, Type
+
+import torch
+from torch import nn
+
+from hookchains.sites import SiteMap
+
+from .base import Adapter
+from .families import MobileNetAdapter, ResNetAdapter, VGGAdapter, ViTAdapter
+
+__all__ = ["Adapter", "ADAPTERS", "discover", "get_adapter"]
+
+ADAPTERS: Dict[str, Type[Adapter]] = {
+    cls.name: cls for cls in (ResNetAdapter, VGGAdapter, MobileNetAdapter, ViTAdapter, Adapter)
+}
+
+
+def get_adapter(model: nn.Module, adapter: str = "auto") -> Adapter:
+    """The adapter called ``adapter``, or with ``"auto"`` the first family adapter matching ``model``."""
+    if adapter == "auto":
+        return next(cls() for cls in ADAPTERS.values() if cls.matches(model))
+    if adapter not in ADAPTERS:
+        close = difflib.get_close_matches(adapter, list(ADAPTERS), n=3)
+        raise ValueError(f"unknown adapter {adapter!r}; choose one of {sorted(ADAPTERS)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ADAPTERS[adapter]()
+
+
+def default_input_shape(model: nn.Module) -> Sequence[int]:
+    """(1, C, H, W) from timm's pretrained config where present, else (1, 3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return (1, *cfg.get("input_size", (3, 224, 224)))
+
+
+def discover(model: nn.Module, adapter: str = "auto", example: Optional[torch.Tensor] = None,
+             use_fx: bool = True) -> SiteMap:
+    """Find the sites of ``model`` (in eval mode) with one probe pass on ``example``.
+
+    Args:
+        model: any ``nn.Module`` that maps an image batch to logits.
+        adapter: ``"auto"`` or one of :data:`ADAPTERS`.
+        example: a batch of the input shape the model will see (default: zeros of timm's
+            ``input_size`` or 1x3x224x224). Sequence lengths of token sites depend on it.
+        use_fx: try ``torch.fx`` for graph facts first (fallback: probe pass).
+
+    Raises:
+        ValueError: when the model has no conv or linear layer to score.
+    """
+    if example is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else "cpu"
+        example = torch.zeros(*default_input_shape(model), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        sites = get_adapter(model, adapter).discover(model, example, use_fx=use_fx)
+    finally:
+        model.train(was_training)
+    if not sites.filters and not sites.tokens:
+        raise ValueError(f"{type(model).__name__} has no conv or linear layer besides the classifier: "
+                         "nothing to score; hookchains explains conv/linear/ViT models")
+    return sites

@@ -1,0 +1,232 @@
+"""``attach(model)``: put NeuroChains' learnable quantities on any model with hooks only.
+
+The model's classes, code and weights are never modified: forward hooks multiply filter outputs by
+their scores ``S`` (Eq. 3) and mix gated layers as ``G * F(H) + (1 - G) * H`` with
+``G = sigmoid(alpha / T)`` (Eq. 6-7). ``detach()`` (or leaving the ``with`` block) removes every hook,
+after which the model's state_dict and outputs are exactly what they were.
+
+The hooks evaluate the scores in one of four modes:
+
+* ``"soft"``  -- the relaxed network of Eq. 8 (``S`` as is, ``G`` in (0, 1));
+* ``"hard"``  -- the thresholded network of section 3.2 (``S * [S >= tau]``, ``G`` rounded to 0/1);
+* ``"ste"``   -- hard values forward, soft gradients backward (straight-through), so training sees
+  exactly the network that will be extracted;
+* ``"mask"``  -- the binary sub-network of Eq. 1 (``[S >= tau]``, ``G`` rounded): kept filters at scale 1;
+* ``"off"``   -- hooks pass everything through (the original model).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from hookchains.sites import FilterSite, GateSite, SiteMap
+
+__all__ = ["Chains", "attach", "strip_hooks", "MODES"]
+
+MODES = ("soft", "hard", "ste", "mask", "off")
+
+
+def _broadcast(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return values.view(shape)
+
+
+class Chains:
+    """Hooks plus the learnable tensors of one model (filter scores, gate logits).
+
+    Create it with :func:`attach`. Attributes ``scores`` and ``gate_logits`` map site names to
+    ``nn.Parameter`` s on the model's device.
+
+    Example:
+        >>> with hookchains.attach(model) as chains:
+        ...     result = chains.fit(images)
+        >>> sub = result.materialize(model)
+    """
+
+    def __init__(self, model: nn.Module, sites: SiteMap, *, tau: float = 0.1, temperature: float = 0.2,
+                 score_max: Optional[float] = 1.0) -> None:
+        if tau < 0 or temperature <= 0:
+            raise ValueError(f"need tau >= 0 and temperature > 0, got tau={tau}, temperature={temperature}")
+        self.model, self.sites = model, sites
+        self.tau, self.temperature, self.score_max = tau, temperature, score_max
+        self.mode = "soft"
+        device = next(model.parameters()).device
+        self.scores: Dict[str, nn.Parameter] = {
+            s.name: nn.Parameter(torch.ones(s.channels, device=device)) for s in sites.filters}
+        self.gate_logits: Dict[str, nn.Parameter] = {
+            g.name: nn.Parameter(torch.zeros((), device=device)) for g in sites.gates}
+        self._span_inputs: Dict[str, List[torch.Tensor]] = {}
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._register()
+
+    # ------------------------------------------------------------------ values per mode
+    def filter_values(self, name: str, mode: Optional[str] = None) -> torch.Tensor:
+        """Multipliers of filter site ``name`` under ``mode`` (default: the current mode)."""
+        s, mode = self.scores[name], mode or self.mode
+        if mode == "soft":
+            return s
+        keep = (s >= self.tau).to(s.dtype)
+        if mode == "mask":
+            return keep
+        hard = s * keep
+        return hard if mode == "hard" else s + (hard - s).detach()
+
+    def gate_values(self, name: str, mode: Optional[str] = None) -> torch.Tensor:
+        """Gate ``G`` of gate site ``name`` under ``mode`` (Eq. 6; rounded in hard modes)."""
+        g, mode = torch.sigmoid(self.gate_logits[name] / self.temperature), mode or self.mode
+        if mode == "soft":
+            return g
+        hard = (g >= 0.5).to(g.dtype)
+        return g + (hard - g).detach() if mode == "ste" else hard
+
+    # ------------------------------------------------------------------ hooks
+    def _register(self) -> None:
+        get = self.model.get_submodule
+
+        def add(handle_of, hook) -> None:
+            hook.hookchains = True  # lets strip_hooks() clean a deep copy of a hooked model
+            self._handles.append(handle_of(hook))
+
+        for site in self.sites.filters:
+            add(get(site.hook_module).register_forward_hook, self._filter_hook(site))
+        for gate in self.sites.gates:
+            if gate.first == gate.last:
+                add(get(gate.first).register_forward_hook, self._block_gate_hook(gate))
+            else:
+                add(get(gate.first).register_forward_pre_hook, self._span_start_hook(gate))
+                add(get(gate.last).register_forward_hook, self._span_end_hook(gate))
+
+    def _filter_hook(self, site: FilterSite):
+        def hook(module, args, out):
+            if self.mode == "off":
+                return None
+            return out * _broadcast(self.filter_values(site.name), out.ndim, site.channel_dim).to(out.dtype)
+        return hook
+
+    def _mix(self, gate: GateSite, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        g = self.gate_values(gate.name).to(out.dtype)
+        return g * out + (1 - g) * h
+
+    def _block_gate_hook(self, gate: GateSite):
+        def hook(module, args, out):
+            return None if self.mode == "off" else self._mix(gate, args[0], out)
+        return hook
+
+    def _span_start_hook(self, gate: GateSite):
+        def hook(module, args):
+            if self.mode != "off":
+                # clone: an in-place activation later in the span must not alter H
+                self._span_inputs.setdefault(gate.name, []).append(args[0].clone())
+        return hook
+
+    def _span_end_hook(self, gate: GateSite):
+        def hook(module, args, out):
+            if self.mode == "off":
+                return None
+            return self._mix(gate, self._span_inputs[gate.name].pop(), out)
+        return hook
+
+    # ------------------------------------------------------------------ public API
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """All learnable tensors (scores, then gate logits)."""
+        yield from self.scores.values()
+        yield from self.gate_logits.values()
+
+    @contextmanager
+    def using(self, mode: str) -> Iterator["Chains"]:
+        """Temporarily evaluate the hooks in ``mode`` (one of :data:`MODES`)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        previous, self.mode = self.mode, mode
+        try:
+            yield self
+        finally:
+            self.mode = previous
+            self._span_inputs.clear()
+
+    def clamp_(self) -> None:
+        """Project scores onto ``[0, score_max]`` (``score_max=None``: only ``>= 0``)."""
+        with torch.no_grad():
+            for s in self.scores.values():
+                s.clamp_(min=0.0, max=self.score_max)
+
+    def fit(self, images: torch.Tensor, **options):
+        """Learn scores and gates on ``images`` (Eq. 8); see :func:`hookchains.fit.fit`."""
+        from hookchains.fit import fit
+        return fit(self, images, **options)
+
+    def load_state(self, scores: Dict[str, torch.Tensor], gate_logits: Dict[str, torch.Tensor]) -> None:
+        """Copy scores and gate logits (e.g. a saved :class:`~hookchains.Subnetwork`'s) into the hooks."""
+        with torch.no_grad():
+            for name, p in self.scores.items():
+                p.copy_(scores[name])
+            for name, p in self.gate_logits.items():
+                p.copy_(gate_logits[name])
+
+    def kept_counts(self) -> Dict[str, int]:
+        """Filters with ``S >= tau`` and open gates, right now (what a progress bar shows)."""
+        with torch.no_grad():
+            filters = sum(int((s >= self.tau).sum()) for s in self.scores.values())
+            gates = sum(int(a >= 0) for a in self.gate_logits.values())
+        return {"filters": filters, "gates": gates}
+
+    def detach(self) -> nn.Module:
+        """Remove every hook; the model is exactly as before :func:`attach`. Returns the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._span_inputs.clear()
+        return self.model
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are still on the model."""
+        return bool(self._handles)
+
+    def __enter__(self) -> "Chains":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def strip_hooks(model: nn.Module) -> nn.Module:
+    """Remove hookchains' hooks from ``model`` (e.g. a ``copy.deepcopy`` of a hooked model); others stay."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "hookchains", False)]:
+                del hooks[key]
+    return model
+
+
+def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.Tensor] = None,
+           sites: Optional[SiteMap] = None, use_fx: bool = True, tau: float = 0.1,
+           temperature: float = 0.2, score_max: Optional[float] = 1.0) -> Chains:
+    """Find the sites of ``model`` and hook them; nothing of the model is modified.
+
+    Args:
+        model: any torch.fx-compatible or timm model (others work through a probe pass).
+        adapter: ``"auto"`` or a family name (``resnet``, ``vgg``, ``mobilenet``, ``vit``, ``generic``).
+        example: input batch used to probe shapes (default: zeros of the model's input size).
+        sites: a :class:`SiteMap` found earlier (skips discovery).
+        tau: score threshold of section 3.2 (filters with ``S < tau`` are removed).
+        temperature: ``T`` of the gate sigmoid (Eq. 6).
+        score_max: upper bound of the scores (paper: 1); ``None`` leaves them unbounded above.
+
+    Example:
+        >>> chains = hookchains.attach(timm.create_model("resnet18"))
+        >>> len(chains.scores), len(chains.gate_logits)
+        (20, 5)
+        >>> chains.detach()
+    """
+    from hookchains.adapters import discover
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"{type(model).__name__} has no parameters: nothing to explain")
+    sites = sites if sites is not None else discover(model, adapter, example=example, use_fx=use_fx)
+    return Chains(model, sites, tau=tau, temperature=temperature, score_max=score_max)

@@ -1,0 +1,62 @@
+"""Atomic, pickle-free persistence: JSON and safetensors written via a temporary file + rename,
+so an interrupted run never leaves a half-written file behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+from safetensors.torch import load_file, save
+
+__all__ = ["atomic_write_bytes", "write_json", "read_json", "write_tensors", "read_tensors"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: PathLike, data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON."""
+    return atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: PathLike) -> Any:
+    """Read JSON, naming the file in the error when it is truncated or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): "
+                         "the file is truncated or was edited; re-create it") from None
+
+
+def write_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> Path:
+    """Atomically write tensors as safetensors (contiguous CPU copies)."""
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write_bytes(path, save(data, metadata=metadata))
+
+
+def read_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a safetensors file, naming the file when it is truncated or corrupt."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several error types for bad files
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): "
+                         "the file is truncated or corrupt; re-create it") from None
