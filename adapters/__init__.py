@@ -65,10 +65,19 @@ def discover(model: nn.Module, adapter: str = "auto", example: Optional[torch.Te
         param = next(model.parameters(), None)
         device = param.device if param is not None else "cpu"
         example = torch.zeros(*default_input_shape(model), device=device)
+        defaulted = True
+    else:
+        defaulted = False
     was_training = model.training
     model.eval()
     try:
         sites = get_adapter(model, adapter).discover(model, example, use_fx=use_fx)
+    except RuntimeError as exc:
+        if not defaulted:
+            raise
+        raise ValueError(f"the probe pass on a default input of shape {tuple(example.shape)} failed "
+                         f"({str(exc).splitlines()[0][:100]}); pass example=<one input batch>, "
+                         "e.g. attach(model, example=images[:1])") from None
     finally:
         model.train(was_training)
     if not sites.filters and not sites.tokens:

@@ -148,16 +148,20 @@ class Chains:
             self.mode = previous
             self._span_inputs.clear()
 
-    def clamp_(self) -> None:
-        """Project scores onto ``[0, score_max]`` (``score_max=None``: only ``>= 0``)."""
+    def clamp_(self, gate_bound: Optional[float] = None) -> None:
+        """Project scores onto ``[0, score_max]`` (``score_max=None``: only ``>= 0``) and, when
+        ``gate_bound`` is given, gate logits onto ``[-gate_bound, gate_bound]``."""
         with torch.no_grad():
             for s in self.scores.values():
                 s.clamp_(min=0.0, max=self.score_max)
+            if gate_bound is not None:
+                for a in self.gate_logits.values():
+                    a.clamp_(-gate_bound, gate_bound)
 
-    def fit(self, images: torch.Tensor, **options):
+    def fit(self, images: torch.Tensor, config=None, **options):
         """Learn scores and gates on ``images`` (Eq. 8); see :func:`hookchains.fit.fit`."""
         from hookchains.fit import fit
-        return fit(self, images, **options)
+        return fit(self, images, config, **options)
 
     def load_state(self, scores: Dict[str, torch.Tensor], gate_logits: Dict[str, torch.Tensor]) -> None:
         """Copy scores and gate logits (e.g. a saved :class:`~hookchains.Subnetwork`'s) into the hooks."""

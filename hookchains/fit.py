@@ -10,7 +10,10 @@ than ``0.05`` between steps; thresholding happens only afterwards.
 paper's is not): (1) the forward pass is the *thresholded* network (``S * [S >= tau]``, ``G`` rounded)
 with straight-through gradients, so what is optimised is what is extracted and there is no soft/hard
 gap; (2) the gate penalty is ``lam_gate * sum(G)``, which is bounded below (``sum(alpha)`` is not, so
-with ``lam_gate >= 1`` every gate closed and the loss went negative); (3) convergence means the kept
+with ``lam_gate >= 1`` every gate closed and the loss went negative); (3) Eq. 8 is the penalty form of the constrained Eq. 2, and a fixed ``lam`` trades size for
+fidelity differently on every model; with ``kl_target`` the KL weight adapts by dual ascent so the
+sparsest network within that KL is sought; (4) gate logits stay within ``|alpha/T| <= 4`` so a closed gate keeps a gradient and can reopen
+(with ``T = 0.2`` the paper's gates saturated and stayed shut); (5) convergence means the kept
 set has not changed for ``patience`` steps, the loss moved by less than ``loss_tol`` over them, and the
 KL is at most ``kl_tol`` (the paper's step-to-step ``|dloss| < 0.05`` fired at step 9 or never).
 
@@ -29,10 +32,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hookchains.attach import Chains
+from hookchains.data import validate_images
 from hookchains.metrics import fidelity
 from hookchains.subnetwork import Subnetwork
 
-__all__ = ["FitConfig", "PRESETS", "fit", "preset_for", "validate_images"]
+# recipe "hookchains" keeps |alpha / T| <= GATE_BOUND: the forward pass uses the rounded gate, and a
+# saturated sigmoid would make a closed gate's gradient vanish so it could never reopen.
+GATE_BOUND = 4.0
+
+__all__ = ["FitConfig", "PRESETS", "fit", "preset_for", "logits_of"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,13 @@ class FitConfig:
         lam: weight of ``||S||_1`` (paper: 0.005 for ResNet-50 and VGG-19).
         lam_gate: weight of the gate penalty (paper: 1 for ResNet-50, 2 for VGG-19).
         recipe: ``"hookchains"`` (default, see module doc) or ``"paper"``.
+        kl_target: recipe ``hookchains``: the KL the sub-network should stay within; the KL term's
+            weight adapts (dual ascent) so sparsity is bought only up to this fidelity. ``None``: the
+            fixed weighting of Eq. 8.
+        kl_rate: how fast that weight adapts (log-space step per step).
+        gate_init: initial gate logit ``alpha``; default 0 for recipe ``paper`` (``G = 0.5``), and
+            ``2 T`` (``G = 0.88``) for ``hookchains``, whose rounded gates would otherwise sit on the
+            threshold and all close at the first step.
         patience: steps the kept set must stay unchanged to stop (recipe ``hookchains``).
         min_steps: no stop before this step.
         kl_tol: the KL the thresholded network must be within to stop (recipe ``hookchains``).
@@ -60,6 +75,9 @@ class FitConfig:
     lam: float = 0.005
     lam_gate: float = 1.0
     recipe: str = "hookchains"
+    kl_target: Optional[float] = 0.1
+    kl_rate: float = 0.05
+    gate_init: Optional[float] = None
     patience: int = 30
     min_steps: int = 50
     kl_tol: float = 0.1
@@ -99,42 +117,38 @@ def preset_for(adapter: str, **overrides) -> FitConfig:
     return FitConfig(**values)
 
 
-def validate_images(images: torch.Tensor) -> None:
-    """Raise a one-line ValueError for anything but a finite, non-empty float N x C x H x W batch."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}; "
-                         "add a batch dimension with images.unsqueeze(0)")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch: give at least one image")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor (normalised like the model's training data), "
-                         f"got {images.dtype}; use the model's preprocessing")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf values; check the preprocessing")
-
-
 def _penalties(chains: Chains, cfg: FitConfig) -> torch.Tensor:
-    l1 = sum(s.abs().sum() for s in chains.scores.values())
-    if not chains.gate_logits:
-        return cfg.lam * l1
+    """``lam * ||S||_1 + lam_gate * sum(alpha)`` (paper) or, recipe ``hookchains``, the same with each
+    score's L1 weighted by its gate's hard value (the filters of a removed block cost nothing and are
+    not counted, so they keep their values and the block can come back) and ``sum(G)`` for the gates."""
     if cfg.recipe == "paper":
-        gate = sum(chains.gate_logits.values())
-    else:
-        gate = sum(chains.gate_values(n, "soft") for n in chains.gate_logits)
-    return cfg.lam * l1 + cfg.lam_gate * gate
+        l1 = sum(s.abs().sum() for s in chains.scores.values())
+        return cfg.lam * l1 + cfg.lam_gate * sum(chains.gate_logits.values(), torch.zeros(()))
+    gate_of = {f: g.name for g in chains.sites.gates for f in g.filter_sites}
+    l1 = sum(s.abs().sum() * (chains.gate_values(gate_of[n], "ste") if n in gate_of else 1.0)
+             for n, s in chains.scores.items())
+    gates = sum((chains.gate_values(n, "soft") for n in chains.gate_logits), torch.zeros(()))
+    return cfg.lam * l1 + cfg.lam_gate * gates
 
 
-def _kl(model, images, teacher_logp, chunks: Sequence[slice], backward: bool) -> float:
+def _kl_backward(model, images, teacher_logp, chunks: Sequence[slice], weight: float) -> float:
+    """Mean KL over the images; backpropagates ``weight * KL`` chunk by chunk."""
     total = 0.0
     for part in chunks:
         logq = F.log_softmax(model(images[part]).float(), -1)
         kl = F.kl_div(logq, teacher_logp[part], log_target=True, reduction="sum") / images.shape[0]
-        if backward:
-            kl.backward()
+        (weight * kl).backward()
         total += float(kl.detach())
     return total
+
+
+def _next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
+    """Dual ascent on the KL multiplier of the constrained problem ``min ||S||_1 s.t. KL <= kl_target``
+    (Eq. 2 with a tolerance): the weight grows while the KL is above target and shrinks below it."""
+    if cfg.kl_target is None or cfg.recipe == "paper":
+        return weight
+    step = max(-1.0, min(1.0, kl / cfg.kl_target - 1.0))
+    return float(min(1e4, max(1.0, weight * math.exp(cfg.kl_rate * step))))
 
 
 def _stopped(cfg: FitConfig, history: Dict[str, List[float]], stable_for: int) -> bool:
@@ -147,25 +161,39 @@ def _stopped(cfg: FitConfig, history: Dict[str, List[float]], stable_for: int) -
     return settled and history["kl"][-1] <= cfg.kl_tol
 
 
+def _initialise(chains: Chains, cfg: FitConfig) -> None:
+    """Every fit starts from the original network: ``S = 1`` (section 3.2) and gates at ``gate_init``."""
+    default = 0.0 if cfg.recipe == "paper" else 2.0 * chains.temperature
+    alpha = default if cfg.gate_init is None else cfg.gate_init
+    with torch.no_grad():
+        for s in chains.scores.values():
+            s.fill_(1.0)
+        for a in chains.gate_logits.values():
+            a.fill_(alpha)
+
+
 def _optimise(chains: Chains, images: torch.Tensor, teacher_logp: torch.Tensor, cfg: FitConfig):
+    _initialise(chains, cfg)
     model, chunks = chains.model, _chunks(images.shape[0], cfg.batch_size)
     optimiser = torch.optim.Adam(list(chains.parameters()), lr=cfg.lr)
-    history: Dict[str, List[float]] = {"loss": [], "kl": [], "filters": [], "gates": []}
-    stable_for, last_kept = 0, None
+    history: Dict[str, List[float]] = {"loss": [], "kl": [], "filters": [], "gates": [], "kl_weight": []}
+    stable_for, last_kept, kl_weight = 0, None, 1.0
     bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
     with chains.using("soft" if cfg.recipe == "paper" else "ste"):
         for _ in bar:
             optimiser.zero_grad(set_to_none=True)
-            kl = _kl(model, images, teacher_logp, chunks, backward=True)
+            kl = _kl_backward(model, images, teacher_logp, chunks, kl_weight)
             penalty = _penalties(chains, cfg)
             penalty.backward()
             optimiser.step()
-            chains.clamp_()
+            chains.clamp_(None if cfg.recipe == "paper" else GATE_BOUND * chains.temperature)
             kept = chains.kept_counts()
             history["loss"].append(kl + float(penalty.detach()))
             history["kl"].append(kl)
             history["filters"].append(kept["filters"])
             history["gates"].append(kept["gates"])
+            history["kl_weight"].append(kl_weight)
+            kl_weight = _next_kl_weight(kl_weight, kl, cfg)
             key = _kept_key(chains)
             stable_for = stable_for + 1 if key == last_kept else 0
             last_kept = key
@@ -216,7 +244,7 @@ def fit(chains: Chains, images: torch.Tensor, config: Optional[FitConfig] = None
     validate_images(images)
     if not chains.attached:
         raise RuntimeError("these chains were detached; call hookchains.attach(model) again")
-    cfg = dataclasses.replace(config, **options) if config else preset_for(chains.sites.adapter, **options)
+    cfg = dataclasses.replace(config or preset_for(chains.sites.adapter), **options)
     model = chains.model
     device = next(model.parameters()).device
     images = images.to(device)

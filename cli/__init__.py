@@ -1,0 +1,1 @@
+"""The ``hookchains`` command line: a thin click layer over the public API."""

@@ -1,0 +1,157 @@
+"""``hookchains`` command: inspect, extract, demo, export, render, report.
+
+Every command is a thin layer over the public API (``hookchains.adapters.discover``,
+``hookchains.extract.extract``, ``hookchains.run``, ``hookchains.export``); errors that a user can fix
+are printed as one line (``Error: ...``) with exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from hookchains.cli.options import fit_options, config_from_options, run_error
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hookchains")
+def main() -> None:
+    """Extract and draw the small sub-network a pretrained model uses on a small task (NeuroChains)."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file (safetensors or state_dict)")
+@click.option("--image-size", type=int, help="probe resolution (token counts depend on it)")
+@click.option("--adapter", default="auto", show_default=True, help="auto, resnet, vgg, mobilenet, vit or generic")
+@click.option("--no-fx", is_flag=True, help="skip torch.fx; read the graph from one probe forward pass")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@run_error
+def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], adapter: str, no_fx: bool,
+            as_json: bool) -> None:
+    """List MODEL's sites: filters, gateable layers/blocks, token slots, with totals.
+
+    MODEL is a timm name (resnet50), torchvision:NAME, module:factory, or hookchains:mobilenet_v2.
+    """
+    import torch
+    from hookchains.adapters import default_input_shape, discover
+    from hookchains.models import create_model
+    net, _ = create_model(model, checkpoint=checkpoint)
+    shape = list(default_input_shape(net))
+    if image_size:
+        shape[-2:] = [image_size, image_size]
+    sites = discover(net, adapter, example=torch.zeros(shape), use_fx=not no_fx)
+    if as_json:
+        click.echo(json.dumps(sites.to_json(), indent=2))
+        return
+    from hookchains.cli.tables import site_table
+    click.echo(site_table(sites, model))
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="timm name, torchvision:NAME, module:factory or hookchains:mobilenet_v2")
+@click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file to load")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder-style folder: one sub-folder per class")
+@click.option("--classes", required=True, help="comma-separated class folder names, e.g. cat,dog")
+@click.option("--per-class", default=10, show_default=True, type=int, help="images per class")
+@click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
+@fit_options
+@run_error
+def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, skip_bad_images, out_dir, **opts) -> None:
+    """Fit, threshold, materialise and draw the sub-network of a model on images of a few classes."""
+    from hookchains.data import load_image_folder
+    from hookchains.models import create_model, preprocessing
+    net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
+                             seed=opts["seed"], skip_bad_images=skip_bad_images)
+    out = Path(out_dir or Path("runs") / "-".join(n.replace(" ", "_") for n in names))
+    _run_extraction(net, ref, task, out, opts)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="hookchains-demo", show_default=True, type=click.Path(file_okay=False))
+@fit_options(demo=True)
+@run_error
+def demo(out_dir, **opts) -> None:
+    """Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs espresso)."""
+    from hookchains.assets import demo_photos
+    from hookchains.data import augmented_views
+    from hookchains.models import create_model, preprocessing
+    net, ref = create_model("hookchains:mobilenet_v2")
+    photos = {k: v for k, v in demo_photos().items() if k in ("Egyptian cat", "espresso")}
+    task = augmented_views(photos, 10, preprocessing(net, opts["image_size"]), seed=opts["seed"])
+    if not opts["quiet"]:
+        click.echo(f"demo: MobileNetV2 (embedded ImageNet weights), 2 classes x 10 augmented views of one photo "
+                   f"each, {opts['image_size']} px, up to {opts['steps']} steps", err=True)
+    _run_extraction(net, ref, task, Path(out_dir), opts)
+
+
+def _run_extraction(net, ref, task, out: Path, opts) -> None:
+    from hookchains.extract import extract as run_extract
+    start = time.perf_counter()
+    config = config_from_options(net, opts)
+    sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
+                      device=opts["device"], overwrite=opts["overwrite"],
+                      graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"])
+    seconds = time.perf_counter() - start
+    if opts["as_json"]:
+        click.echo(json.dumps({"out": str(out), "summary": sub.summary(), "counts": sub.counts(),
+                               "fidelity": sub.fidelity, "physical": sub.physical, "seconds": round(seconds, 1)}))
+    elif not opts["quiet"]:
+        click.echo(sub.summary())
+        click.echo(f"physical: {sub.physical['params_after']:,}/{sub.physical['params_before']:,} parameters, "
+                   f"{sub.physical['channels_after']:,}/{sub.physical['channels_before']:,} channels")
+        click.echo(f"wrote {out} in {seconds:.0f} s")
+    else:
+        click.echo(str(out))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript", "onnx", "pt"]), default="safetensors",
+              show_default=True)
+@click.option("--out", "out_path", type=click.Path(), help="output file (default: RUN_DIR/pruned.<ext>)")
+@click.option("--unsafe-pickle", is_flag=True, help="allow --format pt (a pickled module; loading it runs code)")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@run_error
+def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint) -> None:
+    """Export the pruned module of RUN_DIR (safe default: base reference + sub-network, no pickle)."""
+    from hookchains.export import export_run
+    click.echo(str(export_run(run_dir, fmt, out_path, unsafe_pickle=unsafe_pickle, checkpoint=checkpoint)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["pdf", "svg", "png", "dot"]), default="pdf", show_default=True)
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@run_error
+def render(run_dir, fmt, checkpoint) -> None:
+    """Draw the sub-network graph of RUN_DIR with graphviz."""
+    from hookchains.render import render_graph
+    from hookchains.run import load_run
+    run = load_run(run_dir)
+    model = run.model_ref.build(checkpoint)
+    click.echo(str(render_graph(run.sub, model, Path(run_dir) / f"subnetwork.{fmt}", format=fmt, images=run.images)))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@run_error
+def report(run_dir, checkpoint) -> None:
+    """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations)."""
+    from hookchains.report import write_report
+    from hookchains.run import load_run
+    run = load_run(run_dir)
+    click.echo(str(write_report(run_dir, run.sub, run.model_ref.build(checkpoint), run.task)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""A run folder: everything one extraction writes, written atomically, loadable without pickle.
+
+Layout of ``RUN_DIR``::
+
+    subnetwork.json      counts, fidelity, kept filters, sites, fit config   (Subnetwork.save)
+    scores.safetensors   learned filter scores and gate logits               (Subnetwork.save)
+    model.json           how to rebuild the base model (ModelRef: spec + checkpoint sha256)
+    task.safetensors     the preprocessed task images, labels and the pictures as shown (uint8)
+    pruned.safetensors   the materialised module's state_dict (checked on load)
+    manifest.json        sha256 of every file above (tampering / truncation is detected on load)
+    summary.txt          the paper-style summary line
+
+The folder is assembled in ``RUN_DIR.partial`` and renamed into place at the end, so an interrupted
+run leaves no half-written ``RUN_DIR``; the next run starts clean.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from hookchains.data import ImageSet
+from hookchains.io import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
+from hookchains.models import ModelRef
+from hookchains.subnetwork import Subnetwork
+
+__all__ = ["RunFolder", "save_run", "load_run", "load", "prepare_run_dir", "finish_run_dir"]
+
+_CHECKED = ("subnetwork.json", "scores.safetensors", "model.json", "task.safetensors", "pruned.safetensors")
+
+
+@dataclass
+class RunFolder:
+    """What :func:`load_run` reads back: the result, the model reference and the task images."""
+
+    path: Path
+    sub: Subnetwork
+    model_ref: ModelRef
+    task: ImageSet
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The preprocessed task images."""
+        return self.task.images
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` may be written and return a clean staging folder beside it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a run interrupted earlier: start clean
+    staging.mkdir(parents=True)
+    return staging
+
+
+def finish_run_dir(staging: Path, out: Path) -> Path:
+    """Atomically move the finished staging folder to ``out`` (replacing an old one)."""
+    out = Path(out)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_run(folder: Path, sub: Subnetwork, model_ref: ModelRef, task: ImageSet,
+             pruned: Optional[nn.Module] = None) -> Path:
+    """Write a run folder's files into ``folder`` (use :func:`prepare_run_dir` for atomicity)."""
+    folder = Path(folder)
+    json_ref = model_ref.to_json()
+    sub.model_ref = json.loads(json_ref)
+    sub.task = {**sub.task, "class_names": list(task.class_names), "labels": task.labels.tolist(),
+                "paths": list(task.paths)}
+    sub.save(folder)
+    atomic_write_bytes(folder / "model.json", (json_ref + "\n").encode())
+    raw = torch.stack([torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1) for img in task.raw])
+    write_tensors(folder / "task.safetensors", {"images": task.images, "labels": task.labels, "raw": raw})
+    if pruned is not None:
+        write_tensors(folder / "pruned.safetensors", dict(pruned.state_dict()))
+    atomic_write_bytes(folder / "summary.txt", (sub.summary() + "\n").encode())
+    write_json(folder / "manifest.json", {n: _sha256(folder / n) for n in _CHECKED if (folder / n).exists()})
+    return folder
+
+
+def _verify(folder: Path) -> None:
+    if not (folder / "manifest.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a hookchains run folder (no manifest.json); "
+                                "make one with `hookchains extract`")
+    for name, digest in read_json(folder / "manifest.json").items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the run folder; re-run the extraction")
+        if _sha256(path) != digest:
+            raise ValueError(f"{path} does not match its sha256 in manifest.json: the file was truncated "
+                             "or modified; re-run the extraction")
+
+
+def load_run(folder) -> RunFolder:
+    """Read a run folder after checking every file against its manifest."""
+    folder = Path(folder)
+    _verify(folder)
+    sub = Subnetwork.load(folder)
+    ref = ModelRef.from_json((folder / "model.json").read_text())
+    saved = read_tensors(folder / "task.safetensors")
+    raw = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in saved["raw"]]
+    task = ImageSet(saved["images"], saved["labels"], list(sub.task.get("class_names", [])),
+                    list(sub.task.get("paths", [""] * len(raw))), raw)
+    return RunFolder(folder, sub, ref, task)
+
+
+def load(folder, checkpoint: Optional[str] = None) -> nn.Module:
+    """Rebuild the pruned module of a run folder without unpickling anything.
+
+    The base model is rebuilt from its reference (timm/torchvision name, ``module:factory`` or the
+    embedded weights; a checkpoint must have the recorded sha256), the sub-network re-materialised,
+    and its weights compared with the saved ``pruned.safetensors``.
+
+    Example:
+        >>> small = hookchains.load("runs/cat-espresso")
+    """
+    run = load_run(folder)
+    base = run.model_ref.build(checkpoint)
+    module = run.sub.materialize(base, run.images[:4])
+    saved = read_tensors(Path(folder) / "pruned.safetensors")
+    state = module.state_dict()
+    if set(saved) != set(state) or any(saved[k].shape != state[k].shape or not torch.equal(saved[k], state[k].cpu())
+                                       for k in saved):
+        raise ValueError(f"{folder}: the rebuilt module differs from pruned.safetensors; the base model "
+                         f"({run.model_ref.spec}) is not the one this result was computed for")
+    return module
