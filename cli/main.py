@@ -81,12 +81,8 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
 @run_error
 def demo(out_dir, **opts) -> None:
     """Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs espresso)."""
-    from hookchains.assets import demo_photos
-    from hookchains.data import augmented_views
-    from hookchains.models import create_model, preprocessing
-    net, ref = create_model("hookchains:mobilenet_v2")
-    photos = {k: v for k, v in demo_photos().items() if k in ("Egyptian cat", "espresso")}
-    task = augmented_views(photos, 10, preprocessing(net, opts["image_size"]), seed=opts["seed"])
+    from hookchains.demo import demo_task
+    net, ref, task = demo_task(opts["image_size"], seed=opts["seed"])
     if not opts["quiet"]:
         click.echo(f"demo: MobileNetV2 (embedded ImageNet weights), 2 classes x 10 augmented views of one photo "
                    f"each, {opts['image_size']} px, up to {opts['steps']} steps", err=True)

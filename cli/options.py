@@ -10,9 +10,9 @@ import click
 
 from hookchains.fit import FitConfig, preset_for
 
-# The demo's defaults buy a <= 5 minute run on a 2-core CPU: 160 px (same sub-network size and
-# agreement as 224 px at half the time, DESIGN.md) and fewer steps at a larger learning rate.
-DEMO_DEFAULTS = {"steps": 150, "lr": 0.02, "image_size": 160}
+from hookchains.demo import DEMO_FIT, DEMO_IMAGE_SIZE
+
+DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.demo for why
 
 
 def fit_options(func: Callable = None, *, demo: bool = False):

@@ -172,11 +172,13 @@ class Chains:
                 p.copy_(gate_logits[name])
 
     def kept_counts(self) -> Dict[str, int]:
-        """Filters with ``S >= tau`` and open gates, right now (what a progress bar shows)."""
+        """Filters with ``S >= tau`` outside removed blocks, and open gates, right now (what the
+        progress bar shows; the same rule as :meth:`Subnetwork.counts`)."""
         with torch.no_grad():
-            filters = sum(int((s >= self.tau).sum()) for s in self.scores.values())
-            gates = sum(int(a >= 0) for a in self.gate_logits.values())
-        return {"filters": filters, "gates": gates}
+            closed = {g.name for g in self.sites.gates if self.gate_logits[g.name] < 0}
+            hidden = {f for g in self.sites.gates if g.name in closed for f in g.filter_sites}
+            filters = sum(int((s >= self.tau).sum()) for n, s in self.scores.items() if n not in hidden)
+        return {"filters": filters, "gates": len(self.gate_logits) - len(closed)}
 
     def detach(self) -> nn.Module:
         """Remove every hook; the model is exactly as before :func:`attach`. Returns the model."""

@@ -104,7 +104,7 @@ def _title_label(sub: Subnetwork, top_score: float) -> str:
 
 def _strong_edges(strength: Tensor, per_node: int) -> List[Tuple[int, int, float]]:
     """(u, v, strength / strongest) of the edges the module docstring's rule keeps."""
-    top = float(strength.max()) if strength.numel() else 0.0
+    top = float(strength.max())
     if top <= 0 or per_node <= 0:
         return []
     order = torch.sort(strength, dim=0, descending=True, stable=True).indices[:per_node]

@@ -112,6 +112,15 @@ class Subnetwork:
         self.physical = dataclasses.asdict(report)
         return module
 
+    def render(self, path, model=None, format: str = "pdf", **options):
+        """Draw the sub-network with graphviz; see :func:`hookchains.render.render_graph`.
+
+        Example:
+            >>> result.render("subnet.pdf", model, images=images)
+        """
+        from hookchains.render import render_graph
+        return render_graph(self, model, path, format, **options)
+
     # ------------------------------------------------------------------ persistence
     def save(self, directory) -> Path:
         """Write ``scores.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""

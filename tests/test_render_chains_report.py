@@ -451,7 +451,6 @@ def _decoded_widths(profile: Path, page: Path) -> List[int]:
     return json.loads(re.search(r'<pre id="decoded">(.*?)</pre>', result.stdout).group(1))
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
 def test_report_in_headless_chromium(report, tmp_path):
     path = report[0]
     shot = tmp_path / "report.png"
