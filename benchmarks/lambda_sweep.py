@@ -44,7 +44,7 @@ def main() -> None:
     for row, (label, options) in enumerate(SETTINGS):
         if args.only and row not in args.only:
             continue
-        config = preset_for("mobilenet", steps=args.steps, lr=args.lr, progress=False, **options)
+        config = preset_for("mobilenet", **{"steps": args.steps, "lr": args.lr, "progress": False, **options})
         start = time.perf_counter()
         with hookchains.attach(model, example=task.images[:1]) as chains:
             sub = chains.fit(task.images, config)

@@ -140,13 +140,17 @@ def render(run_dir, fmt, checkpoint) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@click.option("--figure", type=click.Path(dir_okay=False), help="also write the chains figure (.png or .pdf) for papers")
 @run_error
-def report(run_dir, checkpoint) -> None:
+def report(run_dir, checkpoint, figure) -> None:
     """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations)."""
-    from hookchains.report import write_report
+    from hookchains.report import write_chains_figure, write_report
     from hookchains.run import load_run
     run = load_run(run_dir)
-    click.echo(str(write_report(run_dir, run.sub, run.model_ref.build(checkpoint), run.task)))
+    model = run.model_ref.build(checkpoint)
+    click.echo(str(write_report(run_dir, run.sub, model, run.task)))
+    if figure:
+        click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -177,8 +177,9 @@ class Chains:
         with torch.no_grad():
             closed = {g.name for g in self.sites.gates if self.gate_logits[g.name] < 0}
             hidden = {f for g in self.sites.gates if g.name in closed for f in g.filter_sites}
-            filters = sum(int((s >= self.tau).sum()) for n, s in self.scores.items() if n not in hidden)
-        return {"filters": filters, "gates": len(self.gate_logits) - len(closed)}
+            kept = {n: int((s >= self.tau).sum()) for n, s in self.scores.items() if n not in hidden}
+        return {"filters": sum(kept.values()), "layers": sum(1 for k in kept.values() if k),
+                "gates": len(self.gate_logits) - len(closed)}
 
     def detach(self) -> nn.Module:
         """Remove every hook; the model is exactly as before :func:`attach`. Returns the model."""

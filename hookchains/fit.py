@@ -198,7 +198,7 @@ def _optimise(chains: Chains, images: torch.Tensor, teacher_logp: torch.Tensor, 
             stable_for = stable_for + 1 if key == last_kept else 0
             last_kept = key
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", kl=f"{kl:.3f}",
-                            filters=kept["filters"], gates=kept["gates"])
+                            filters=kept["filters"], layers=kept["layers"], gates=kept["gates"])
             if _stopped(cfg, history, stable_for):
                 break
     bar.close()
@@ -251,11 +251,13 @@ def fit(chains: Chains, images: torch.Tensor, config: Optional[FitConfig] = None
     torch.manual_seed(cfg.seed)
     flags, was_training = [p.requires_grad for p in model.parameters()], model.training
     model.eval().requires_grad_(False)
+    torch.set_flush_denormal(True)  # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl
     try:
         teacher = logits_of(chains, images, "off", cfg.batch_size)
         history = _optimise(chains, images, F.log_softmax(teacher, -1), cfg)
         student = logits_of(chains, images, "hard", cfg.batch_size)
     finally:
+        torch.set_flush_denormal(False)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)

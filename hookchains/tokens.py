@@ -95,10 +95,11 @@ _EPS = 1e-6  # soft mode: log(m + _EPS) keeps a finite "re-admission" gradient a
 _SCORES_FILE, _META_FILE = "token_scores.safetensors", "tokens.json"
 Rows = Union[None, slice, Sequence[int], torch.Tensor]
 
-# Defaults of fit_tokens (see CHANGELOG: mechanics and timing measured on random-weight deit_tiny;
-# no fidelity claim). lr 0.05: a score needs ~18 Adam steps to fall from 1 to tau = 0.1, so pruning
-# starts early (with the paper's 0.005 it would take ~180 steps). lam: the paper's 0.005, applied to
-# the per-image L1 so it does not depend on the number of images. lam_gate is unused for tokens.
+# Defaults of fit_tokens. lr 0.05: a score needs ~18 Adam steps to fall from 1 to tau = 0.1, so pruning
+# starts early (with the paper's 0.005 it would take ~180). lam: the paper's 0.005, on the per-image L1
+# so it does not depend on the number of images. lam_gate is unused for tokens. Checked only on random
+# weights (mechanics, timing) and on a toy ViT trained on scikit-learn digits (module doc); no real
+# ImageNet ViT weights were available, so these are not tuned for fidelity on DeiT.
 TOKEN_DEFAULTS = FitConfig(steps=150, lr=0.05, lam=0.005, lam_gate=0.0, kl_target=0.1, kl_rate=0.05,
                            patience=20, min_steps=30, kl_tol=0.1, loss_tol=0.05)
 # Recipe "hookchains" stops once the kept set is stable for `patience` steps (and loss and KL settled,
@@ -175,7 +176,8 @@ class TokenChains:
 
     ``scores`` is one ``nn.Parameter`` of shape ``N x blocks x T`` (prefix columns are ignored: prefix
     tokens always have presence 1). A forward pass must carry the images of the current row selection
-    (:meth:`select`; default: all ``N``, in order), because every image has its own scores.
+    (:meth:`select`; default: all ``N``, in order), because every image has its own scores. Set the
+    mode with :meth:`using`: for mode ``ste`` it also switches timm to its manual attention path.
 
     Example:
         >>> with TokenChains(model, images.shape[0], example=images[:1]) as chains:
@@ -205,17 +207,23 @@ class TokenChains:
 
     # ------------------------------------------------------------------ values
     def presence(self) -> torch.Tensor:
-        """Presence ``m`` (``n x blocks x T``) of the selected rows; see :func:`token_presence`."""
+        """Presence ``m`` (``n x blocks x T``) of the selected rows; see :func:`token_presence`.
+
+        Example: ``chains.presence()[0, -1, 0]`` is 1 (the class token)."""
         scores = self.scores if self._rows is None else self.scores[self._rows]
         return token_presence(scores, self.prefix)
 
     def kept(self) -> torch.Tensor:
-        """Cumulative keep mask (``n x blocks x T`` bool) of the selected rows."""
+        """Cumulative keep mask (``n x blocks x T`` bool) of the selected rows.
+
+        Example: ``chains.kept().sum((1, 2))`` -- kept token slots per image."""
         with torch.no_grad():
             return self.presence() >= self.tau
 
     def key_bias(self, block: int, mode: Optional[str] = None) -> Optional[torch.Tensor]:
-        """Additive attention bias ``n x 1 x 1 x T`` for the keys of ``block`` (``None`` when off)."""
+        """Additive attention bias ``n x 1 x 1 x T`` for the keys of ``block`` (``None`` when off).
+
+        Example: ``chains.key_bias(0, "mask")`` -- 0 for kept keys, ``-inf`` for pruned ones."""
         mode = mode or self.mode
         if mode == "off":
             return None
@@ -295,23 +303,31 @@ class TokenChains:
             self._rows = previous
 
     def load_scores(self, scores: torch.Tensor) -> None:
-        """Copy ``N x blocks x T`` scores (e.g. a :class:`TokenSubnetwork`'s) into the hooks."""
+        """Copy ``N x blocks x T`` scores (e.g. a :class:`TokenSubnetwork`'s) into the hooks.
+
+        Example: ``chains.load_scores(result.scores)``."""
         if tuple(scores.shape) != tuple(self.scores.shape):
             raise ValueError(f"scores of shape {tuple(scores.shape)} do not fit {tuple(self.scores.shape)}")
         with torch.no_grad():
             self.scores.copy_(scores)
 
     def clamp_(self) -> None:
-        """Project the scores onto ``[0, 1]`` (the paper's range; 1 is the original network)."""
+        """Project the scores onto ``[0, 1]`` (the paper's range; 1 is the original network).
+
+        Example: ``optimiser.step(); chains.clamp_()``."""
         with torch.no_grad():
             self.scores.clamp_(0.0, 1.0)
 
     def l1(self) -> torch.Tensor:
-        """``mean_n ||s_n||_1`` over patch scores (prefix scores are not parameters of the method)."""
+        """``mean_n ||s_n||_1`` over patch scores (prefix scores are not parameters of the method).
+
+        Example: ``loss = kl + lam * chains.l1()``."""
         return self.scores[..., self.prefix:].abs().sum() / self.scores.shape[0]
 
     def detach(self) -> nn.Module:
-        """Remove every hook; the model is exactly as before. Returns the model."""
+        """Remove every hook; the model is exactly as before. Returns the model.
+
+        Example: ``model = chains.detach()`` (or leave a ``with TokenChains(...)`` block)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -361,21 +377,27 @@ class TokenSubnetwork:
 
     @property
     def prefix_tokens(self) -> int:
-        """Leading class/register tokens (never pruned)."""
+        """Leading class/register tokens (never pruned). Example: ``result.prefix_tokens == 1`` for DeiT."""
         return self.sites[0].prefix_tokens
 
     @property
     def presence(self) -> torch.Tensor:
-        """``min_{j<=i} s[n, j, t]`` per image, block and token (see :func:`token_presence`)."""
+        """``min_{j<=i} s[n, j, t]`` per image, block and token (see :func:`token_presence`).
+
+        Example: ``result.presence[0, :, 50]`` -- how present token 50 of image 0 is, block by block."""
         return token_presence(self.scores, self.prefix_tokens)
 
     @property
     def masks(self) -> torch.Tensor:
-        """Cumulative kept masks, ``N x blocks x T`` bool (prefix tokens always True)."""
+        """Cumulative kept masks, ``N x blocks x T`` bool (prefix tokens always True).
+
+        Example: ``kept_patches_figure(image, result.masks[0])``."""
         return self.presence >= self.tau
 
     def counts(self) -> Dict[str, Any]:
-        """Kept token slots per image (prefix slots included, as in the paper's 197 x 12 = 2364)."""
+        """Kept token slots per image (prefix slots included, as in the paper's 197 x 12 = 2364).
+
+        Example: ``result.counts()["slots_kept"]`` -- e.g. ``[212, 187]`` for two images."""
         masks = self.masks
         per_image = masks.sum((1, 2))
         return {
@@ -388,7 +410,9 @@ class TokenSubnetwork:
         }
 
     def summary(self) -> str:
-        """One line, e.g. 'keeps 310/2364 token slots per image (13.1 %, mean of 20); ...'."""
+        """One line: 'keeps K/2364 token slots per image (P %, mean of N); last block keeps ...; KL ...'.
+
+        Example: ``print(result.summary())``."""
         c, f = self.counts(), self.fidelity
         line = (f"keeps {c['slots_kept_mean']:.0f}/{c['slots_total']} token slots per image "
                 f"({100.0 * c['slots_kept_mean'] / c['slots_total']:.1f} %, mean of {c['images']}); "
@@ -419,7 +443,9 @@ class TokenSubnetwork:
 
     @classmethod
     def load(cls, directory) -> "TokenSubnetwork":
-        """Read what :meth:`save` wrote; missing, truncated or mismatched files are clear errors."""
+        """Read what :meth:`save` wrote; missing, truncated or mismatched files are clear errors.
+
+        Example: ``result = TokenSubnetwork.load("runs/deit-cat")``."""
         directory = Path(directory)
         for name in (_META_FILE, _SCORES_FILE):
             if not (directory / name).is_file():
@@ -432,7 +458,8 @@ class TokenSubnetwork:
         result = cls(tensors["scores"], [TokenSite(**s) for s in meta["sites"]], meta["tau"], meta["fidelity"],
                      meta["config"], meta["history"], meta["model_ref"], meta.get("task", {}))
         shape = (len(result.sites), result.sites[0].tokens)
-        if tuple(result.scores.shape[1:]) != shape or not torch.equal(result.masks, tensors["kept"]):
+        if (tuple(result.scores.shape[1:]) != shape or not torch.equal(result.masks, tensors["kept"])
+                or meta.get("counts", {}).get("slots_kept") != result.counts()["slots_kept"]):
             raise ValueError(f"{directory}/{_SCORES_FILE} does not match its {_META_FILE}: the files were mixed up")
         return result
 
@@ -463,7 +490,7 @@ def _logits(chains: TokenChains, images: torch.Tensor, mode: str, batch_size: Op
 
 def _optimise(chains: TokenChains, images: torch.Tensor, teacher_logp: torch.Tensor,
               cfg: FitConfig) -> Dict[str, List[float]]:
-    """Adam on the token scores; recipe ``hookchains``: hard forward, adaptive KL weight, stable stop."""
+    """Adam on the token scores; recipe ``hookchains``: mode ``ste``, adaptive KL weight, stable stop."""
     chunks = _chunks(images.shape[0], cfg.batch_size)
     optimiser = torch.optim.Adam([chains.scores], lr=cfg.lr)
     history: Dict[str, List[float]] = {"loss": [], "kl": [], "slots": [], "kl_weight": []}
@@ -479,7 +506,8 @@ def _optimise(chains: TokenChains, images: torch.Tensor, teacher_logp: torch.Ten
             chains.clamp_()
             kept = chains.kept()
             slots = float(kept.sum((1, 2)).float().mean())
-            for key, value in (("loss", kl + float(penalty.detach())), ("kl", kl), ("slots", slots), ("kl_weight", weight)):
+            figures = {"loss": kl + float(penalty.detach()), "kl": kl, "slots": slots, "kl_weight": weight}
+            for key, value in figures.items():
                 history[key].append(value)
             weight = _next_kl_weight(weight, kl, cfg)
             settled = last is not None and int((kept != last).sum()) <= STABLE_FLIPS * kept.numel()
@@ -506,9 +534,11 @@ def fit_tokens(model: nn.Module, images: torch.Tensor, *, steps: Optional[int] =
         tau: keep threshold on the presence ``min_{j<=i} s``.
         config: a :class:`~hookchains.fit.FitConfig` to start from instead of :data:`TOKEN_DEFAULTS`.
         **options: any other ``FitConfig`` field (``recipe``, ``kl_target``, ``patience``, ``batch_size``...).
-            Recipe ``hookchains`` (default) trains the ``hard`` network with the adaptive KL weight and the
-            stable-kept-set stopping rule of :mod:`hookchains.fit`; ``paper`` trains the ``soft`` network
-            with a fixed weight and stops when the loss changes by < ``loss_tol``.
+            Recipe ``hookchains`` (default) trains in mode ``ste`` (the ``hard`` forward; pruned tokens
+            get the gradient of re-admitting them) with the adaptive KL weight of :mod:`hookchains.fit`
+            and stops once at most 1 % of the slots change per step for ``patience`` steps, the loss
+            has settled and the KL is within ``kl_tol``; ``paper`` trains the ``soft`` network with a
+            fixed weight and stops when the loss changes by < ``loss_tol`` between steps.
 
     Returns:
         a :class:`TokenSubnetwork` whose fidelity is measured on the ``hard`` network.
@@ -571,14 +601,17 @@ class TokenDroppedViT(nn.Module):
             for i in range(masks.shape[1]):
                 kept = torch.nonzero(masks[n, i]).flatten()
                 gathers.append(torch.searchsorted(previous, kept))
-                biases.append(torch.log(presence[n, i, kept].clamp_min(_TINY))[None, None, None] if mode == "hard" else None)
+                weights = torch.log(presence[n, i, kept].clamp_min(_TINY))[None, None, None]
+                biases.append(weights if mode == "hard" else None)
                 previous = kept
             self.gather.append(gathers)
             self.bias.append(biases)
         self.max_abs_diff: Optional[float] = None
 
     def tokens_per_block(self) -> torch.Tensor:
-        """``N x blocks`` sequence lengths the blocks actually process."""
+        """``N x blocks`` sequence lengths the blocks actually process.
+
+        Example: ``small.tokens_per_block()[0]`` -- image 0's sequence length in each block."""
         return torch.tensor([[len(g) for g in gathers] for gathers in self.gather])
 
     def _hook(self, block: int, current: Dict[str, int]):

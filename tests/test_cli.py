@@ -131,6 +131,17 @@ def test_bad_data_is_one_clear_line_and_writes_nothing(photo_folder, tmp_path, c
     assert not out.exists() and not out.with_name("out.partial").exists()
 
 
+def test_interrupted_run_leaves_nothing_and_the_rerun_starts_clean(photo_folder, tmp_path):
+    out = tmp_path / "run"
+    stale = tmp_path / "run.partial"
+    stale.mkdir()
+    (stale / "scores.safetensors").write_bytes(b"half a file")  # what a killed run leaves behind
+    assert not out.exists()
+    result = _extract(photo_folder, out)
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and load_run(out).sub.counts()["filters_total"] == 17056
+
+
 def test_corrupt_image_is_named_and_can_be_skipped(photo_folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(photo_folder, data)
