@@ -33,7 +33,8 @@ def main() -> None:
 @run_error
 def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], adapter: str, no_fx: bool,
             as_json: bool) -> None:
-    """List MODEL's sites: filters, gateable layers/blocks, token slots, with totals.
+    """List MODEL's sites: filters, gateable layers/blocks, token slots, with totals (ViTs: also
+    MHA and FFN parameters).
 
     MODEL is a timm name (resnet50), torchvision:NAME, module:factory, or hookchains:mobilenet_v2.
     """
@@ -45,11 +46,17 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
     if image_size:
         shape[-2:] = [image_size, image_size]
     sites = discover(net, adapter, example=torch.zeros(shape), use_fx=not no_fx)
+    extra = {}
+    if sites.tokens:  # a ViT: the paper's Table 1 also counts attention and feed-forward parameters
+        from hookchains.tokens import vit_parameter_counts
+        extra = vit_parameter_counts(net)
     if as_json:
-        click.echo(json.dumps(sites.to_json(), indent=2))
+        data = sites.to_json()
+        data["totals"].update(extra)
+        click.echo(json.dumps(data, indent=2))
         return
     from hookchains.cli.tables import site_table
-    click.echo(site_table(sites, model))
+    click.echo(site_table(sites, model, extra))
 
 
 @main.command()
@@ -61,10 +68,17 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 @click.option("--per-class", default=10, show_default=True, type=int, help="images per class")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
+@click.option("--mode", type=click.Choice(["auto", "filters", "tokens"]), default="auto", show_default=True,
+              help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT (section 4.5); "
+                   "auto: tokens for a timm ViT/DeiT with class-token pooling, else filters")
 @fit_options
 @run_error
 def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, skip_bad_images, out_dir, **opts) -> None:
-    """Fit, threshold, materialise and draw the sub-network of a model on images of a few classes."""
+    """Fit, threshold, materialise and draw the sub-network of a model on images of a few classes.
+
+    For a ViT/DeiT (mode tokens) every image gets its own token scores; the run folder holds them,
+    the token-dropping module's logits and a report with Fig. 7 (no graph).
+    """
     from hookchains.data import load_image_folder
     from hookchains.models import create_model, preprocessing
     net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
@@ -95,15 +109,18 @@ def _run_extraction(net, ref, task, out: Path, opts) -> None:
     config = config_from_options(net, opts)
     sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
                       device=opts["device"], overwrite=opts["overwrite"],
-                      graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"])
+                      graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"],
+                      mode=opts.get("mode", "auto"))
     seconds = time.perf_counter() - start
+    physical = getattr(sub, "physical", None)  # filter runs only: a token run keeps the model's weights
     if opts["as_json"]:
         click.echo(json.dumps({"out": str(out), "summary": sub.summary(), "counts": sub.counts(),
-                               "fidelity": sub.fidelity, "physical": sub.physical, "seconds": round(seconds, 1)}))
+                               "fidelity": sub.fidelity, "physical": physical, "seconds": round(seconds, 1)}))
     elif not opts["quiet"]:
         click.echo(sub.summary())
-        click.echo(f"physical: {sub.physical['params_after']:,}/{sub.physical['params_before']:,} parameters, "
-                   f"{sub.physical['channels_after']:,}/{sub.physical['channels_before']:,} channels")
+        if physical:
+            click.echo(f"physical: {physical['params_after']:,}/{physical['params_before']:,} parameters, "
+                       f"{physical['channels_after']:,}/{physical['channels_before']:,} channels")
         click.echo(f"wrote {out} in {seconds:.0f} s")
     else:
         click.echo(str(out))
@@ -133,6 +150,9 @@ def render(run_dir, fmt, checkpoint) -> None:
     from hookchains.render import render_graph
     from hookchains.run import load_run
     run = load_run(run_dir)
+    if run.is_token_run:
+        raise ValueError(f"{run_dir} is a token run (ViT): it has no filter graph; `hookchains report {run_dir}` "
+                         "shows its kept patches and attribution heatmaps (Fig. 7)")
     model = run.model_ref.build(checkpoint)
     click.echo(str(render_graph(run.sub, model, Path(run_dir) / f"subnetwork.{fmt}", format=fmt, images=run.images)))
 
@@ -143,7 +163,8 @@ def render(run_dir, fmt, checkpoint) -> None:
 @click.option("--figure", type=click.Path(dir_okay=False), help="also write the chains figure (.png or .pdf) for papers")
 @run_error
 def report(run_dir, checkpoint, figure) -> None:
-    """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations)."""
+    """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations;
+    for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7)."""
     from hookchains.report import write_chains_figure, write_report
     from hookchains.run import load_run
     run = load_run(run_dir)

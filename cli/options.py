@@ -8,7 +8,7 @@ from typing import Callable, Dict
 
 import click
 
-from hookchains.fit import FitConfig, preset_for
+from hookchains.fit import FitConfig
 
 from hookchains.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 
@@ -23,12 +23,12 @@ def fit_options(func: Callable = None, *, demo: bool = False):
     opts = [
         click.option("--steps", type=int, default=d.get("steps"), help="max optimisation steps [paper: 300]"),
         click.option("--lr", type=float, default=d.get("lr"), help="Adam learning rate [paper: 0.005]"),
-        click.option("--lam", type=float, help="L1 weight on filter scores [family preset; paper: 0.005]"),
+        click.option("--lam", type=float, help="L1 weight on filter/token scores [family preset; paper: 0.005]"),
         click.option("--lam-gate", type=float, help="gate penalty weight [family preset; paper: 1 ResNet, 2 VGG]"),
         click.option("--recipe", type=click.Choice(["hookchains", "paper"]), default="hookchains", show_default=True,
                      help="hookchains: thresholded forward + adaptive KL weight; paper: Eq. 8 as written"),
         click.option("--kl-target", type=float, help="KL the sub-network should stay within [0.1]"),
-        click.option("--tau", type=float, default=0.1, show_default=True, help="filter score threshold"),
+        click.option("--tau", type=float, default=0.1, show_default=True, help="filter/token score threshold"),
         click.option("--temperature", type=float, default=0.2, show_default=True, help="gate sigmoid temperature T"),
         click.option("--image-size", type=int, default=d.get("image_size"), help="input resolution [model default]"),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -47,9 +47,12 @@ def fit_options(func: Callable = None, *, demo: bool = False):
 
 
 def config_from_options(model, opts: Dict) -> FitConfig:
-    """The family preset of ``model`` with the options the user gave."""
-    from hookchains.adapters import get_adapter
-    return preset_for(get_adapter(model).name, steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
+    """The defaults of ``model`` for the extraction mode (``opts["mode"]``, default auto: the family
+    preset for filters, ``TOKEN_DEFAULTS`` for a ViT's tokens) with the options the user gave.
+
+    Example: ``config_from_options(deit, {"mode": "auto", "steps": 5, ...}).steps == 5``."""
+    from hookchains.extract import fit_config
+    return fit_config(model, opts.get("mode", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
                       lam_gate=opts["lam_gate"], recipe=opts["recipe"], kl_target=opts["kl_target"],
                       seed=opts["seed"], progress=not opts["quiet"])
 

@@ -1,11 +1,18 @@
 """Plain-text tables for ``hookchains inspect``."""
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 from hookchains.sites import SiteMap
 
+_LABELS = {"mha_params": "MHA params", "ffn_params": "FFN params"}  # as in the paper's Table 1
 
-def site_table(sites: SiteMap, title: str) -> str:
-    """One row per filter/gate/token site in network order, then the totals."""
+
+def site_table(sites: SiteMap, title: str, extra: Optional[Mapping[str, int]] = None) -> str:
+    """One row per filter/gate/token site in network order, then the totals (with ``extra`` ones).
+
+    Example: ``site_table(sites, "deit_small_patch16_224", {"mha_params": 7096320})`` ends in
+    ``totals: ..., token slots 2,364, ..., MHA params 7,096,320``."""
     gate_of = {f: g.label for g in sites.gates for f in g.filter_sites}
     lines = [f"{title}: adapter {sites.adapter}, graph from {sites.discovery}"]
     lines += [f"  note: {n}" for n in sites.notes]
@@ -17,6 +24,6 @@ def site_table(sites: SiteMap, title: str) -> str:
         lines.append(f"{g.label:<22} {'gate':<9} {'':>8}  {'':<10} {' + '.join(g.members)}")
     for t in sites.tokens:
         lines.append(f"{t.label:<22} {'tokens':<9} {t.tokens:>8}  {'':<10} {t.name} ({t.prefix_tokens} never pruned)")
-    totals = sites.totals()
-    lines.append("totals: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in totals.items()))
+    totals = {**sites.totals(), **(extra or {})}
+    lines.append("totals: " + ", ".join(f"{_LABELS.get(k, k.replace('_', ' '))} {v:,}" for k, v in totals.items()))
     return "\n".join(lines)

@@ -7,8 +7,15 @@ Example:
     ...     result = chains.fit(images)                   # Eq. 8: filter scores, layer gates
     >>> print(result.summary())                           # 'retains 9/52 layers and 130/17056 filters ...'
     >>> small = result.materialize(model)                 # a real, smaller nn.Module, same outputs
+
+    ViT/DeiT (section 4.5): per-image token scores instead of filters.
+
+    >>> tokens = hookchains.fit_tokens(deit, images)      # 'keeps .../2364 token slots per image ...'
+    >>> dropped = hookchains.materialize_tokens(tokens, deit, images)   # drops the pruned tokens, same outputs
+    >>> hookchains.kept_patches_figure(raw_image_0, tokens.masks[0]).save("kept.png")   # Fig. 7, top row
 """
 from hookchains.attach import Chains, attach
+from hookchains.attribution import class_token_heatmaps, kept_patches_figure, patch_token_heatmaps, token_attribution
 from hookchains.chains import extract_chains
 from hookchains.fit import FitConfig, fit
 from hookchains.render import render_graph
@@ -16,7 +23,10 @@ from hookchains.report import write_report
 from hookchains.run import load
 from hookchains.sites import FilterSite, GateSite, SiteMap, TokenSite
 from hookchains.subnetwork import Subnetwork
+from hookchains.tokens import TokenSubnetwork, fit_tokens, materialize_tokens
 
 __version__ = "0.1.0"
 __all__ = ["attach", "Chains", "fit", "FitConfig", "Subnetwork", "load", "render_graph",
-           "extract_chains", "write_report", "SiteMap", "FilterSite", "GateSite", "TokenSite", "__version__"]
+           "extract_chains", "write_report", "SiteMap", "FilterSite", "GateSite", "TokenSite",
+           "fit_tokens", "TokenSubnetwork", "materialize_tokens", "token_attribution", "class_token_heatmaps",
+           "patch_token_heatmaps", "kept_patches_figure", "__version__"]

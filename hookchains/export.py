@@ -40,6 +40,9 @@ def export_run(run_dir, fmt: str = "safetensors", out: Optional[str] = None, *, 
         raise ValueError("--format pt writes a pickled module that runs arbitrary code when loaded; "
                          "pass --unsafe-pickle to confirm, or use the safe default --format safetensors")
     run_dir = Path(run_dir)
+    if load_run(run_dir).is_token_run:
+        raise ValueError(f"{run_dir} is a token run (ViT): its module is the base model plus per-image token masks, "
+                         "with no weights of its own to export; rebuild it with hookchains.load(RUN_DIR)")
     target = Path(out) if out else run_dir / f"pruned{FORMATS[fmt]}"
     module = load(run_dir, checkpoint)  # verifies every file and the rebuilt weights
     if fmt == "safetensors":

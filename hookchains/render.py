@@ -18,7 +18,9 @@ The drawing is a Graphviz graph laid out left to right:
   invisible edges keep the columns in order;
 * removed gated layers/blocks (section 3.1, Eq. 6-7) appear as a thin grey "skipped" marker between
   the columns they sat between; runs of removed blocks share one marker;
-* title: the paper-style counts, e.g. "13/67 layers, 77/26560 filters".
+* title: the paper-style counts, e.g. "13/67 layers, 77/26560 filters";
+* above ``max_nodes`` (200) kept filters, only the highest-scoring are drawn, at least one per layer,
+  and the title says how many.
 
 Example:
     >>> render_graph(sub, model, "subnet.pdf", images=views.images)
@@ -44,6 +46,7 @@ from hookchains.subnetwork import Subnetwork
 __all__ = ["FORMATS", "build_graph", "graph_bytes", "render_graph"]
 
 FORMATS = ("pdf", "svg", "png", "dot")
+MAX_NODES = 200  # the paper's drawings hold 77-158 filters; beyond ~200 a graph stops being readable
 _EDGE_FLOOR = 0.10  # edges below this fraction of the strongest edge of their layer pair are dropped
 _DOT_MISSING = ("Graphviz's `dot` program is not on PATH; install it (apt-get install graphviz, brew install "
                 "graphviz, or conda install -c conda-forge graphviz) or use format='dot'")
@@ -58,10 +61,28 @@ class _Column:
     skipped: List[str] = field(default_factory=list)
 
 
-def _columns(sub: Subnetwork) -> List[_Column]:
+def _shown_filters(sub: Subnetwork, max_nodes: Optional[int]) -> dict:
+    """Kept filters to draw: all of them, or the ``max_nodes`` highest-scoring (at least one per layer)."""
+    kept = sub.kept_filters()
+    if max_nodes is None or sum(len(v) for v in kept.values()) <= max_nodes:
+        return kept
+    ranked = sorted(((float(sub.scores[n][j]), n, j) for n, idx in kept.items() for j in idx),
+                    key=lambda t: (-t[0], t[1], t[2]))
+    chosen = {n: {max(idx, key=lambda j: float(sub.scores[n][j]))} for n, idx in kept.items()}
+    budget = max_nodes - len(chosen)
+    for _, n, j in ranked:
+        if budget <= 0:
+            break
+        if j not in chosen[n]:
+            chosen[n].add(j)
+            budget -= 1
+    return {n: sorted(v) for n, v in chosen.items()}
+
+
+def _columns(sub: Subnetwork, max_nodes: Optional[int] = None) -> List[_Column]:
     """Kept layers and removed-gate markers in network order (consecutive markers merged)."""
     order = {s.name: i for i, s in enumerate(sub.sites.filters)}
-    kept = sub.kept_filters()
+    kept = _shown_filters(sub, max_nodes)
     items: List[Tuple[int, _Column]] = [(order[s.name], _Column(site=s, kept=kept[s.name]))
                                         for s in sub.sites.filters if s.name in kept]
     removed = set(sub.removed_gates)
@@ -89,12 +110,14 @@ def _node_colours(values: Tensor) -> List[Tuple[str, str]]:
     return [(_hex(c), "white" if lum < 0.5 else "black") for c, lum in zip(rgb.tolist(), luminance.tolist())]
 
 
-def _title_label(sub: Subnetwork, top_score: float) -> str:
+def _title_label(sub: Subnetwork, top_score: float, drawn: int) -> str:
     """HTML-like label: the paper-style counts over a colour bar of the score scale."""
     c = sub.counts()
     title = f"{c['layers_kept']}/{c['layers_total']} layers, {c['filters_kept']}/{c['filters_total']} filters"
     if c["gates_total"]:
         title += f", {c['gates_kept']}/{c['gates_total']} gated blocks kept"
+    if drawn < c["filters_kept"]:
+        title += f" (drawn: the {drawn} highest-scoring filters)"
     cells = "".join(f'<TD BGCOLOR="{fill}" WIDTH="16" HEIGHT="10"></TD>'
                     for fill, _ in _node_colours(torch.linspace(0, 1, 10)))
     return (f'<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1"><TR><TD COLSPAN="12"><B>{html.escape(title)}'
@@ -117,8 +140,9 @@ def _strong_edges(strength: Tensor, per_node: int) -> List[Tuple[int, int, float
     return edges
 
 
-def _edge_strengths(sub: Subnetwork, model: nn.Module, trace: LayerTrace) -> List[Optional[Tensor]]:
-    """Per consecutive kept pair, the (n_u, n_v) connection strengths, or None where not linked."""
+def _edge_strengths(sub: Subnetwork, model: nn.Module, trace: LayerTrace,
+                    shown: List[List[int]]) -> List[Optional[Tensor]]:
+    """Per consecutive kept pair, the (n_u, n_v) strengths between the ``shown`` filters, or None."""
     result: List[Optional[Tensor]] = []
     for l, linked in enumerate(trace.linked):
         if not linked:
@@ -128,7 +152,9 @@ def _edge_strengths(sub: Subnetwork, model: nn.Module, trace: LayerTrace) -> Lis
         strength = weights[trace.kept[l + 1]][:, trace.kept[l]].T
         if trace.activations is not None:
             strength = strength * trace.activations[l].mean(0).abs()[:, None]
-        result.append(strength)
+        rows = [trace.kept[l].index(j) for j in shown[l]]
+        cols = [trace.kept[l + 1].index(j) for j in shown[l + 1]]
+        result.append(strength[rows][:, cols])
     return result
 
 
@@ -158,11 +184,13 @@ def _add_column(graph: graphviz.Digraph, i: int, column: _Column, sub: Subnetwor
 
 
 def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: Optional[Tensor] = None,
-                max_edges_per_node: int = 3) -> graphviz.Digraph:
+                max_edges_per_node: int = 3, max_nodes: Optional[int] = MAX_NODES) -> graphviz.Digraph:
     """The drawing of ``sub`` as a :class:`graphviz.Digraph` (see the module docstring for the rules).
 
     ``model`` is needed for edges (no model: nodes only); ``images`` (the task's batch) weight them
-    by activation. Nothing here runs ``dot``.
+    by activation. Above ``max_nodes`` kept filters only the highest-scoring ``max_nodes`` are drawn
+    (every kept layer keeps its best one) and the title says so; ``None`` draws all. Nothing here
+    runs ``dot``.
 
     Example:
         >>> print(build_graph(sub).source[:40])
@@ -170,12 +198,12 @@ def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: O
     """
     if max_edges_per_node < 0:
         raise ValueError(f"max_edges_per_node must be >= 0, got {max_edges_per_node}")
-    columns = _columns(sub)
+    columns = _columns(sub, max_nodes)
     layers = [c for c in columns if c.site is not None]
     top = max((float(sub.scores[c.site.name][c.kept].max()) for c in layers), default=1.0) or 1.0
     graph = graphviz.Digraph("subnetwork")
     graph.attr(rankdir="LR", newrank="true", nodesep="0.06", ranksep="0.5", labelloc="t", fontname="Helvetica",
-               label=_title_label(sub, top))
+               label=_title_label(sub, top, sum(len(c.kept) for c in layers)))
     graph.attr("node", shape="box", fontname="Helvetica", fontsize="10", height="0.22", margin="0.06,0.02")
     graph.attr("edge", color="#40404099", arrowsize="0.4")
     ids = [_add_column(graph, i, c, sub, top) for i, c in enumerate(columns)]
@@ -185,7 +213,7 @@ def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: O
         return graph
     trace = trace_layers(sub, model, images)
     layer_ids = [i for c, i in zip(columns, ids) if c.site is not None]
-    for l, strength in enumerate(_edge_strengths(sub, model, trace)):
+    for l, strength in enumerate(_edge_strengths(sub, model, trace, [c.kept for c in layers])):
         for u, v, rel in ([] if strength is None else _strong_edges(strength, max_edges_per_node)):
             graph.edge(layer_ids[l][u], layer_ids[l + 1][v], penwidth=f"{0.4 + 3.6 * rel:.2f}",
                        tooltip=f"strength {rel * float(strength.max()):.3g}")
@@ -216,7 +244,7 @@ def graph_bytes(graph: graphviz.Digraph, format: str = "pdf") -> bytes:
 
 def render_graph(sub: Subnetwork, model: Optional[nn.Module], path: PathLike,
                  format: str = "pdf", *, images: Optional[Tensor] = None,
-                 max_edges_per_node: int = 3) -> Path:
+                 max_edges_per_node: int = 3, max_nodes: Optional[int] = MAX_NODES) -> Path:
     """Draw ``sub`` (paper Fig. 4-5) to ``path`` as PDF, SVG, PNG or DOT source, atomically.
 
     Args:
@@ -224,10 +252,11 @@ def render_graph(sub: Subnetwork, model: Optional[nn.Module], path: PathLike,
         path: output file; format: one of :data:`FORMATS`.
         images: the task's images, to weight edges by activation (None: by weights only).
         max_edges_per_node: strongest incoming edges kept per node.
+        max_nodes: draw at most this many filters (the highest-scoring; ``None``: all).
 
     Example:
         >>> render_graph(sub, model, "runs/cat/subnet.svg", "svg", images=views.images)
         PosixPath('runs/cat/subnet.svg')
     """
-    graph = build_graph(sub, model, images=images, max_edges_per_node=max_edges_per_node)
+    graph = build_graph(sub, model, images=images, max_edges_per_node=max_edges_per_node, max_nodes=max_nodes)
     return atomic_write_bytes(path, graph_bytes(graph, format))

@@ -50,7 +50,9 @@ from hookchains.featvis import FeatureVisCache
 from hookchains.heatmap import capture_featuremaps, eval_mode, featuremap_heatmap
 from hookchains.io import PathLike, atomic_write_bytes
 from hookchains.render import build_graph, graph_bytes
+from hookchains.run import Result
 from hookchains.subnetwork import Subnetwork
+from hookchains.tokens import TokenSubnetwork
 
 __all__ = ["write_report", "write_chains_figure"]
 
@@ -66,11 +68,10 @@ Key = Tuple[str, int]  # (filter site, channel)
 
 
 @dataclass
-class _Study:
-    """Predictions and chains of the task images."""
+class _Predictions:
+    """The original model's prediction for every task image."""
 
     image_set: ImageSet
-    chains: List[List[Chain]]
     predicted: List[int]
     probability: List[float]
     output_names: List[str]
@@ -83,6 +84,13 @@ class _Study:
         verdict = {True: "", False: " (misclassified)", None: ""}[self.correct[i]]
         return (f"Image {i + 1}: true {self.true_name(i)}, predicted {self.output_names[self.predicted[i]]} "
                 f"({self.probability[i]:.2f}){verdict}")
+
+
+@dataclass
+class _Study(_Predictions):
+    """Predictions and chains of the task images."""
+
+    chains: List[List[Chain]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,7 +117,7 @@ def _output_names(count: int, class_indices: Mapping[str, int]) -> List[str]:
     return names
 
 
-def _class_indices(sub: Subnetwork, image_set: ImageSet, count: int,
+def _class_indices(sub: Result, image_set: ImageSet, count: int,
                    explicit: Optional[Mapping[str, int]]) -> Dict[str, int]:
     """Task class -> model output: given, stored in ``sub.task``, or ImageNet names / synsets."""
     if explicit is not None:
@@ -123,9 +131,9 @@ def _class_indices(sub: Subnetwork, image_set: ImageSet, count: int,
     return {c: lookup[c.lower()] for c in image_set.class_names if c.lower() in lookup}
 
 
-def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
-           class_indices: Optional[Mapping[str, int]]) -> _Study:
-    """Original-model predictions and the ``k`` chains of every image."""
+def _predictions(sub: Result, model: nn.Module, image_set: ImageSet,
+                 class_indices: Optional[Mapping[str, int]]) -> _Predictions:
+    """The original model's prediction for every image, and whether it is the true class."""
     device = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
         probs = model(image_set.images.to(device)).float().softmax(-1).cpu()
@@ -133,9 +141,16 @@ def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
     predicted = probs.argmax(-1).tolist()
     names = [image_set.class_names[int(y)] for y in image_set.labels]
     correct = [None if name not in indices else p == indices[name] for name, p in zip(names, predicted)]
-    chains = extract_chains(sub, model, image_set.images, k=k)
-    return _Study(image_set, chains, predicted, probs.max(-1).values.tolist(),
-                  _output_names(probs.shape[1], indices), correct)
+    return _Predictions(image_set, predicted, probs.max(-1).values.tolist(), _output_names(probs.shape[1], indices),
+                        correct)
+
+
+def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
+           class_indices: Optional[Mapping[str, int]]) -> _Study:
+    """Original-model predictions and the ``k`` chains of every image."""
+    p = _predictions(sub, model, image_set, class_indices)
+    return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
+                  chains=extract_chains(sub, model, image_set.images, k=k))
 
 
 def _shared_views(study: _Study, k: int) -> List[Tuple[int, str, List[Tuple[Chain, int]]]]:
@@ -237,6 +252,8 @@ figure{margin:0}figcaption{font-size:.85rem}.grid figcaption{max-width:8rem}
 .step{display:flex;flex-direction:column;align-items:center;font-size:.75rem;width:100px}
 .pic{display:block;margin-bottom:2px}.label{font-family:ui-monospace,Menlo,Consolas,monospace}
 .muted{color:#555}
+.strip{overflow-x:auto;max-width:100%}.fig7 h4{font-size:.95rem;margin:.8rem 0 .3rem}
+.fig7 .steps{gap:0;padding-left:4px}.fig7 .step{width:84px}
 """
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -304,28 +321,16 @@ class _Page:
         return f'<div class="chain"><p>{html.escape(title)}</p><ol class="steps">{steps}</ol></div>'
 
     def summary(self) -> str:
-        c, fid = self.sub.counts(), dict(self.sub.fidelity)
+        c = self.sub.counts()
         rows = [("Layers kept", f"{c['layers_kept']}/{c['layers_total']}"),
                 ("Filters kept", f"{c['filters_kept']}/{c['filters_total']} "
                                  f"({100 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %)")]
         if c["gates_total"]:
             rows.append(("Gated blocks kept", f"{c['gates_kept']}/{c['gates_total']}"))
-        if "agree" in fid:
-            agree = f"{fid.pop('agree')}/{fid.get('images', '?')}"
-            rows.append(("Top-1 agreement with the original model", agree))
-        rows += [(_FIDELITY.get(k, k), f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in fid.items()]
-        body = "".join(f'<tr><th scope="row">{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in rows)
-        return (f"<p>{html.escape(self.sub.summary())}</p><table><caption>The thresholded sub-network on the "
-                f"task images (τ = {self.sub.tau:g})</caption>{body}</table>")
+        return summary_html(self.sub, rows + fidelity_rows(self.sub.fidelity), "sub-network")
 
     def images(self) -> str:
-        figures = []
-        for i in range(len(self.study.image_set)):
-            bad = ' class="bad"' if self.study.correct[i] is False else ""
-            caption = self.study.caption(i)
-            figures.append(f"<figure>{self.sprites.show(self.pics.images[i], caption)}"
-                           f"<figcaption{bad}>{html.escape(caption)}</figcaption></figure>")
-        return f'<div class="grid">{"".join(figures)}</div>'
+        return image_grid(self.sprites, self.study, self.pics.images)
 
     def per_image(self) -> str:
         parts = ["<p>Each step: the filter's feature visualisation (top) and its heatmap on the image "
@@ -349,7 +354,7 @@ class _Page:
         return "".join(parts)
 
     def render(self, svg: str, views: List[Tuple[int, str, List[Tuple[Chain, int]]]]) -> str:
-        """The whole document."""
+        """The whole document: summary, graph, task images, chains (and the shared-filter view)."""
         svg = svg[svg.index("<svg"):].replace("<svg", '<svg role="img" aria-label="Sub-network drawing: '
                                               'kept filters by layer, coloured by score, with their strongest '
                                               'connections"', 1)
@@ -362,18 +367,62 @@ class _Page:
                     ("chains", "Chains per image", self.per_image())]
         if views:
             sections.append(("shared", "Shared filters on misclassified images", self.shared(views)))
-        body = "".join(f'<section aria-labelledby="{key}"><h2 id="{key}">{title}</h2>{content}</section>'
-                       for key, title, content in sections)
-        return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-'
-                f'Security-Policy" content="{_CSP}"><meta name="viewport" content="width=device-width, '
-                f'initial-scale=1"><title>NeuroChains report</title><style>{_CSS}</style></head><body>'
-                f"{self.sprites.definitions()}<main><h1>NeuroChains report</h1>{body}</main></body></html>")
+        return document(self.sprites, sections)
 
 
-def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set: ImageSet, *,
+def fidelity_rows(fidelity: Mapping[str, float]) -> List[Tuple[str, str]]:
+    """Table rows (label, value) of :func:`hookchains.metrics.fidelity` figures, agreement first.
+
+    Example: ``fidelity_rows({"agree": 19, "images": 20, "kl": 0.05})[0]`` is
+    ``('Top-1 agreement with the original model', '19/20')``."""
+    fid, rows = dict(fidelity), []
+    if "agree" in fid:
+        rows.append(("Top-1 agreement with the original model", f"{fid.pop('agree')}/{fid.get('images', '?')}"))
+    return rows + [(_FIDELITY.get(k, k), f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in fid.items()]
+
+
+def summary_html(sub: Result, rows: Sequence[Tuple[str, str]], what: str) -> str:
+    """The summary line and a two-column table of ``rows``, captioned with the threshold.
+
+    Example: ``summary_html(sub, fidelity_rows(sub.fidelity), "sub-network")``."""
+    body = "".join(f'<tr><th scope="row">{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in rows)
+    return (f"<p>{html.escape(sub.summary())}</p><table><caption>The thresholded {html.escape(what)} on the "
+            f"task images (τ = {sub.tau:g})</caption>{body}</table>")
+
+
+def image_grid(sprites: "_Sprites", predictions: _Predictions, pngs: Mapping[int, bytes]) -> str:
+    """The task images with their true class and the original model's prediction (wrong ones in red).
+
+    Example: ``image_grid(sprites, predictions, {i: _thumb(to_tensor(raw[i]), 128) for i in ...})``."""
+    figures = []
+    for i in sorted(pngs):
+        bad = ' class="bad"' if predictions.correct[i] is False else ""
+        caption = predictions.caption(i)
+        figures.append(f"<figure>{sprites.show(pngs[i], caption)}"
+                       f"<figcaption{bad}>{html.escape(caption)}</figcaption></figure>")
+    return f'<div class="grid">{"".join(figures)}</div>'
+
+
+def document(sprites: "_Sprites", sections: Sequence[Tuple[str, str, str]]) -> str:
+    """The HTML page: CSP, inline CSS, every picture once, one ``<section>`` per (id, title, content).
+
+    Example: ``document(sprites, [("summary", "Sub-network", "<p>...</p>")])``."""
+    body = "".join(f'<section aria-labelledby="{key}"><h2 id="{key}">{title}</h2>{content}</section>'
+                   for key, title, content in sections)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-'
+            f'Security-Policy" content="{_CSP}"><meta name="viewport" content="width=device-width, '
+            f'initial-scale=1"><title>NeuroChains report</title><style>{_CSS}</style></head><body>'
+            f"{sprites.definitions()}<main><h1>NeuroChains report</h1>{body}</main></body></html>")
+
+
+def write_report(run_dir: PathLike, sub: Result, model: nn.Module, image_set: ImageSet, *,
                  chains_per_image: int = 2, featvis_steps: int = 32, featvis_size: int = 64,
                  out: Optional[PathLike] = None, class_indices: Optional[Mapping[str, int]] = None) -> Path:
     """Write the self-contained HTML report of ``sub`` on ``image_set`` (see the module docstring).
+
+    A token run's result (:class:`~hookchains.tokens.TokenSubnetwork`, a ViT) gets the report of
+    :func:`hookchains.token_report.write_token_report` instead (Fig. 7 per image; the filter options
+    are not used).
 
     Args:
         run_dir: the run's folder (feature visualisations are cached in ``run_dir/featvis``).
@@ -390,6 +439,9 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
         >>> write_report("runs/cat-espresso", sub, model, views, chains_per_image=2)
         PosixPath('runs/cat-espresso/report.html')
     """
+    if isinstance(sub, TokenSubnetwork):
+        from hookchains.token_report import write_token_report
+        return write_token_report(run_dir, sub, model, image_set, out=out, class_indices=class_indices)
     run_dir = Path(run_dir)
     study = _study(sub, model, image_set, chains_per_image, class_indices)
     views = _shared_views(study, chains_per_image)
@@ -455,6 +507,9 @@ def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, mode
         >>> write_chains_figure("fig4.pdf", "runs/cat-espresso", sub, model, views, images=[0, 10])
         PosixPath('fig4.pdf')
     """
+    if isinstance(sub, TokenSubnetwork):
+        raise ValueError("a token run (ViT) has no filter chains to draw; its report shows the kept patches and "
+                         "attribution heatmaps of Fig. 7 (hookchains.kept_patches_figure draws one image's row)")
     path = Path(path)
     kind = {".png": "PNG", ".pdf": "PDF"}.get(path.suffix.lower())
     if kind is None:

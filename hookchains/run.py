@@ -10,6 +10,11 @@ Layout of ``RUN_DIR``::
     manifest.json        sha256 of every file above (tampering / truncation is detected on load)
     summary.txt          the paper-style summary line
 
+A token run (a ViT with per-image token scores, :mod:`hookchains.tokens`) has ``tokens.json`` and
+``token_scores.safetensors`` (``TokenSubnetwork.save``) instead of the first two files, and
+``token_logits.safetensors`` (the token-dropping module's logits on the task images, compared on load)
+instead of ``pruned.safetensors``: that module borrows the base model's weights, so it has none of its own.
+
 The folder is assembled in ``RUN_DIR.partial`` and renamed into place at the end, so an interrupted
 run leaves no half-written ``RUN_DIR``; the next run starts clean.
 """
@@ -20,7 +25,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional, Union
 
 import numpy as np
 import torch
@@ -29,20 +34,29 @@ from torch import nn
 
 from hookchains.data import ImageSet
 from hookchains.io import atomic_write_bytes, read_json, read_tensors, write_json, write_tensors
+from hookchains.materialize import TOLERANCE
 from hookchains.models import ModelRef
 from hookchains.subnetwork import Subnetwork
+from hookchains.tokens import TOKEN_FILES, TokenSubnetwork
 
 __all__ = ["RunFolder", "save_run", "load_run", "load", "prepare_run_dir", "finish_run_dir"]
 
-_CHECKED = ("subnetwork.json", "scores.safetensors", "model.json", "task.safetensors", "pruned.safetensors")
+TOKEN_LOGITS = "token_logits.safetensors"
+_CHECKED = ("subnetwork.json", "scores.safetensors", *TOKEN_FILES, "model.json", "task.safetensors",
+            "pruned.safetensors", TOKEN_LOGITS)
+Result = Union[Subnetwork, TokenSubnetwork]
 
 
 @dataclass
 class RunFolder:
-    """What :func:`load_run` reads back: the result, the model reference and the task images."""
+    """What :func:`load_run` reads back: the result, the model reference and the task images.
+
+    ``sub`` is a :class:`~hookchains.subnetwork.Subnetwork` (filter run) or a
+    :class:`~hookchains.tokens.TokenSubnetwork` (token run, see :attr:`is_token_run`).
+    """
 
     path: Path
-    sub: Subnetwork
+    sub: Result
     model_ref: ModelRef
     task: ImageSet
 
@@ -50,6 +64,11 @@ class RunFolder:
     def images(self) -> torch.Tensor:
         """The preprocessed task images."""
         return self.task.images
+
+    @property
+    def is_token_run(self) -> bool:
+        """Whether the run holds per-image token scores of a ViT. Example: ``load_run(d).is_token_run``."""
+        return isinstance(self.sub, TokenSubnetwork)
 
 
 def _sha256(path: Path) -> str:
@@ -79,9 +98,14 @@ def finish_run_dir(staging: Path, out: Path) -> Path:
     return out
 
 
-def save_run(folder: Path, sub: Subnetwork, model_ref: ModelRef, task: ImageSet,
-             pruned: Optional[nn.Module] = None) -> Path:
-    """Write a run folder's files into ``folder`` (use :func:`prepare_run_dir` for atomicity)."""
+def save_run(folder: Path, sub: Result, model_ref: ModelRef, task: ImageSet,
+             pruned: Optional[nn.Module] = None, logits: Optional[torch.Tensor] = None) -> Path:
+    """Write a run folder's files into ``folder`` (use :func:`prepare_run_dir` for atomicity).
+
+    ``pruned``: a filter run's materialised module (its weights are saved); ``logits``: a token run's
+    token-dropping module's logits on ``task`` (compared by :func:`load`).
+
+    Example: ``save_run(staging, tsub, ref, task, logits=dropped(task.images))``."""
     folder = Path(folder)
     json_ref = model_ref.to_json()
     sub.model_ref = json.loads(json_ref)
@@ -89,10 +113,12 @@ def save_run(folder: Path, sub: Subnetwork, model_ref: ModelRef, task: ImageSet,
                 "paths": list(task.paths)}
     sub.save(folder)
     atomic_write_bytes(folder / "model.json", (json_ref + "\n").encode())
-    raw = torch.stack([torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1) for img in task.raw])
+    raw = torch.stack([torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in task.raw])
     write_tensors(folder / "task.safetensors", {"images": task.images, "labels": task.labels, "raw": raw})
     if pruned is not None:
         write_tensors(folder / "pruned.safetensors", dict(pruned.state_dict()))
+    if logits is not None:
+        write_tensors(folder / TOKEN_LOGITS, {"logits": logits})
     atomic_write_bytes(folder / "summary.txt", (sub.summary() + "\n").encode())
     write_json(folder / "manifest.json", {n: _sha256(folder / n) for n in _CHECKED if (folder / n).exists()})
     return folder
@@ -112,10 +138,13 @@ def _verify(folder: Path) -> None:
 
 
 def load_run(folder) -> RunFolder:
-    """Read a run folder after checking every file against its manifest."""
+    """Read a run folder (filter or token run) after checking every file against its manifest.
+
+    Example: ``run = load_run("runs/cat-espresso"); run.sub.summary()``."""
     folder = Path(folder)
     _verify(folder)
-    sub = Subnetwork.load(folder)
+    token_run = all((folder / name).is_file() for name in TOKEN_FILES)
+    sub = TokenSubnetwork.load(folder) if token_run else Subnetwork.load(folder)
     ref = ModelRef.from_json((folder / "model.json").read_text())
     saved = read_tensors(folder / "task.safetensors")
     raw = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in saved["raw"]]
@@ -128,19 +157,41 @@ def load(folder, checkpoint: Optional[str] = None) -> nn.Module:
     """Rebuild the pruned module of a run folder without unpickling anything.
 
     The base model is rebuilt from its reference (timm/torchvision name, ``module:factory`` or the
-    embedded weights; a checkpoint must have the recorded sha256), the sub-network re-materialised,
-    and its weights compared with the saved ``pruned.safetensors``.
+    embedded weights; a checkpoint must have the recorded sha256) and the result re-materialised. A
+    filter run's module has its weights compared with the saved ``pruned.safetensors``; a token run
+    gives the :class:`~hookchains.tokens.TokenDroppedViT` (checked against the masked network on the
+    task images), whose logits are compared with the saved ``token_logits.safetensors``.
 
     Example:
         >>> small = hookchains.load("runs/cat-espresso")
+        >>> dropped = hookchains.load("runs/deit-cat")          # token run
+        >>> dropped(images[:2], rows=[0, 1])                     # row j is task image rows[j]
     """
     run = load_run(folder)
     base = run.model_ref.build(checkpoint)
+    if run.is_token_run:
+        return _load_tokens(run, base)
     module = run.sub.materialize(base, run.images[:4])
     saved = read_tensors(Path(folder) / "pruned.safetensors")
     state = module.state_dict()
     if set(saved) != set(state) or any(saved[k].shape != state[k].shape or not torch.equal(saved[k], state[k].cpu())
                                        for k in saved):
-        raise ValueError(f"{folder}: the rebuilt module differs from pruned.safetensors; the base model "
-                         f"({run.model_ref.spec}) is not the one this result was computed for")
+        _wrong_base(run, "pruned.safetensors")
     return module
+
+
+def _load_tokens(run: RunFolder, base: nn.Module) -> nn.Module:
+    """The token-dropping module of a token run, its logits checked against the saved ones."""
+    module = run.sub.materialize(base, run.images, check=True)
+    saved = read_tensors(run.path / TOKEN_LOGITS)["logits"]
+    with torch.no_grad():
+        logits = module(run.images.to(next(base.parameters()).device)).float().cpu()
+    if logits.shape != saved.shape or float((logits - saved).abs().max()) > TOLERANCE * max(
+            float(saved.abs().max()), 1e-12):
+        _wrong_base(run, TOKEN_LOGITS)
+    return module
+
+
+def _wrong_base(run: RunFolder, name: str) -> NoReturn:
+    raise ValueError(f"{run.path}: the rebuilt module differs from {name}; the base model "
+                     f"({run.model_ref.spec}) is not the one this result was computed for")

@@ -86,13 +86,15 @@ from hookchains.metrics import fidelity
 from hookchains.sites import TokenSite
 
 __all__ = ["TokenChains", "TokenSubnetwork", "TokenDroppedViT", "fit_tokens", "materialize_tokens",
-           "check_token_model", "token_presence", "TOKEN_DEFAULTS", "TOKEN_FORMAT_VERSION"]
+           "check_token_model", "is_token_model", "token_presence", "vit_parameter_counts", "TOKEN_DEFAULTS",
+           "TOKEN_FORMAT_VERSION", "TOKEN_FILES"]
 
 TOKEN_FORMAT_VERSION = 1
 _TINY = 1e-12  # log(_TINY) stands for log(0) where a finite, differentiable value is needed
 _FLOOR = 1e-4  # mode ste: pruned keys enter the softmax at this weight, then the hook zeroes them
 _EPS = 1e-6  # soft mode: log(m + _EPS) keeps a finite "re-admission" gradient at m = 0
 _SCORES_FILE, _META_FILE = "token_scores.safetensors", "tokens.json"
+TOKEN_FILES = (_META_FILE, _SCORES_FILE)  # what TokenSubnetwork.save writes (run folders list them)
 Rows = Union[None, slice, Sequence[int], torch.Tensor]
 
 # Defaults of fit_tokens. lr 0.05: a score needs ~18 Adam steps to fall from 1 to tau = 0.1, so pruning
@@ -138,6 +140,38 @@ def check_token_model(model: nn.Module) -> None:
         if "attn_mask" not in inspect.signature(block.forward).parameters:
             raise ValueError(f"blocks.{i} ({type(block).__name__}) does not take attn_mask, so pruned tokens "
                              "cannot be excluded from its attention")
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """Whether :func:`check_token_model` accepts ``model`` (a timm ViT/DeiT with class-token pooling).
+
+    Example:
+        >>> is_token_model(timm.create_model("deit_tiny_patch16_224")), is_token_model(timm.create_model("resnet18"))
+        (True, False)
+    """
+    try:
+        check_token_model(model)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def vit_parameter_counts(model: nn.Module) -> Dict[str, int]:
+    """Weights + biases of the multi-head attention and feed-forward parts of every block (Table 1).
+
+    Counts ``blocks[i].attn`` (qkv and output projection) and ``blocks[i].mlp`` (fc1, fc2); the
+    blocks' LayerNorms are in neither. For timm's ``deit_small_patch16_224`` this gives the paper's
+    figures exactly.
+
+    Example:
+        >>> vit_parameter_counts(timm.create_model("deit_small_patch16_224"))
+        {'mha_params': 7096320, 'ffn_params': 14178816}
+    """
+    if not ViTAdapter.matches(model) or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in model.blocks):
+        raise ValueError(f"{type(model).__name__} is not a timm ViT/DeiT with attn and mlp in every block")
+    parts = {"mha_params": "attn", "ffn_params": "mlp"}
+    return {key: sum(p.numel() for block in model.blocks for p in getattr(block, part).parameters())
+            for key, part in parts.items()}
 
 
 def token_presence(scores: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
@@ -447,7 +481,7 @@ class TokenSubnetwork:
 
         Example: ``result = TokenSubnetwork.load("runs/deit-cat")``."""
         directory = Path(directory)
-        for name in (_META_FILE, _SCORES_FILE):
+        for name in TOKEN_FILES:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} is missing: {directory} holds no token result "
                                         f"(it needs {_META_FILE} and {_SCORES_FILE})")

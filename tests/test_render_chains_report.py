@@ -239,6 +239,19 @@ def _dot_nodes(source: str) -> Dict[str, str]:
     return dict(re.findall(r"^\s*(n\d+_\d+) \[label=(\S+)", source, re.M))
 
 
+def test_large_subnetworks_draw_only_the_highest_scoring_filters(resnet):
+    model, sub = resnet
+    kept = sub.kept_filters()
+    source = build_graph(sub, model, max_nodes=len(KEPT_LAYERS) + 2).source
+    drawn = set(_dot_nodes(source).values())
+    assert len(drawn) == len(KEPT_LAYERS) + 2 and "(drawn: the" in source
+    for name in kept:  # every kept layer keeps its best filter
+        site = sub.sites.filter(name)
+        best = max(kept[name], key=lambda j: float(sub.scores[name][j]))
+        assert f"{site.label}_{best}" in drawn
+    assert "(drawn: the" not in build_graph(sub, model).source  # under the cap: everything
+
+
 def test_dot_source_has_one_ranked_column_per_kept_layer_and_a_skipped_marker(resnet):
     model, sub = resnet
     source = build_graph(sub).source
