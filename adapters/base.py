@@ -127,7 +127,7 @@ class Adapter:
     @staticmethod
     def _shape_preserving(graph: ModelGraph, path: str) -> bool:
         call = graph.calls.get(path)
-        return bool(call and call.calls == 1 and call.in_shape and call.in_shape == call.out_shape)
+        return bool(call and call.calls == 1 and call.args == 1 and call.in_shape and call.in_shape == call.out_shape)
 
     def _block_paths(self, model: nn.Module, graph: ModelGraph) -> List[str]:
         def contains_scored(m: nn.Module) -> bool:
@@ -182,7 +182,7 @@ class Adapter:
             while j < len(children) and isinstance(children[j][1], _ELEMENTWISE) and children[j][0] in graph.calls:
                 j += 1
             first, last = graph.calls[path], graph.calls[children[j - 1][0]]
-            if first.calls == 1 and first.in_shape and first.in_shape == last.out_shape:
+            if first.calls == 1 and first.args == 1 and first.in_shape and first.in_shape == last.out_shape:
                 spans.append([p for p, _ in children[i:j]])
             i = j
         return spans

@@ -38,13 +38,15 @@ def _is_norm(module: nn.Module) -> bool:
 
 @dataclass
 class ModuleCall:
-    """What one module did in the probe pass (first call only; ``calls`` counts them all)."""
+    """What one module did in the probe pass (first call only; ``calls`` counts them all, ``args`` is
+    the number of inputs it took: only single-input modules can be replaced by ``nn.Identity``)."""
 
     path: str
     order: int
     in_shape: Optional[Tuple[int, ...]]
     out_shape: Optional[Tuple[int, ...]]
     calls: int = 1
+    args: int = 1
 
 
 @dataclass
@@ -82,13 +84,14 @@ def _probe(model: nn.Module, example: torch.Tensor):
     handles = []
 
     def make_hook(path: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             x, y = _first_tensor(args), _first_tensor(output)
             if path in calls:
                 calls[path].calls += 1
                 return
+            inputs = len(args) + sum(isinstance(v, torch.Tensor) for v in kwargs.values())
             calls[path] = ModuleCall(path, len(calls), tuple(x.shape) if x is not None else None,
-                                     tuple(y.shape) if y is not None else None)
+                                     tuple(y.shape) if y is not None else None, args=inputs)
             if x is not None:
                 consumers.setdefault(id(x), []).append(path)
                 keep.append(x)
@@ -99,7 +102,7 @@ def _probe(model: nn.Module, example: torch.Tensor):
 
     for path, module in model.named_modules():
         if path:
-            handles.append(module.register_forward_hook(make_hook(path)))
+            handles.append(module.register_forward_hook(make_hook(path), with_kwargs=True))
     try:
         with torch.no_grad():
             out = _first_tensor(model(example))

@@ -153,7 +153,7 @@ def render(run_dir, fmt, checkpoint) -> None:
     if run.is_token_run:
         raise ValueError(f"{run_dir} is a token run (ViT): it has no filter graph; `hookchains report {run_dir}` "
                          "shows its kept patches and attribution heatmaps (Fig. 7)")
-    model = run.model_ref.build(checkpoint)
+    model = run.base_model(checkpoint)
     click.echo(str(render_graph(run.sub, model, Path(run_dir) / f"subnetwork.{fmt}", format=fmt, images=run.images)))
 
 
@@ -168,7 +168,7 @@ def report(run_dir, checkpoint, figure) -> None:
     from hookchains.report import write_chains_figure, write_report
     from hookchains.run import load_run
     run = load_run(run_dir)
-    model = run.model_ref.build(checkpoint)
+    model = run.base_model(checkpoint)
     click.echo(str(write_report(run_dir, run.sub, model, run.task)))
     if figure:
         click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task)))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,14 +27,13 @@ from hookchains.data import ImageSet
 from hookchains.fit import FitConfig, preset_for
 from hookchains.heatmap import eval_mode
 from hookchains.models import ModelRef
-from hookchains.run import finish_run_dir, prepare_run_dir, save_run
+from hookchains.run import Result, finish_run_dir, prepare_run_dir, save_run
 from hookchains.subnetwork import Subnetwork
 from hookchains.tokens import TOKEN_DEFAULTS, TokenSubnetwork, check_token_model, fit_tokens, is_token_model
 
 __all__ = ["extract", "extraction_mode", "fit_config", "resolve_device", "EXTRACT_MODES"]
 
 EXTRACT_MODES = ("auto", "filters", "tokens")
-Result = Union[Subnetwork, TokenSubnetwork]
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -139,7 +138,7 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     dev = resolve_device(device)
     staging = prepare_run_dir(Path(out), overwrite)
     model = model.to(dev).eval()
-    images = task.images.to(next(model.parameters()).device)
+    images = task.images.to(dev)
     if resolved == "tokens":
         sub = _token_run(model, model_ref, task, images, staging, config, tau)
     else:

@@ -14,6 +14,9 @@
   correctly classified images use most often, drawn on the misclassified image next to the image of
   that class where the chain is strongest.
 
+A token run (a ViT, :class:`~hookchains.tokens.TokenSubnetwork`) gets the page of
+:mod:`hookchains.token_report` instead: Fig. 7 per image, built from the helpers here.
+
 The page is one file: inline CSS and SVG, images as base64 PNG, no script, and a Content-Security-
 Policy that forbids every network request. Feature visualisations are cached under
 ``run_dir/featvis`` (filters repeat across images and runs), so a second report is fast.

@@ -65,6 +65,17 @@ class RunFolder:
         """The preprocessed task images."""
         return self.task.images
 
+    def base_model(self, checkpoint: Optional[str] = None) -> nn.Module:
+        """Rebuild the model the run was fitted on; refuses a randomly initialised timm/torchvision
+        model, whose weights cannot be rebuilt (the drawing would silently use other weights)."""
+        ref = self.model_ref
+        random_init = (not ref.pretrained and ref.checkpoint is None and checkpoint is None
+                       and (":" not in ref.spec or ref.spec.split(":")[0] in ("timm", "torchvision")))
+        if random_init:
+            raise ValueError(f"{self.path} was made with randomly initialised {ref.spec} weights, which cannot be "
+                             "rebuilt; re-run extract with --checkpoint FILE (or --pretrained)")
+        return ref.build(checkpoint)
+
     @property
     def is_token_run(self) -> bool:
         """Whether the run holds per-image token scores of a ViT. Example: ``load_run(d).is_token_run``."""
@@ -168,7 +179,7 @@ def load(folder, checkpoint: Optional[str] = None) -> nn.Module:
         >>> dropped(images[:2], rows=[0, 1])                     # row j is task image rows[j]
     """
     run = load_run(folder)
-    base = run.model_ref.build(checkpoint)
+    base = run.base_model(checkpoint)
     if run.is_token_run:
         return _load_tokens(run, base)
     module = run.sub.materialize(base, run.images[:4])

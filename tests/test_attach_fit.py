@@ -42,7 +42,7 @@ def test_attach_detach_leaves_model_exactly_as_before(source, name, px):
             for s in chains.scores.values():
                 s.mul_(0.5)
             changed = model(x)
-        assert not torch.allclose(changed, before), "hooks had no effect"
+        assert (changed - before).abs().max() > 1e-3 * before.abs().max(), "hooks had no effect"
     assert _hook_count(model) == 0
     after_state = model.state_dict()
     assert after_state.keys() == before_state.keys()

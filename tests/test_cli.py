@@ -151,3 +151,13 @@ def test_corrupt_image_is_named_and_can_be_skipped(photo_folder, tmp_path):
     assert result.exit_code == 1 and "broken.png" in result.output and "--skip-bad-images" in result.output
     skipped = _extract(data, tmp_path / "r2", "--skip-bad-images")
     assert skipped.exit_code == 0, skipped.output
+
+
+def test_run_of_randomly_initialised_model_is_not_redrawn_with_other_weights(photo_folder, tmp_path):
+    out = tmp_path / "random"
+    made = CliRunner().invoke(main, ["extract", "--model", "torchvision:resnet18", "--data", str(photo_folder),
+                                     "--classes", "cat,espresso", "--per-class", "2", "--out", str(out), *FAST])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(main, ["render", str(out), "--format", "dot"])
+    assert result.exit_code == 1 and "randomly initialised" in result.output and "--checkpoint" in result.output
+    assert not (out / "subnetwork.dot").exists()
