@@ -14,7 +14,7 @@ An adapter *finds sites*; it never runs the optimisation. The generic adapter wo
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

@@ -24,6 +24,15 @@ class DigitsNet(nn.Module):
         return self.fc(self.features(x))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one torch thread (results independent of the machine), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _digits():
     from sklearn.datasets import load_digits
     data = load_digits()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -81,13 +80,7 @@ def conv_channel0(net: nn.Sequential, image: Tensor) -> float:
         return net[0](((image - MEAN) / STD)[None])[0, 0].mean().item()
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Keep to one core (the machine is shared) and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hook_count(model: nn.Module) -> int:

@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import re
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -39,12 +38,7 @@ CHROMIUM = "/usr/bin/chromium"
 ONES = torch.ones(1, 1, 2, 2)  # a spatially constant image: every mean is the per-pixel value
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sub(model: nn.Module, layers: Sequence[Tuple[str, str]], scores: Dict[str, Tensor],

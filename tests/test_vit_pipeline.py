@@ -39,12 +39,7 @@ VIEWS = 3  # per class
 FIT = ["--steps", "8", "--lr", "0.15", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(*args):
