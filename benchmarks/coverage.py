@@ -25,7 +25,7 @@ from hookchains.coverage import check_model, input_for
 TOO_BIG = re.compile(r"(giant|huge|large|xxl|xlarge|_g_|enormous|_1b|_7b|448|512|384)")
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not swallowed by the library's own except Exception
     pass
 
 

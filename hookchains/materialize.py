@@ -68,9 +68,12 @@ def _multipliers(sub: Subnetwork, fold_scores: bool) -> Dict[str, torch.Tensor]:
 def _fold(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> None:
     for site in sub.sites.filters:
         module = model.get_submodule(site.fold_module)
-        m = mult[site.name].to(module.weight.device, module.weight.dtype)
-        shape = (-1,) + (1,) * (module.weight.ndim - 1)
-        module.weight.mul_(m.view(shape))
+        # weight-standardised convs (timm StdConv/ScaledStdConv) normalise their weight per output
+        # channel, so a scale folded into it would vanish: their per-channel ``gain`` takes it instead
+        scaled = getattr(module, "gain", None)
+        scaled = scaled if isinstance(scaled, torch.Tensor) and scaled.shape[0] == site.channels else module.weight
+        m = mult[site.name].to(scaled.device, scaled.dtype)
+        scaled.mul_(m.view((-1,) + (1,) * (scaled.ndim - 1)))
         if getattr(module, "bias", None) is not None:
             module.bias.mul_(m)
 

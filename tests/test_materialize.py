@@ -14,7 +14,7 @@ from hookchains.coverage import check_model, input_for
 
 ARCHS = [("tv", "resnet18"), ("timm", "resnet50"), ("tv", "resnext50_32x4d"), ("timm", "vgg11_bn"),
          ("timm", "mobilenetv2_100"), ("tv", "mobilenet_v3_small"), ("timm", "efficientnet_b0"),
-         ("timm", "regnetx_002"), ("timm", "convnext_atto"), ("tv", "densenet121"),
+         ("timm", "regnetx_002"), ("timm", "convnext_atto"), ("tv", "densenet121"), ("timm", "nfnet_l0"),
          ("timm", "deit_tiny_patch16_224"), ("timm", "vit_tiny_patch16_224")]
 
 
