@@ -15,6 +15,7 @@ everything else (an average-pooled ViT included: a pruned token would still reac
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -139,12 +140,16 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     staging = prepare_run_dir(Path(out), overwrite)
     model = model.to(dev).eval()
     images = task.images.to(dev)
-    if resolved == "tokens":
-        sub = _token_run(model, model_ref, task, images, staging, config, tau)
-    else:
-        sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format)
-    if report:
-        from hookchains.report import write_report
-        write_report(staging, sub, model, task)
+    try:
+        if resolved == "tokens":
+            sub = _token_run(model, model_ref, task, images, staging, config, tau)
+        else:
+            sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format)
+        if report:
+            from hookchains.report import write_report
+            write_report(staging, sub, model, task)
+    except BaseException:  # an error or Ctrl-C: leave no half-written folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finish_run_dir(staging, Path(out))
     return sub
