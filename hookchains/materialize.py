@@ -55,6 +55,29 @@ class MaterializeReport:
     notes: List[str] = field(default_factory=list)
 
 
+def _cached_tensors(model: nn.Module):
+    """(container, key, tensor) of every non-leaf tensor a module caches between calls (e.g. timm
+    LeViT's attention-bias cache, filled by a forward pass with gradients on): deepcopy refuses them."""
+    for module in model.modules():
+        for name, value in list(module.__dict__.items()):
+            container = value if isinstance(value, dict) else module.__dict__
+            for key, t in (list(value.items()) if isinstance(value, dict) else [(name, value)]):
+                if isinstance(t, torch.Tensor) and not t.is_leaf:
+                    yield container, key, t
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` of a user's model that also works when it caches non-leaf tensors."""
+    return copy.deepcopy(model, {id(t): t.detach().clone() for _, _, t in _cached_tensors(model)})
+
+
+def _detach_caches(model: nn.Module) -> nn.Module:
+    """Detach cached non-leaf tensors of one of our own copies in place (torch-pruning deep-copies it)."""
+    for container, key, t in list(_cached_tensors(model)):
+        container[key] = t.detach()
+    return model
+
+
 def _multipliers(sub: Subnetwork, fold_scores: bool) -> Dict[str, torch.Tensor]:
     out = {}
     for site in sub.sites.filters:
@@ -182,7 +205,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
         True
     """
     import torch_pruning as tp
-    work = strip_hooks(copy.deepcopy(model)).eval()
+    work = strip_hooks(_copy_model(model)).eval()
     device = next(work.parameters()).device
     inputs = _check_inputs(sub, images, device)
     reference = _reference_logits(work, sub, inputs, "hard" if fold_scores else "mask")
@@ -196,7 +219,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     notes: List[str] = []
     result, pruned = work, False
     if prune:
-        candidate = copy.deepcopy(work)
+        candidate = _copy_model(work)
         try:
             _prune(candidate, sub, mult, example)
             if _diff(candidate, inputs, reference) <= tolerance * scale:
@@ -209,7 +232,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     if diff > tolerance * scale:
         raise MaterializeError(f"materialised module differs from the thresholded network by {diff:.3g} "
                                f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g}); please report this model")
-    macs_after, params_after = tp.utils.count_ops_and_params(result, example)
+    macs_after, params_after = tp.utils.count_ops_and_params(_detach_caches(result), example)
     report = MaterializeReport(pruned, channels_before, _channel_count(result), int(params_before),
                                int(params_after), int(macs_before), int(macs_after), diff,
                                tolerance * scale, fold_scores, notes)

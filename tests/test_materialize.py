@@ -43,6 +43,14 @@ def test_materialised_module_equals_thresholded_network(source, name):
     assert type(module) is type(model)  # the user's class, not a wrapper
 
 
+def test_model_with_cached_non_leaf_tensors_materialises():
+    model = _model("timm", "levit_128")
+    example = input_for(model)
+    model(example)  # a forward with gradients on fills LeViT's attention-bias cache with non-leaf tensors
+    _, report, _ = check_model(model, example)
+    assert report.max_abs_diff <= report.tolerance
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_physical_pruning_removes_channels_on_cnns(name):
     model = _model("tv", name)
