@@ -89,7 +89,7 @@ def _probe(model: nn.Module, example: torch.Tensor):
             if path in calls:
                 calls[path].calls += 1
                 return
-            inputs = len(args) + sum(isinstance(v, torch.Tensor) for v in kwargs.values())
+            inputs = len(args) + len(kwargs)  # nn.Identity takes exactly one positional input
             calls[path] = ModuleCall(path, len(calls), tuple(x.shape) if x is not None else None,
                                      tuple(y.shape) if y is not None else None, args=inputs)
             if x is not None:
