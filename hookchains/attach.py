@@ -24,7 +24,7 @@ from torch import nn
 
 from hookchains.sites import FilterSite, GateSite, SiteMap
 
-__all__ = ["Chains", "attach", "strip_hooks", "MODES"]
+__all__ = ["Chains", "HookOwner", "attach", "strip_hooks", "MODES"]
 
 MODES = ("soft", "hard", "ste", "mask", "off")
 
@@ -35,7 +35,38 @@ def _broadcast(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tenso
     return values.view(shape)
 
 
-class Chains:
+class HookOwner:
+    """What every set of hookchains hooks shares: ``detach()`` removes them all (also on leaving a
+    ``with`` block) and ``attached`` says whether they are still on the model. Subclasses fill
+    ``self._handles`` and may override :meth:`_forget` to drop per-call state."""
+
+    model: nn.Module
+    _handles: List[torch.utils.hooks.RemovableHandle]
+
+    def _forget(self) -> None:
+        """Drop state kept between hook calls (nothing by default)."""
+
+    def detach(self) -> nn.Module:
+        """Remove every hook; the model is exactly as before it was attached. Returns the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._forget()
+        return self.model
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are still on the model."""
+        return bool(self._handles)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+class Chains(HookOwner):
     """Hooks plus the learnable tensors of one model (filter scores, gate logits).
 
     Create it with :func:`attach`. Attributes ``scores`` and ``gate_logits`` map site names to
@@ -181,24 +212,8 @@ class Chains:
         return {"filters": sum(kept.values()), "layers": sum(1 for k in kept.values() if k),
                 "gates": len(self.gate_logits) - len(closed)}
 
-    def detach(self) -> nn.Module:
-        """Remove every hook; the model is exactly as before :func:`attach`. Returns the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _forget(self) -> None:
         self._span_inputs.clear()
-        return self.model
-
-    @property
-    def attached(self) -> bool:
-        """Whether the hooks are still on the model."""
-        return bool(self._handles)
-
-    def __enter__(self) -> "Chains":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 def strip_hooks(model: nn.Module) -> nn.Module:

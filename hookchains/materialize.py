@@ -115,7 +115,7 @@ def _channel_count(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-def _zero_plan(dg, group, zero_at: Dict[nn.Module, torch.Tensor], normed: Set[nn.Module]) -> List[int]:
+def _zero_plan(dg, group, zero_at: Dict[nn.Module, List[bool]], normed: Set[nn.Module]) -> List[int]:
     """Root indices of ``group`` at which every producer outputs exactly zero.
 
     ``zero_at`` maps each fold module (norm, or conv/linear without norm) to its zeroed channels;
@@ -134,21 +134,21 @@ def _zero_plan(dg, group, zero_at: Dict[nn.Module, torch.Tensor], normed: Set[nn
             if module in normed:
                 continue  # its output only feeds its norm, which is in the group
             return []
-        here = {root for idx, root in zip(item.idxs, item.root_idxs) if bool(zero[idx])}
+        here = {root for idx, root in zip(item.idxs, item.root_idxs) if zero[idx]}
         removable = here if removable is None else removable & here
     return sorted(removable or [])
 
 
 def _prune(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], example: torch.Tensor) -> None:
     import torch_pruning as tp
-    zero_at: Dict[nn.Module, torch.Tensor] = {}
+    zero_at: Dict[nn.Module, List[bool]] = {}  # plain lists: indexed per channel below
     normed: Set[nn.Module] = set()
     for site in sub.sites.filters:
         try:
             fold = model.get_submodule(site.fold_module)
         except AttributeError:
             continue  # inside a cut gate
-        zero_at[fold] = mult[site.name] == 0
+        zero_at[fold] = (mult[site.name] == 0).tolist()
         if site.fold_module != site.name:
             normed.add(model.get_submodule(site.name))
     ignored = [model.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []

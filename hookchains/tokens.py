@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 
 from hookchains.adapters import discover
 from hookchains.adapters.families import ViTAdapter
-from hookchains.attach import MODES
+from hookchains.attach import MODES, HookOwner
 from hookchains.data import validate_images
 from hookchains.featvis import _frozen_weights
 from hookchains.fit import FitConfig, _chunks, _next_kl_weight, _stopped
@@ -205,7 +205,7 @@ def _token_sites(model: nn.Module, example: torch.Tensor) -> List[TokenSite]:
     return sites
 
 
-class TokenChains:
+class TokenChains(HookOwner):
     """Per-image token scores on a timm ViT, applied through forward pre-hooks (section 4.5).
 
     ``scores`` is one ``nn.Parameter`` of shape ``N x blocks x T`` (prefix columns are ignored: prefix
@@ -357,26 +357,6 @@ class TokenChains:
 
         Example: ``loss = kl + lam * chains.l1()``."""
         return self.scores[..., self.prefix:].abs().sum() / self.scores.shape[0]
-
-    def detach(self) -> nn.Module:
-        """Remove every hook; the model is exactly as before. Returns the model.
-
-        Example: ``model = chains.detach()`` (or leave a ``with TokenChains(...)`` block)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        return self.model
-
-    @property
-    def attached(self) -> bool:
-        """Whether the hooks are still on the model."""
-        return bool(self._handles)
-
-    def __enter__(self) -> "TokenChains":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
 
 
 @dataclass
