@@ -29,10 +29,12 @@ __all__ = ["Chains", "HookOwner", "attach", "strip_hooks", "MODES"]
 MODES = ("soft", "hard", "ste", "mask", "off")
 
 
-def _broadcast(values: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+def _broadcast_shape(ndim: int, channel_dim: Optional[int]) -> List[int]:
+    """Shape that makes per-channel values (``channel_dim``) or one gate value broadcast over ``ndim`` dims."""
     shape = [1] * ndim
-    shape[channel_dim] = -1
-    return values.view(shape)
+    if channel_dim is not None:
+        shape[channel_dim] = -1
+    return shape
 
 
 class HookOwner:
@@ -72,6 +74,12 @@ class Chains(HookOwner):
     Create it with :func:`attach`. Attributes ``scores`` and ``gate_logits`` map site names to
     ``nn.Parameter`` s on the model's device.
 
+    With ``tasks=T`` the hooks hold ``T`` independent sets of scores and gates (``scores[name]`` is
+    ``T x channels``, ``gate_logits[name]`` has ``T`` entries) and a batch must be the ``T`` tasks'
+    images concatenated, the same number per task: image ``i`` is scaled by the scores of task
+    ``i // (batch / T)``. One forward pass then fits several tasks (:func:`hookchains.fit.fit_tasks`),
+    each exactly as if it ran alone, which keeps a GPU busy.
+
     Example:
         >>> with hookchains.attach(model) as chains:
         ...     result = chains.fit(images)
@@ -79,17 +87,20 @@ class Chains(HookOwner):
     """
 
     def __init__(self, model: nn.Module, sites: SiteMap, *, tau: float = 0.1, temperature: float = 0.2,
-                 score_max: Optional[float] = 1.0) -> None:
+                 score_max: Optional[float] = 1.0, tasks: Optional[int] = None) -> None:
         if tau < 0 or temperature <= 0:
             raise ValueError(f"need tau >= 0 and temperature > 0, got tau={tau}, temperature={temperature}")
-        self.model, self.sites = model, sites
+        if tasks is not None and tasks < 1:
+            raise ValueError(f"tasks must be at least 1 (or None for one task), got {tasks}")
+        self.model, self.sites, self.tasks = model, sites, tasks
         self.tau, self.temperature, self.score_max = tau, temperature, score_max
         self.mode = "soft"
         device = next(model.parameters()).device
+        lead = () if tasks is None else (tasks,)
         self.scores: Dict[str, nn.Parameter] = {
-            s.name: nn.Parameter(torch.ones(s.channels, device=device)) for s in sites.filters}
+            s.name: nn.Parameter(torch.ones(*lead, s.channels, device=device)) for s in sites.filters}
         self.gate_logits: Dict[str, nn.Parameter] = {
-            g.name: nn.Parameter(torch.zeros((), device=device)) for g in sites.gates}
+            g.name: nn.Parameter(torch.zeros(lead, device=device)) for g in sites.gates}
         self._span_inputs: Dict[str, List[torch.Tensor]] = {}
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._register()
@@ -131,16 +142,28 @@ class Chains(HookOwner):
                 add(get(gate.first).register_forward_pre_hook, self._span_start_hook(gate))
                 add(get(gate.last).register_forward_hook, self._span_end_hook(gate))
 
+    def _scaled(self, x: torch.Tensor, values: torch.Tensor, channel_dim: Optional[int] = None) -> torch.Tensor:
+        """``x`` times per-channel ``values`` (``channel_dim``) or a gate value; with ``tasks``, each
+        task's block of the batch times that task's values."""
+        shape = _broadcast_shape(x.ndim, channel_dim)
+        if self.tasks is None:
+            return x * values.reshape(shape).to(x.dtype)
+        if x.shape[0] % self.tasks:
+            raise ValueError(f"a batch of {x.shape[0]} cannot be split into {self.tasks} tasks of equal size: "
+                             "concatenate the tasks' images, the same number per task")
+        grouped = x.reshape(self.tasks, x.shape[0] // self.tasks, *x.shape[1:])
+        return (grouped * values.reshape(self.tasks, *shape).to(x.dtype)).reshape(x.shape)
+
     def _filter_hook(self, site: FilterSite):
         def hook(module, args, out):
             if self.mode == "off":
                 return None
-            return out * _broadcast(self.filter_values(site.name), out.ndim, site.channel_dim).to(out.dtype)
+            return self._scaled(out, self.filter_values(site.name), site.channel_dim)
         return hook
 
     def _mix(self, gate: GateSite, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        g = self.gate_values(gate.name).to(out.dtype)
-        return g * out + (1 - g) * h
+        g = self.gate_values(gate.name)
+        return self._scaled(out, g) + self._scaled(h, 1 - g)
 
     def _block_gate_hook(self, gate: GateSite):
         def hook(module, args, out):
@@ -194,21 +217,39 @@ class Chains(HookOwner):
         from hookchains.fit import fit
         return fit(self, images, config, **options)
 
-    def load_state(self, scores: Dict[str, torch.Tensor], gate_logits: Dict[str, torch.Tensor]) -> None:
-        """Copy scores and gate logits (e.g. a saved :class:`~hookchains.Subnetwork`'s) into the hooks."""
+    @property
+    def task_count(self) -> int:
+        """How many tasks the hooks hold (1 unless created with ``tasks=``)."""
+        return self.tasks or 1
+
+    def per_task(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (a score vector, a gate value, or such a tensor per task) with a leading task axis."""
+        return values if self.tasks else values.unsqueeze(0)
+
+    def task_state(self, task: int = 0):
+        """Detached CPU copies ``(scores, gate_logits)`` of one task, shaped as for a single task."""
+        with torch.no_grad():
+            return ({k: self.per_task(v)[task].detach().cpu().clone() for k, v in self.scores.items()},
+                    {k: self.per_task(v)[task].detach().cpu().clone() for k, v in self.gate_logits.items()})
+
+    def load_state(self, scores: Dict[str, torch.Tensor], gate_logits: Dict[str, torch.Tensor],
+                   task: int = 0) -> None:
+        """Copy scores and gate logits (e.g. a saved :class:`~hookchains.Subnetwork`'s) into the
+        hooks (into ``task`` when the hooks hold several)."""
         with torch.no_grad():
             for name, p in self.scores.items():
-                p.copy_(scores[name])
+                self.per_task(p)[task].copy_(scores[name])
             for name, p in self.gate_logits.items():
-                p.copy_(gate_logits[name])
+                self.per_task(p)[task].copy_(gate_logits[name])
 
-    def kept_counts(self) -> Dict[str, int]:
+    def kept_counts(self, task: int = 0) -> Dict[str, int]:
         """Filters with ``S >= tau`` outside removed blocks, and open gates, right now (what the
-        progress bar shows; the same rule as :meth:`Subnetwork.counts`)."""
+        progress bar shows; the same rule as :meth:`Subnetwork.counts`), of one task."""
         with torch.no_grad():
-            closed = {g.name for g in self.sites.gates if self.gate_logits[g.name] < 0}
+            closed = {g.name for g in self.sites.gates if self.per_task(self.gate_logits[g.name])[task] < 0}
             hidden = {f for g in self.sites.gates if g.name in closed for f in g.filter_sites}
-            kept = {n: int((s >= self.tau).sum()) for n, s in self.scores.items() if n not in hidden}
+            kept = {n: int((self.per_task(s)[task] >= self.tau).sum())
+                    for n, s in self.scores.items() if n not in hidden}
         return {"filters": sum(kept.values()), "layers": sum(1 for k in kept.values() if k),
                 "gates": len(self.gate_logits) - len(closed)}
 
@@ -227,7 +268,7 @@ def strip_hooks(model: nn.Module) -> nn.Module:
 
 def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.Tensor] = None,
            sites: Optional[SiteMap] = None, use_fx: bool = True, tau: float = 0.1,
-           temperature: float = 0.2, score_max: Optional[float] = 1.0) -> Chains:
+           temperature: float = 0.2, score_max: Optional[float] = 1.0, tasks: Optional[int] = None) -> Chains:
     """Find the sites of ``model`` and hook them; nothing of the model is modified.
 
     Args:
@@ -238,6 +279,8 @@ def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.T
         tau: score threshold of section 3.2 (filters with ``S < tau`` are removed).
         temperature: ``T`` of the gate sigmoid (Eq. 6).
         score_max: upper bound of the scores (paper: 1); ``None`` leaves them unbounded above.
+        tasks: hold this many independent score sets, one per task, for batched fitting
+            (:func:`hookchains.fit.fit_tasks`); ``None``: one task.
 
     Example:
         >>> chains = hookchains.attach(timm.create_model("resnet18"))
@@ -251,4 +294,4 @@ def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.T
     if next(model.parameters(), None) is None:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to explain")
     sites = sites if sites is not None else discover(model, adapter, example=example, use_fx=use_fx)
-    return Chains(model, sites, tau=tau, temperature=temperature, score_max=score_max)
+    return Chains(model, sites, tau=tau, temperature=temperature, score_max=score_max, tasks=tasks)

@@ -40,7 +40,7 @@ from hookchains.subnetwork import Subnetwork
 # saturated sigmoid would make a closed gate's gradient vanish so it could never reopen.
 GATE_BOUND = 4.0
 
-__all__ = ["FitConfig", "PRESETS", "fit", "preset_for", "logits_of"]
+__all__ = ["FitConfig", "PRESETS", "fit", "fit_tasks", "preset_for", "logits_of"]
 
 
 @dataclass(frozen=True)
@@ -118,28 +118,43 @@ def preset_for(adapter: str, **overrides) -> FitConfig:
 
 
 def _penalties(chains: Chains, cfg: FitConfig) -> torch.Tensor:
-    """``lam * ||S||_1 + lam_gate * sum(alpha)`` (paper) or, recipe ``hookchains``, the same with each
-    score's L1 weighted by its gate's hard value (the filters of a removed block cost nothing and are
-    not counted, so they keep their values and the block can come back) and ``sum(G)`` for the gates."""
+    """Per task: ``lam * ||S||_1 + lam_gate * sum(alpha)`` (paper) or, recipe ``hookchains``, the same
+    with each score's L1 weighted by its gate's hard value (the filters of a removed block cost nothing
+    and are not counted, so they keep their values and the block can come back) and ``sum(G)`` for
+    the gates. Returns one value per task (the tasks' penalties are independent)."""
+    per, zero = chains.per_task, torch.zeros(chains.task_count, device=_device_of(chains))
     if cfg.recipe == "paper":
-        l1 = sum(s.abs().sum() for s in chains.scores.values())
-        return cfg.lam * l1 + cfg.lam_gate * sum(chains.gate_logits.values(), torch.zeros(()))
+        l1 = sum((per(s).abs().sum(-1) for s in chains.scores.values()), zero)
+        return cfg.lam * l1 + cfg.lam_gate * sum((per(a) for a in chains.gate_logits.values()), zero)
     gate_of = {f: g.name for g in chains.sites.gates for f in g.filter_sites}
-    l1 = sum(s.abs().sum() * (chains.gate_values(gate_of[n], "ste") if n in gate_of else 1.0)
-             for n, s in chains.scores.items())
-    gates = sum((chains.gate_values(n, "soft") for n in chains.gate_logits), torch.zeros(()))
+    l1 = sum((per(s).abs().sum(-1) * (per(chains.gate_values(gate_of[n], "ste")) if n in gate_of else 1.0)
+              for n, s in chains.scores.items()), zero)
+    gates = sum((per(chains.gate_values(n, "soft")) for n in chains.gate_logits), zero)
     return cfg.lam * l1 + cfg.lam_gate * gates
 
 
-def _kl_backward(model, images, teacher_logp, chunks: Sequence[slice], weight: float) -> float:
-    """Mean KL over the images; backpropagates ``weight * KL`` chunk by chunk."""
-    total = 0.0
+def _device_of(chains: Chains) -> torch.device:
+    return next(chains.model.parameters()).device
+
+
+def _tasks_kl_backward(model, images: torch.Tensor, teacher_logp: torch.Tensor, chunks: Sequence[slice],
+                       weights: torch.Tensor) -> List[float]:
+    """Mean KL per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x classes);
+    backpropagates ``sum_t weights[t] * KL_t`` chunk by chunk (a chunk takes the same images of every task)."""
+    tasks, count = images.shape[:2]
+    totals = torch.zeros(tasks, dtype=torch.float64)
     for part in chunks:
-        logq = F.log_softmax(model(images[part]).float(), -1)
-        kl = F.kl_div(logq, teacher_logp[part], log_target=True, reduction="sum") / images.shape[0]
-        (weight * kl).backward()
-        total += float(kl.detach())
-    return total
+        logq = F.log_softmax(model(images[:, part].flatten(0, 1)).float(), -1)
+        kl = F.kl_div(logq.view(tasks, -1, logq.shape[-1]), teacher_logp[:, part], log_target=True,
+                      reduction="none").sum((1, 2)) / count
+        (weights.to(kl.device) * kl).sum().backward()
+        totals += kl.detach().cpu().double()
+    return totals.tolist()
+
+
+def _kl_backward(model, images, teacher_logp, chunks: Sequence[slice], weight: float) -> float:
+    """Mean KL over the images of one task; backpropagates ``weight * KL`` chunk by chunk."""
+    return _tasks_kl_backward(model, images[None], teacher_logp[None], chunks, torch.tensor([weight]))[0]
 
 
 def _next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
@@ -172,44 +187,86 @@ def _initialise(chains: Chains, cfg: FitConfig) -> None:
             a.fill_(alpha)
 
 
-def _optimise(chains: Chains, images: torch.Tensor, teacher_logp: torch.Tensor, cfg: FitConfig):
+@dataclass
+class _Track:
+    """One task's bookkeeping during the optimisation: its history, KL weight and stop rule."""
+
+    history: Dict[str, List[float]] = dataclasses.field(
+        default_factory=lambda: {k: [] for k in ("loss", "kl", "filters", "gates", "kl_weight")})
+    kl_weight: float = 1.0
+    stable_for: int = 0
+    last_kept: Optional[int] = None
+    stopped: bool = False
+
+    def record(self, cfg: FitConfig, kl: float, penalty: float, kept: Dict[str, int], key: int) -> None:
+        """Log one step, adapt the KL weight, and decide whether this task has converged."""
+        for name, value in (("loss", kl + penalty), ("kl", kl), ("filters", kept["filters"]),
+                            ("gates", kept["gates"]), ("kl_weight", self.kl_weight)):
+            self.history[name].append(value)
+        self.kl_weight = _next_kl_weight(self.kl_weight, kl, cfg)
+        self.stable_for = self.stable_for + 1 if key == self.last_kept else 0
+        self.last_kept = key
+        self.stopped = _stopped(cfg, self.history, self.stable_for)
+
+
+def _step(chains: Chains, optimiser, images, teacher_logp, chunks, tracks: List[_Track], cfg: FitConfig):
+    """One Adam step for every task; a converged task's values are put back, so it ends exactly
+    where it would have ended alone. Returns the per-task KL and penalty."""
+    frozen = [i for i, t in enumerate(tracks) if t.stopped]
+    saved = [chains.per_task(p).detach()[frozen].clone() for p in chains.parameters()] if frozen else []
+    optimiser.zero_grad(set_to_none=True)
+    kls = _tasks_kl_backward(chains.model, images, teacher_logp, chunks,
+                             torch.tensor([t.kl_weight for t in tracks]))
+    penalty = _penalties(chains, cfg)
+    penalty.sum().backward()
+    optimiser.step()
+    chains.clamp_(None if cfg.recipe == "paper" else GATE_BOUND * chains.temperature)
+    with torch.no_grad():
+        for p, values in zip(chains.parameters(), saved):
+            chains.per_task(p)[frozen] = values
+    return kls, penalty.detach().cpu().tolist()
+
+
+def _optimise(chains: Chains, images: torch.Tensor, teacher_logp: torch.Tensor, cfg: FitConfig) -> List[_Track]:
+    """Adam on Eq. 8 for every task at once until each has converged (or ``cfg.steps``)."""
     _initialise(chains, cfg)
-    model, chunks = chains.model, _chunks(images.shape[0], cfg.batch_size)
+    chunks = _chunks(images.shape[1], cfg.batch_size)
     optimiser = torch.optim.Adam(list(chains.parameters()), lr=cfg.lr)
-    history: Dict[str, List[float]] = {"loss": [], "kl": [], "filters": [], "gates": [], "kl_weight": []}
-    stable_for, last_kept, kl_weight = 0, None, 1.0
+    tracks = [_Track() for _ in range(chains.task_count)]
     bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
     with chains.using("soft" if cfg.recipe == "paper" else "ste"):
         for _ in bar:
-            optimiser.zero_grad(set_to_none=True)
-            kl = _kl_backward(model, images, teacher_logp, chunks, kl_weight)
-            penalty = _penalties(chains, cfg)
-            penalty.backward()
-            optimiser.step()
-            chains.clamp_(None if cfg.recipe == "paper" else GATE_BOUND * chains.temperature)
-            kept = chains.kept_counts()
-            history["loss"].append(kl + float(penalty.detach()))
-            history["kl"].append(kl)
-            history["filters"].append(kept["filters"])
-            history["gates"].append(kept["gates"])
-            history["kl_weight"].append(kl_weight)
-            kl_weight = _next_kl_weight(kl_weight, kl, cfg)
-            key = _kept_key(chains)
-            stable_for = stable_for + 1 if key == last_kept else 0
-            last_kept = key
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", kl=f"{kl:.3f}",
-                            filters=kept["filters"], layers=kept["layers"], gates=kept["gates"])
-            if _stopped(cfg, history, stable_for):
+            kls, penalties = _step(chains, optimiser, images, teacher_logp, chunks, tracks, cfg)
+            keys = _kept_keys(chains)
+            for i, track in enumerate(tracks):
+                if not track.stopped:
+                    track.record(cfg, kls[i], penalties[i], chains.kept_counts(i), keys[i])
+            bar.set_postfix(_progress(chains, tracks))
+            if all(t.stopped for t in tracks):
                 break
     bar.close()
-    return history
+    return tracks
 
 
-def _kept_key(chains: Chains) -> int:
+def _progress(chains: Chains, tracks: List[_Track]) -> Dict[str, str]:
+    """Progress-bar figures: the task's own for one task, means and the number running for several."""
+    means = {key: sum(t.history[key][-1] for t in tracks) / len(tracks) for key in ("loss", "kl", "filters")}
+    figures = {"loss": f"{means['loss']:.3f}", "kl": f"{means['kl']:.3f}", "filters": f"{means['filters']:.0f}"}
+    if len(tracks) == 1:
+        figures.update(layers=str(chains.kept_counts()["layers"]), gates=str(tracks[0].history["gates"][-1]))
+    else:
+        figures["running"] = str(sum(not t.stopped for t in tracks))
+    return figures
+
+
+def _kept_keys(chains: Chains) -> List[int]:
+    """Per task, a hash of which filters and gates are kept right now."""
     with torch.no_grad():
-        bits = [(s >= chains.tau) for s in chains.scores.values()]
-        bits += [(a >= 0).reshape(1) for a in chains.gate_logits.values()]
-        return hash(torch.cat(bits).cpu().numpy().tobytes()) if bits else 0
+        bits = [chains.per_task(s) >= chains.tau for s in chains.scores.values()]
+        bits += [chains.per_task(a).reshape(-1, 1) >= 0 for a in chains.gate_logits.values()]
+        if not bits:
+            return [0] * chains.task_count
+        return [hash(row.tobytes()) for row in torch.cat(bits, 1).cpu().numpy()]
 
 
 def _chunks(n: int, batch_size: Optional[int]) -> List[slice]:
@@ -218,10 +275,16 @@ def _chunks(n: int, batch_size: Optional[int]) -> List[slice]:
 
 
 @torch.no_grad()
+def _tasks_logits(chains: Chains, images: torch.Tensor, mode: str, batch_size: Optional[int]) -> torch.Tensor:
+    """Logits (tasks x N x classes) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    with chains.using(mode):
+        parts = [chains.model(images[:, p].flatten(0, 1)).float() for p in _chunks(images.shape[1], batch_size)]
+    return torch.cat([part.view(images.shape[0], -1, part.shape[-1]) for part in parts], 1)
+
+
 def logits_of(chains: Chains, images: torch.Tensor, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
     """Logits of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
-    with chains.using(mode):
-        return torch.cat([chains.model(images[p]) for p in _chunks(images.shape[0], batch_size)]).float()
+    return _tasks_logits(chains, images[None], mode, batch_size)[0]
 
 
 def fit(chains: Chains, images: torch.Tensor, config: Optional[FitConfig] = None, **options) -> Subnetwork:
@@ -241,32 +304,69 @@ def fit(chains: Chains, images: torch.Tensor, config: Optional[FitConfig] = None
         >>> result = chains.fit(images, steps=200, lam=0.01)
         >>> print(result.summary())
     """
-    validate_images(images)
+    if chains.tasks is not None:
+        raise ValueError(f"these chains hold {chains.tasks} tasks: use hookchains.fit.fit_tasks(chains, [images, ...])")
+    return _fit(chains, [images], config, options)[0]
+
+
+def fit_tasks(chains: Chains, tasks: Sequence[torch.Tensor], config: Optional[FitConfig] = None,
+              **options) -> List[Subnetwork]:
+    """Fit several tasks in one forward pass per step: each task has its own scores and gates,
+    applied to its own images by task index (``attach(model, tasks=len(tasks))``).
+
+    Each task's optimisation is independent of the others' (its own KL term, KL weight, Adam
+    moments and stop rule; a converged task is frozen where it stopped), so the results equal
+    :func:`fit` run task by task, up to floating-point reassociation in the batched convolutions.
+    The point is throughput: on a GPU one forward over ``T x N`` images costs far less than ``T``
+    forwards over ``N``.
+
+    Args:
+        chains: ``hookchains.attach(model, tasks=T)``.
+        tasks: ``T`` image tensors, each ``N x C x H x W`` (the same ``N`` for all).
+        config, **options: as for :func:`fit` (shared by all tasks).
+
+    Example:
+        >>> chains = hookchains.attach(model, tasks=3)
+        >>> subs = fit_tasks(chains, [images_a, images_b, images_c], steps=300)
+        >>> [s.counts()["filters_kept"] for s in subs]
+    """
+    if len(tasks) != chains.task_count or chains.tasks is None:
+        raise ValueError(f"these chains hold {chains.tasks or 1} task(s) but {len(tasks)} image sets were given: "
+                         f"attach with hookchains.attach(model, tasks={len(tasks)})")
+    if len({tuple(t.shape) for t in tasks}) != 1:
+        raise ValueError(f"every task needs images of the same shape and count, got {[tuple(t.shape) for t in tasks]}")
+    return _fit(chains, list(tasks), config, options)
+
+
+def _fit(chains: Chains, tasks: List[torch.Tensor], config: Optional[FitConfig], options: Dict) -> List[Subnetwork]:
+    for images in tasks:
+        validate_images(images)
     if not chains.attached:
         raise RuntimeError("these chains were detached; call hookchains.attach(model) again")
     cfg = dataclasses.replace(config or preset_for(chains.sites.adapter), **options)
     model = chains.model
-    device = next(model.parameters()).device
-    images = images.to(device)
+    images = torch.stack(tasks).to(_device_of(chains))
     torch.manual_seed(cfg.seed)
     flags, was_training = [p.requires_grad for p in model.parameters()], model.training
     model.eval().requires_grad_(False)
     torch.set_flush_denormal(True)  # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl
     try:
-        teacher = logits_of(chains, images, "off", cfg.batch_size)
-        history = _optimise(chains, images, F.log_softmax(teacher, -1), cfg)
-        student = logits_of(chains, images, "hard", cfg.batch_size)
+        teacher = _tasks_logits(chains, images, "off", cfg.batch_size)
+        tracks = _optimise(chains, images, F.log_softmax(teacher, -1), cfg)
+        student = _tasks_logits(chains, images, "hard", cfg.batch_size)
     finally:
         torch.set_flush_denormal(False)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    with torch.no_grad():
-        scores = {k: v.detach().cpu().clone() for k, v in chains.scores.items()}
-        gates = {k: v.detach().cpu().clone() for k, v in chains.gate_logits.items()}
-    result = Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
-                        fidelity(teacher, student), {**dataclasses.asdict(cfg), "steps_run": len(history["loss"])},
-                        history)
-    if any(math.isnan(v) for v in history["loss"]):
+    if any(math.isnan(v) for t in tracks for v in t.history["loss"]):
         raise FloatingPointError("the loss became NaN during fitting; lower lr or check the images")
-    return result
+    return [_result(chains, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]
+
+
+def _result(chains: Chains, task: int, track: _Track, teacher: torch.Tensor, student: torch.Tensor,
+            cfg: FitConfig) -> Subnetwork:
+    scores, gates = chains.task_state(task)
+    return Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
+                      fidelity(teacher.cpu(), student.cpu()),
+                      {**dataclasses.asdict(cfg), "steps_run": len(track.history["loss"])}, track.history)
