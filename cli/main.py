@@ -1,4 +1,4 @@
-"""``hookchains`` command: inspect, extract, demo, export, render, report.
+"""``hookchains`` command: inspect, extract, demo, sweep, export, render, report.
 
 Every command is a thin layer over the public API (``hookchains.adapters.discover``,
 ``hookchains.extract.extract``, ``hookchains.run``, ``hookchains.export``); errors that a user can fix
@@ -124,6 +124,60 @@ def _run_extraction(net, ref, task, out: Path, opts) -> None:
         click.echo(f"wrote {out} in {seconds:.0f} s")
     else:
         click.echo(str(out))
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="timm name, torchvision:NAME, module:factory or hookchains:mobilenet_v2")
+@click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file to load")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder-style folder: one sub-folder per class")
+@click.option("--tasks", "n_tasks", type=int, default=10, show_default=True, help="tasks to run (all when fewer exist)")
+@click.option("--classes-per-task", type=int, default=2, show_default=True, help="2: pairs (paper); more: multi-class (A.2)")
+@click.option("--one-vs-rest", is_flag=True, help="tasks of one class against images of all others (A.2, Fig. 10)")
+@click.option("--classes", help="comma-separated class folders to draw tasks from [all]")
+@click.option("--per-class", default=10, show_default=True, type=int, help="fitting images per class")
+@click.option("--held-out", default=10, show_default=True, type=int,
+              help="further images per class to test generalisation (A.3); 0 skips")
+@click.option("--batch-tasks", default=1, show_default=True, type=int, help="tasks fitted together in one forward pass")
+@click.option("--no-faithfulness", is_flag=True, help="skip removing each kept filter (Fig. 2, 11)")
+@click.option("--no-baselines", is_flag=True, help="skip magnitude and random pruning (Fig. 3)")
+@click.option("--baseline-steps", default=100, show_default=True, type=int, help="fine-tuning steps of the baselines' scores")
+@click.option("--allocation", type=click.Choice(["matched", "proportional"]), default="matched", show_default=True,
+              help="baseline budget per layer: as the sub-network's, or the same total spread by layer width")
+@click.option("--robustness", is_flag=True, help="also run FGSM and PGD attacks (Fig. 12)")
+@click.option("--eps", type=float, default=0.1, show_default=True,
+              help="attack radius in the model's normalised input units (pixel radius / normalisation std)")
+@click.option("--pgd-steps", default=10, show_default=True, type=int)
+@click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="sweep folder: results.jsonl, tasks/, plots/, report.html (a rerun resumes it)")
+@fit_options(outputs=False)
+@run_error
+def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
+          held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, allocation, robustness, eps,
+          pgd_steps, skip_bad_images, out_dir, **opts) -> None:
+    """Extract and evaluate a sub-network for each of many tasks (the paper's case studies).
+
+    One JSON line per task goes to OUT/results.jsonl as soon as the task is done; rerunning the
+    same command resumes. Under `torchrun --nproc-per-node=K` the tasks are shared across the
+    processes (GPUs when present). Ends with OUT/report.html and the plots in OUT/plots/.
+    """
+    from hookchains.evaluate import EvalOptions
+    from hookchains.sweep import SweepConfig, run_sweep
+    fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed") if opts[k] is not None}
+    evaluation = EvalOptions(faithfulness=not no_faithfulness, baselines=not no_baselines, baseline_steps=baseline_steps,
+                             allocation=allocation, robustness=robustness, eps=eps, pgd_steps=pgd_steps, seed=opts["seed"])
+    names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    config = SweepConfig(model_spec, data_dir, n_tasks, classes_per_task, one_vs_rest, names, per_class, held_out,
+                         opts["image_size"], opts["seed"], pretrained, checkpoint, fit, opts["tau"], opts["temperature"],
+                         evaluation, batch_tasks, skip_bad_images)
+    records = run_sweep(config, out_dir, device=opts["device"], progress=not opts["quiet"],
+                        log=None if opts["quiet"] else click.echo)
+    if records and not opts["quiet"]:
+        from hookchains.cli.tables import sweep_headline
+        click.echo(sweep_headline(records))
+    if records:
+        click.echo(str(Path(out_dir) / "report.html"))
 
 
 @main.command()

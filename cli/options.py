@@ -15,12 +15,13 @@ from hookchains.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.demo for why
 
 
-def fit_options(func: Callable = None, *, demo: bool = False):
-    """Decorate a command with the method's options (``--steps``, ``--lam``, ... ``--quiet``)."""
+def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = True):
+    """Decorate a command with the method's options (``--steps``, ``--lam``, ... ``--quiet``) and,
+    with ``outputs``, those of a run folder (``--format``, ``--no-graph``, ``--overwrite``, ``--json``)."""
     if func is None:
-        return lambda f: fit_options(f, demo=demo)
+        return lambda f: fit_options(f, demo=demo, outputs=outputs)
     d = DEMO_DEFAULTS if demo else {}
-    opts = [
+    method = [
         click.option("--steps", type=int, default=d.get("steps"), help="max optimisation steps [paper: 300]"),
         click.option("--lr", type=float, default=d.get("lr"), help="Adam learning rate [paper: 0.005]"),
         click.option("--lam", type=float, help="L1 weight on filter/token scores [family preset; paper: 0.005]"),
@@ -33,15 +34,17 @@ def fit_options(func: Callable = None, *, demo: bool = False):
         click.option("--image-size", type=int, default=d.get("image_size"), help="input resolution [model default]"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bars; print only the result's location"),
+    ]
+    run_folder = [
         click.option("--format", type=click.Choice(["pdf", "svg", "png", "dot"]), default="pdf", show_default=True,
                      help="graph format"),
         click.option("--no-graph", is_flag=True, help="skip the graph"),
         click.option("--no-report", is_flag=True, help="skip the HTML report"),
         click.option("--overwrite", is_flag=True, help="replace an existing run folder"),
         click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary"),
-        click.option("--quiet", "-q", is_flag=True, help="no progress bars; print only the run folder"),
     ]
-    for option in reversed(opts):
+    for option in reversed(method + (run_folder if outputs else [])):
         func = option(func)
     return func
 

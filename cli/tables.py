@@ -1,4 +1,4 @@
-"""Plain-text tables for ``hookchains inspect``."""
+"""Plain-text tables for ``hookchains inspect`` and ``hookchains sweep``."""
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -26,4 +26,31 @@ def site_table(sites: SiteMap, title: str, extra: Optional[Mapping[str, int]] = 
         lines.append(f"{t.label:<22} {'tokens':<9} {t.tokens:>8}  {'':<10} {t.name} ({t.prefix_tokens} never pruned)")
     totals = {**sites.totals(), **(extra or {})}
     lines.append("totals: " + ", ".join(f"{_LABELS.get(k, k.replace('_', ' '))} {v:,}" for k, v in totals.items()))
+    return "\n".join(lines)
+
+
+def sweep_headline(records) -> str:
+    """The sweep's headline figures as a few lines, next to the paper's (``hookchains sweep``).
+
+    Example: ``sweep_headline(records)`` starts with ``45 tasks; filters kept 31.2 ± 8.0 (9.75 %)``."""
+    from hookchains.sweep_report import headline
+    h = headline(records)
+    lines = [f"{h['tasks']} tasks"]
+    if "size" in h:
+        s = h["size"]
+        lines[0] += (f"; filters kept {s['filters_kept_mean']:.1f} ± {s['filters_kept_std']:.1f} "
+                     f"({s['filters_kept_percent']:.2f} % of {s['filters_total']:.0f})")
+    if "fidelity" in h:
+        f = h["fidelity"]
+        shares = [f"NeuroChains {100 * f['kl_le_0.8']:.1f} %"]
+        shares += [f"{name} {100 * b['kl_le_0.8']:.1f} %" for name, b in h.get("baselines", {}).items()]
+        lines.append(f"KL <= 0.8: {', '.join(shares)} (paper, VGG-19: 54.3 %, 38.8 %, 21.1 %); mean KL {f['kl_mean']:.3f}")
+    if "faithfulness" in h:
+        r = h["faithfulness"]
+        lines.append(f"faithfulness: Spearman(score, degradation) median {r['spearman_median']:.2f}, "
+                     f"positive in {100 * r['spearman_positive']:.0f} % of tasks")
+    if "held_out" in h:
+        g = h["held_out"]
+        lines.append(f"held-out accuracy: original {100 * g['accuracy_original']:.1f} %, "
+                     f"sub-network {100 * g['accuracy_subnetwork']:.1f} %")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode
 
 from hookchains.models import Preprocess
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "augmented_views", "load_image_folder", "validate_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "augmented_views", "class_folders", "load_image_folder", "validate_images"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 """File suffixes read as images (compared case-insensitively)."""
@@ -128,7 +128,7 @@ def load_image_folder(
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
     root = Path(root)
-    class_names = _resolve_classes(root, classes)
+    class_names = class_folders(root, classes)
     skipped: list[str] = []
     images, raw, labels, paths = [], [], [], []
     for label, name in enumerate(class_names):
@@ -141,8 +141,10 @@ def load_image_folder(
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names, paths, raw, skipped)
 
 
-def _resolve_classes(root: Path, classes: Sequence[str] | None) -> list[str]:
-    """The class sub-folders to read: all of them (sorted) or the requested ones, checked to exist."""
+def class_folders(root: str | Path, classes: Sequence[str] | None = None) -> list[str]:
+    """The class sub-folders of ``root`` to read: all of them (sorted) or the requested ones, checked
+    to exist (an unknown name gets close matches and the classes found)."""
+    root = Path(root)
     if not root.is_dir():
         raise ValueError(
             f"image folder {root} does not exist or is not a folder: pass a folder with one sub-folder "
