@@ -33,7 +33,7 @@ def sweep_headline(records) -> str:
     """The sweep's headline figures as a few lines, next to the paper's (``hookchains sweep``).
 
     Example: ``sweep_headline(records)`` starts with ``45 tasks; filters kept 31.2 ± 8.0 (9.75 %)``."""
-    from hookchains.sweep_report import headline
+    from hookchains.sweep_report import PAPER, headline
     h = headline(records)
     lines = [f"{h['tasks']} tasks"]
     if "size" in h:
@@ -42,9 +42,11 @@ def sweep_headline(records) -> str:
                      f"({s['filters_kept_percent']:.2f} % of {s['filters_total']:.0f})")
     if "fidelity" in h:
         f = h["fidelity"]
-        shares = [f"NeuroChains {100 * f['kl_le_0.8']:.1f} %"]
-        shares += [f"{name} {100 * b['kl_le_0.8']:.1f} %" for name, b in h.get("baselines", {}).items()]
-        lines.append(f"KL <= 0.8: {', '.join(shares)} (paper, VGG-19: 54.3 %, 38.8 %, 21.1 %); mean KL {f['kl_mean']:.3f}")
+        ours = {"neurochains": f, **h.get("baselines", {})}
+        paper = PAPER["vgg19"]["kl_le_0.8"]
+        shares = [f"{name} {100 * ours[name]['kl_le_0.8']:.1f} % (paper, VGG-19: {100 * paper[name]:.1f} %)"
+                  for name in paper if name in ours]
+        lines.append(f"KL <= 0.8: {', '.join(shares)}; mean KL {f['kl_mean']:.3f}")
     if "faithfulness" in h:
         r = h["faithfulness"]
         lines.append(f"faithfulness: Spearman(score, degradation) median {r['spearman_median']:.2f}, "

@@ -1,0 +1,160 @@
+"""How fast is an extraction? Seconds per step and per extraction, FLOP/s, and the gain over a
+straightforward implementation, all measured in this one process.
+
+Compared, on the same model, images and number of steps:
+
+* **baseline** -- what a first implementation of section 3.2 does: the same score hooks and loss,
+  Adam on the scores, but the model's weights left trainable (autograd also computes every weight
+  gradient) and tasks run one after another;
+* **hookchains** -- :func:`hookchains.fit.fit`: weights frozen, teacher logits computed once;
+* **batched** -- :func:`hookchains.fit.fit_tasks` with ``--tasks T`` tasks in one forward pass
+  (on a GPU this is what keeps the device full).
+
+FLOP/s are counted with ``torch.utils.flop_counter`` for one step (forward + backward) and set
+against this machine's matrix-multiply peak, measured here with a large fp32 matmul. Timing
+figures are ratios against the baseline measured in the same run, so they are comparable across
+machines. Random weights: speed does not depend on them.
+
+Usage (repository root)::
+
+    python benchmarks/bench_extract.py --model resnet18 --images 20 --image-size 160 --steps 20
+    python benchmarks/bench_extract.py --model resnet50 --steps 300 --device cuda   # paper: ~55 s (RTX 6000)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import hookchains
+from hookchains.adapters import default_input_shape
+from hookchains.extract import resolve_device
+from hookchains.fit import fit_tasks
+from hookchains.models import create_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, work: Callable[[], object]) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an fp32 ``size x size`` matrix product on ``device`` (best of ``repeats``)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    best = min(_timed(device, lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def baseline_steps(model: torch.nn.Module, images: torch.Tensor, steps: int, lr: float = 0.005) -> None:
+    """A straightforward fit: hooks + KL + L1, Adam on the scores, weights left trainable."""
+    with hookchains.attach(model, example=images[:1]) as chains:
+        with torch.no_grad(), chains.using("off"):
+            teacher = F.log_softmax(model(images), -1)
+        optimiser = torch.optim.Adam(list(chains.parameters()), lr=lr)
+        with chains.using("soft"):
+            for _ in range(steps):
+                optimiser.zero_grad()
+                logq = F.log_softmax(model(images), -1)
+                loss = F.kl_div(logq, teacher, log_target=True, reduction="batchmean")
+                loss = loss + 0.005 * sum(s.abs().sum() for s in chains.scores.values())
+                loss.backward()
+                optimiser.step()
+
+
+def step_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs of one fit step (forward + backward through the frozen, hooked model)."""
+    with hookchains.attach(model, example=images[:1]) as chains:
+        model.requires_grad_(False)
+        counter = FlopCounterMode(display=False)
+        with counter, chains.using("ste"):
+            F.log_softmax(model(images), -1).sum().backward()
+        model.requires_grad_(True)
+    return counter.get_total_flops()
+
+
+def _task_images(model: torch.nn.Module, args: argparse.Namespace, device) -> Tuple[torch.Tensor, ...]:
+    """The demo's real photos (embedded MobileNetV2) or seeded random batches shaped for ``model``."""
+    if args.model == "hookchains:mobilenet_v2":
+        from hookchains.demo import demo_task
+        images = demo_task(args.image_size)[2].images.to(device)
+        return tuple(images[:args.images] for _ in range(args.tasks))
+    generator, channels = torch.Generator().manual_seed(0), default_input_shape(model)[1]
+    return tuple(torch.randn(args.images, channels, args.image_size, args.image_size, generator=generator).to(device)
+                 for _ in range(args.tasks))
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="hookchains:mobilenet_v2",
+                        help="model spec; the default uses the demo's real weights and photos, others random images")
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=300, help="steps of an extraction (paper: 300)")
+    parser.add_argument("--timed-steps", type=int, default=10, help="steps timed per method for s/step")
+    parser.add_argument("--tasks", type=int, default=2, help="tasks in the batched run")
+    parser.add_argument("--lr", type=float, default=0.02, help="learning rate of the full extraction")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--project", action="store_true",
+                        help="report an extraction as s/step x --steps instead of running one (big models on CPU)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = create_model(args.model)[0].to(device).eval()
+    tasks = _task_images(model, args, device)
+    peak = matmul_peak(device)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"device {device}{threads}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"model {args.model}, {args.images} images at {args.image_size} px")
+    n, fixed = args.timed_steps, dict(steps=args.timed_steps, min_steps=args.timed_steps, progress=False)
+
+    def ours(**options):
+        with hookchains.attach(model, example=tasks[0][:1]) as chains:
+            return chains.fit(tasks[0], **options)
+
+    def batched() -> None:
+        with hookchains.attach(model, example=tasks[0][:1], tasks=len(tasks)) as chains:
+            fit_tasks(chains, tasks, **fixed)
+
+    ours(**fixed)  # warm-up (allocator, kernels)
+    base = _timed(device, lambda: baseline_steps(model, tasks[0], n)) / n
+    step = _timed(device, lambda: ours(**fixed)) / n
+    per_task = _timed(device, batched) / n / len(tasks)
+    flops = step_flops(model, tasks[0])
+    print(f"per step: baseline (weights trainable) {base:.3f} s, hookchains (weights frozen) {step:.3f} s "
+          f"-> {base / step:.2f}x; batched {len(tasks)} tasks {per_task:.3f} s per task -> "
+          f"{step / per_task:.2f}x throughput per task vs one at a time ({base / per_task:.2f}x vs the baseline)")
+    print(f"achieved {flops / step / 1e9:.1f} GFLOP/s ({flops / 1e9:.2f} GFLOP per step) = "
+          f"{100 * flops / step / peak:.1f} % of the matmul peak")
+    if args.project:
+        print(f"per extraction, projected at {args.steps} steps: hookchains {step * args.steps:.1f} s, "
+              f"baseline {base * args.steps:.1f} s -> {base / step:.2f}x")
+        return
+    begin = time.perf_counter()
+    sub = ours(steps=args.steps, lr=args.lr, progress=False)
+    full = time.perf_counter() - begin
+    print(f"per extraction: hookchains {full:.1f} s ({sub.config['steps_run']} steps, its stop rule; "
+          f"{sub.summary()}); baseline {base * args.steps:.1f} s ({args.steps} steps: the paper's stop rule "
+          f"|d loss| < 0.05 does not fire, DESIGN.md) -> {base * args.steps / full:.2f}x")
+
+if __name__ == "__main__":
+    main()
