@@ -98,6 +98,7 @@ class SweepConfig:
         for key in ("tasks", "batch_tasks"):
             data.pop(key)
         data["data"] = str(Path(self.data).resolve())
+        data["checkpoint"] = str(Path(self.checkpoint).resolve()) if self.checkpoint else None
         data["classes"] = list(self.classes) if self.classes else None
         return json.loads(json.dumps(data))
 

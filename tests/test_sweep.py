@@ -152,3 +152,19 @@ def test_torchrun_two_processes_share_the_tasks(digits_study, straight, tmp_path
     assert not list(out.glob("results.rank-*.jsonl"))         # merged into results.jsonl
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     assert (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("kind, extra, images, labels", [
+    ("one-vs-rest", ("--one-vs-rest",), 8, ["rest"]),
+    ("multi", ("--classes-per-task", "3"), 12, []),
+])
+def test_one_vs_rest_and_multi_class_sweeps(digits_study, tmp_path, kind, extra, images, labels):
+    out = tmp_path / "sweep"
+    _run(digits_study, out, "--tasks", "2", "--no-baselines", *extra)
+    records = read_results(out)
+    assert len(records) == 2 and {r["kind"] for r in records} == {kind}
+    assert all(r["images"] == images and r["fidelity"]["images"] == images for r in records)
+    saved = json.loads((out / "tasks" / records[0]["task"] / "subnetwork.json").read_text())
+    assert saved["task"]["classes"][len(records[0]["classes"]):] == labels
+    # ground-truth accuracy needs a label per model output: the 'rest' side has none
+    assert ("accuracy_original" in records[0]["held_out"]) == (kind == "multi")
