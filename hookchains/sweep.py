@@ -7,8 +7,8 @@ report (:mod:`hookchains.sweep_report`).
 
 It never loses or repeats work:
 
-* every line is appended by rewriting the file through a temporary file and a rename, so a sweep
-  killed at any instant leaves a file of whole lines;
+* every line is appended with one ``write`` + ``fsync`` once its task is done, so a sweep killed at
+  any instant leaves whole lines (a line torn by a crash inside the write is dropped on resume);
 * a rerun with the same settings skips the tasks already in the results (``--tasks`` may grow: the
   plan for a seed is one fixed order, so the first tasks stay the same); other settings are refused;
 * under ``torchrun --nproc-per-node=K [--nnodes ...]`` the tasks still to do are split across the
@@ -250,9 +250,27 @@ def _check_settings(out: Path, config: SweepConfig, model_ref: str) -> None:
 
 
 def append_record(path: Path, record: Dict[str, Any]) -> None:
-    """Append one JSON line to ``path`` atomically (rewrite via a temporary file and rename)."""
-    old = path.read_bytes() if path.exists() else b""
-    atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
+    """Append one JSON line to ``path`` with a single ``write`` and ``fsync``.
+
+    A line is either whole or, if the machine died inside the write, a torn tail without its
+    newline: that tail is cut off here before appending and ignored by :func:`read_results`, so the
+    file only ever holds whole records (rewriting the file per line would cost O(tasks^2) bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _cut_torn_tail(path)
+    with open(path, "ab") as fh:
+        fh.write((json.dumps(record, sort_keys=True) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate ``path`` after its last newline (drops a line whose write was interrupted)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def read_results(out: str | Path) -> List[Dict[str, Any]]:
@@ -267,7 +285,8 @@ def read_results(out: str | Path) -> List[Dict[str, Any]]:
     for path in [out / RESULTS, *sorted(out.glob("results.rank-*.jsonl"))]:
         if not path.exists():
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        whole = path.read_text().split("\n")[:-1]  # the part after the last newline is empty or torn
+        for number, line in enumerate(whole, 1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

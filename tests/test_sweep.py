@@ -18,7 +18,7 @@ import torch
 
 from hookchains.data import class_folders
 from hookchains.models import create_model, preprocessing
-from hookchains.sweep import read_results
+from hookchains.sweep import append_record, read_results
 from hookchains.tasks import REST, SweepTask, load_task, plan_tasks
 
 from benchmarks.digits import build, train, write_images  # on the path: pytest's pythonpath = ["."]
@@ -112,7 +112,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_a_task(digits_study, s
     finally:
         child.kill()
         child.wait()
-    before = (out / "results.jsonl").read_text().splitlines()
+    before = (out / "results.jsonl").read_text().split("\n")[:-1]   # whole lines (a torn tail is dropped)
     assert 1 <= len(before) < 4 and all(json.loads(line) for line in before)
     assert not (out / "report.html").exists()
     _run(digits_study, out)
@@ -168,3 +168,16 @@ def test_one_vs_rest_and_multi_class_sweeps(digits_study, tmp_path, kind, extra,
     assert saved["task"]["classes"][len(records[0]["classes"]):] == labels
     # ground-truth accuracy needs a label per model output: the 'rest' side has none
     assert ("accuracy_original" in records[0]["held_out"]) == (kind == "multi")
+
+
+def test_a_line_torn_by_a_crash_is_ignored_and_cut_before_the_next_append(tmp_path):
+    results = tmp_path / "results.jsonl"
+    append_record(results, {"task": "00000", "index": 0})
+    with open(results, "ab") as fh:                        # what a crash inside write() would leave
+        fh.write(b'{"task": "00001", "ind')
+    assert [r["task"] for r in read_results(tmp_path)] == ["00000"]
+    append_record(results, {"task": "00002", "index": 2})
+    assert results.read_text().splitlines() == ['{"index": 0, "task": "00000"}', '{"index": 2, "task": "00002"}']
+    (tmp_path / "results.rank-1.jsonl").write_text('{"index": 0, "task": "00000", "rank": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="results.rank-1.jsonl line 2 is not JSON"):
+        read_results(tmp_path)
