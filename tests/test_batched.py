@@ -65,3 +65,25 @@ def test_batched_fit_rejects_mismatched_tasks(digits_net, tasks):
             chains.fit(tasks[0], steps=1, progress=False)
         with pytest.raises(ValueError, match="cannot be split into 2 tasks"):
             logits_of(chains, tasks[0][:3], "hard")
+
+
+class _ViewNet(torch.nn.Module):
+    """Flattens a featuremap with ``.view``, which a channels-last activation cannot do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_fit_falls_back_to_the_usual_layout_when_the_model_needs_it(tasks):
+    torch.manual_seed(0)
+    net, images = _ViewNet().eval(), tasks[0].repeat(1, 3, 1, 1)
+    with pytest.raises(RuntimeError, match="view"):
+        net(images.contiguous(memory_format=torch.channels_last))
+    with hookchains.attach(net, example=images[:1]) as chains:
+        sub = chains.fit(images, steps=5, progress=False)
+    assert sub.config["steps_run"] == 5 and sub.fidelity["images"] == 20
