@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from hookchains.io import atomic_write_bytes, write_tensors
@@ -110,6 +109,7 @@ def build(num_classes: int = 10) -> DigitsCNN:
 @functools.lru_cache(maxsize=1)
 def _digits() -> Tuple[np.ndarray, np.ndarray]:
     """(images 1797x8x8 with values 0..16, labels) of scikit-learn's bundled digits."""
+    from sklearn.datasets import load_digits  # only the data needs scikit-learn, not the model factory
     data = load_digits()
     return data.images, data.target
 

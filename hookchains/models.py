@@ -244,7 +244,9 @@ def _import_user_module(spec: str, module_name: str) -> ModuleType:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name is None or not (module_name == err.name or module_name.startswith(err.name + ".")):
-            raise  # the user's module itself imports something missing: show that error as is
+            raise ValueError(  # the user's module itself imports something missing
+                f"model spec {spec!r}: importing {module_name!r} failed because it imports {err.name!r}, "
+                f"which is not installed: pip install the package that provides it") from None
         prefix = difflib.get_close_matches(module_name, ["timm", "torchvision", "hookchains"], n=1)
         hint = f" (did you mean '{prefix[0]}:{spec.partition(':')[2]}'?)" if prefix else ""
         raise ValueError(

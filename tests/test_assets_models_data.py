@@ -189,6 +189,9 @@ def test_module_factory_is_imported_from_the_working_directory(tmp_path: Path, m
         create_model("hc_user_nets:no_options", num_classes=3)
     with pytest.raises(ValueError, match=r"has no attribute 'biuld'.*close matches: build"):
         create_model("hc_user_nets:biuld")
+    (tmp_path / "hc_needs_more.py").write_text("import hc_not_installed_anywhere\n")
+    with pytest.raises(ValueError, match="imports 'hc_not_installed_anywhere', which is not installed"):
+        create_model("hc_needs_more:build")
 
 
 def _squeezenet_state(num_classes: int = 1000) -> dict[str, torch.Tensor]:
