@@ -215,12 +215,14 @@ class _Track:
     stable_for: int = 0
     last_kept: Optional[int] = None
     stopped: bool = False
+    layers: int = 0
 
     def record(self, cfg: FitConfig, kl: float, penalty: float, kept: Dict[str, int], key: int) -> None:
         """Log one step, adapt the KL weight, and decide whether this task has converged."""
         for name, value in (("loss", kl + penalty), ("kl", kl), ("filters", kept["filters"]),
                             ("gates", kept["gates"]), ("kl_weight", self.kl_weight)):
             self.history[name].append(value)
+        self.layers = kept["layers"]
         self.kl_weight = _next_kl_weight(self.kl_weight, kl, cfg)
         self.stable_for = self.stable_for + 1 if key == self.last_kept else 0
         self.last_kept = key
@@ -260,19 +262,19 @@ def _optimise(chains: Chains, images: torch.Tensor, teacher_logp: torch.Tensor, 
             for i, track in enumerate(tracks):
                 if not track.stopped:
                     track.record(cfg, kls[i], penalties[i], chains.kept_counts(i), keys[i])
-            bar.set_postfix(_progress(chains, tracks))
+            bar.set_postfix(_progress(tracks))
             if all(t.stopped for t in tracks):
                 break
     bar.close()
     return tracks
 
 
-def _progress(chains: Chains, tracks: List[_Track]) -> Dict[str, str]:
+def _progress(tracks: List[_Track]) -> Dict[str, str]:
     """Progress-bar figures: the task's own for one task, means and the number running for several."""
     means = {key: sum(t.history[key][-1] for t in tracks) / len(tracks) for key in ("loss", "kl", "filters")}
     figures = {"loss": f"{means['loss']:.3f}", "kl": f"{means['kl']:.3f}", "filters": f"{means['filters']:.0f}"}
     if len(tracks) == 1:
-        figures.update(layers=str(chains.kept_counts()["layers"]), gates=str(tracks[0].history["gates"][-1]))
+        figures.update(layers=str(tracks[0].layers), gates=str(tracks[0].history["gates"][-1]))
     else:
         figures["running"] = str(sum(not t.stopped for t in tracks))
     return figures

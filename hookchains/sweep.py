@@ -129,8 +129,11 @@ def run_sweep(config: SweepConfig, out: str | Path, *, device: Optional[str] = N
         done = {r["task"] for r in read_results(out)}
         _barrier(world)  # every process has read what is done before anyone appends
         mine = [t for t in plan if t.id not in done][rank::world]
-        sites = discover(model, example=torch.zeros(1, 3, *prep.input_size, device=dev))
-        study = _Study(config, model, sites, prep, classes, out, rank, world, dev, log)
+        example = torch.zeros(1, 3, *prep.input_size, device=dev)
+        sites = discover(model, example=example)
+        with torch.no_grad():
+            outputs = model(example).shape[-1]
+        study = _Study(config, model, sites, prep, classes, outputs, out, rank, world, dev, log)
         study.run(mine, progress)
         _barrier(world)
         return _finish(out, config, ref.spec, len(plan)) if rank == 0 else []
@@ -148,6 +151,7 @@ class _Study:
     sites: SiteMap
     prep: Any
     classes: List[str]
+    outputs: int
     out: Path
     rank: int
     world: int
@@ -196,10 +200,8 @@ class _Study:
     def _evaluate(self, task: SweepTask, data: TaskImages, sub: Subnetwork, fit_seconds: float) -> Dict[str, Any]:
         begin = time.perf_counter()
         with attach(self.model, sites=self.sites, tau=self.config.tau, temperature=self.config.temperature) as chains:
-            outputs = chains.model(data.images[:1].to(self.device)).shape[-1]
             record = evaluate(chains, sub, data, self.config.evaluation, seed_offset=task.index,
-                              output_index=class_indices(data.class_names, outputs) if not task.one_vs_rest
-                              else None)
+                              output_index=None if task.one_vs_rest else class_indices(data.class_names, self.outputs))
         sub.task = {"classes": data.class_names, "true_classes": data.true_classes}
         return {"task": task.id, "index": task.index, "classes": list(task.classes), "kind": task.kind,
                 "images": int(data.images.shape[0]), "held_out_images": int(data.held_images.shape[0]), **record,
