@@ -85,7 +85,7 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
     names = [c.strip() for c in classes.split(",") if c.strip()]
     task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
                              seed=opts["seed"], skip_bad_images=skip_bad_images)
-    out = Path(out_dir or Path("runs") / "-".join(n.replace(" ", "_") for n in names))
+    out = Path(out_dir or Path("runs") / "-".join(n.replace(" ", "_") for n in names)).absolute()
     _run_extraction(net, ref, task, out, opts)
 
 
@@ -100,7 +100,7 @@ def demo(out_dir, **opts) -> None:
     if not opts["quiet"]:
         click.echo(f"demo: MobileNetV2 (embedded ImageNet weights), 2 classes x 10 augmented views of one photo "
                    f"each, {opts['image_size']} px, up to {opts['steps']} steps", err=True)
-    _run_extraction(net, ref, task, Path(out_dir), opts)
+    _run_extraction(net, ref, task, Path(out_dir).absolute(), opts)
 
 
 def _run_extraction(net, ref, task, out: Path, opts) -> None:
@@ -187,11 +187,13 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
 @click.option("--out", "out_path", type=click.Path(), help="output file (default: RUN_DIR/pruned.<ext>)")
 @click.option("--unsafe-pickle", is_flag=True, help="allow --format pt (a pickled module; loading it runs code)")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @run_error
-def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint) -> None:
+def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint, overwrite) -> None:
     """Export the pruned module of RUN_DIR (safe default: base reference + sub-network, no pickle)."""
     from hookchains.export import export_run
-    click.echo(str(export_run(run_dir, fmt, out_path, unsafe_pickle=unsafe_pickle, checkpoint=checkpoint)))
+    click.echo(str(export_run(run_dir, fmt, out_path, unsafe_pickle=unsafe_pickle, checkpoint=checkpoint,
+                              overwrite=overwrite)))
 
 
 @main.command()
@@ -215,12 +217,16 @@ def render(run_dir, fmt, checkpoint) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
 @click.option("--figure", type=click.Path(dir_okay=False), help="also write the chains figure (.png or .pdf) for papers")
+@click.option("--overwrite", is_flag=True, help="replace an existing --figure file")
 @run_error
-def report(run_dir, checkpoint, figure) -> None:
+def report(run_dir, checkpoint, figure, overwrite) -> None:
     """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations;
     for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7)."""
+    from hookchains.io import check_new_file
     from hookchains.report import write_chains_figure, write_report
     from hookchains.run import load_run
+    if figure:
+        check_new_file(figure, overwrite, "--figure")
     run = load_run(run_dir)
     model = run.base_model(checkpoint)
     click.echo(str(write_report(run_dir, run.sub, model, run.task)))

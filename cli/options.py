@@ -41,7 +41,7 @@ def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = Tr
                      help="graph format"),
         click.option("--no-graph", is_flag=True, help="skip the graph"),
         click.option("--no-report", is_flag=True, help="skip the HTML report"),
-        click.option("--overwrite", is_flag=True, help="replace an existing run folder"),
+        click.option("--overwrite", is_flag=True, help="replace an earlier run folder (only one hookchains wrote; replaced once the new run is complete)"),
         click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary"),
     ]
     for option in reversed(method + (run_folder if outputs else [])):

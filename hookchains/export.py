@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from hookchains.io import atomic_write_bytes
+from hookchains.io import atomic_write_bytes, check_new_file
 from hookchains.run import load, load_run
 
 __all__ = ["export_run", "FORMATS"]
@@ -27,8 +27,11 @@ FORMATS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onn
 
 
 def export_run(run_dir, fmt: str = "safetensors", out: Optional[str] = None, *, unsafe_pickle: bool = False,
-               checkpoint: Optional[str] = None) -> Path:
+               checkpoint: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write the pruned module of ``run_dir`` as ``fmt``; returns the file written.
+
+    The default target inside the run folder is replaced freely; an ``out`` that exists elsewhere is
+    written over only with ``overwrite`` (``FileExistsError`` otherwise).
 
     Example:
         >>> export_run("runs/demo", "torchscript")
@@ -43,7 +46,7 @@ def export_run(run_dir, fmt: str = "safetensors", out: Optional[str] = None, *, 
     if load_run(run_dir).is_token_run:
         raise ValueError(f"{run_dir} is a token run (ViT): its module is the base model plus per-image token masks, "
                          "with no weights of its own to export; rebuild it with hookchains.load(RUN_DIR)")
-    target = Path(out) if out else run_dir / f"pruned{FORMATS[fmt]}"
+    target = check_new_file(out, overwrite) if out else run_dir / f"pruned{FORMATS[fmt]}"
     module = load(run_dir, checkpoint)  # verifies every file and the rebuilt weights
     if fmt == "safetensors":
         if target.resolve() != (run_dir / "pruned.safetensors").resolve():

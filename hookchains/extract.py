@@ -15,7 +15,6 @@ everything else (an average-pooled ViT included: a pruned token would still reac
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +27,7 @@ from hookchains.data import ImageSet
 from hookchains.fit import FitConfig, preset_for
 from hookchains.heatmap import eval_mode
 from hookchains.models import ModelRef
-from hookchains.run import Result, finish_run_dir, prepare_run_dir, save_run
+from hookchains.run import Result, discard_staging, finish_run_dir, prepare_run_dir, save_run
 from hookchains.subnetwork import Subnetwork
 from hookchains.tokens import TOKEN_DEFAULTS, TokenSubnetwork, check_token_model, fit_tokens, is_token_model
 
@@ -149,7 +148,7 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
             from hookchains.report import write_report
             write_report(staging, sub, model, task)
     except BaseException:  # an error or Ctrl-C: leave no half-written folder behind
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     finish_run_dir(staging, Path(out))
     return sub

@@ -11,11 +11,32 @@ from typing import Any, Dict, Union
 import torch
 from safetensors.torch import load_file, save
 
-__all__ = ["atomic_write_bytes", "write_json", "read_json", "write_tensors", "read_tensors"]
+__all__ = ["check_new_file", "atomic_write_bytes", "write_json", "read_json", "write_tensors", "read_tensors"]
 
 PathLike = Union[str, os.PathLike]
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def check_new_file(path: PathLike, overwrite: bool, option: str = "--out") -> Path:
+    """Refuse to write ``path`` over an existing file unless ``overwrite`` (or over a folder at all).
+
+    Raises:
+        FileExistsError: ``path`` is a folder, or an existing file and ``overwrite`` is false.
+
+    Example:
+        >>> import tempfile
+        >>> check_new_file(tempfile.mkstemp()[1], overwrite=False)
+        Traceback (most recent call last):
+        ...
+        FileExistsError: ... already exists; choose another --out or pass --overwrite to replace it
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{path} is a folder; give a file name to {option}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another {option} or pass --overwrite to replace it")
+    return path
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

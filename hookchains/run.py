@@ -15,8 +15,10 @@ A token run (a ViT with per-image token scores, :mod:`hookchains.tokens`) has ``
 ``token_logits.safetensors`` (the token-dropping module's logits on the task images, compared on load)
 instead of ``pruned.safetensors``: that module borrows the base model's weights, so it has none of its own.
 
-The folder is assembled in ``RUN_DIR.partial`` and renamed into place at the end, so an interrupted
-run leaves no half-written ``RUN_DIR``; the next run starts clean.
+The folder is assembled in ``.RUN_DIR.partial`` beside it and renamed into place at the end, so an
+interrupted run leaves no half-written ``RUN_DIR``; the next run starts clean. ``manifest.json`` says
+``"kind": "hookchains-run"``: ``--overwrite`` replaces only a folder whose manifest says so, and only
+once the new run is complete.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from hookchains.models import ModelRef
 from hookchains.subnetwork import Subnetwork
 from hookchains.tokens import TOKEN_FILES, TokenSubnetwork
 
-__all__ = ["RunFolder", "save_run", "load_run", "load", "prepare_run_dir", "finish_run_dir"]
+__all__ = ["RunFolder", "save_run", "load_run", "load", "is_run_folder", "prepare_run_dir", "discard_staging",
+           "finish_run_dir", "RUN_KIND"]
 
 TOKEN_LOGITS = "token_logits.safetensors"
 _CHECKED = ("subnetwork.json", "scores.safetensors", *TOKEN_FILES, "model.json", "task.safetensors",
@@ -86,23 +89,97 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+RUN_KIND = "hookchains-run"  # manifest.json's "kind": what lets --overwrite replace a folder
+_STAGING_MARK = ".hookchains-staging"  # inside a staging folder: only such a folder is ever removed
+
+
+def is_run_folder(path) -> bool:
+    """Whether ``path`` is a folder that hookchains wrote as a run (its manifest says so).
+
+    Only such a folder may be replaced by ``--overwrite``; anything else (a dataset, notes, the
+    current directory) is refused, whatever it contains.
+
+    Example:
+        >>> import tempfile
+        >>> is_run_folder(tempfile.mkdtemp())
+        False
+    """
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == RUN_KIND
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    return out.parent / f".{out.name}.{suffix}"
+
+
+def _remove_own_staging(staging: Path) -> None:
+    """Remove a staging folder left by an interrupted run; refuse a folder hookchains did not make."""
+    if not staging.exists():
+        return
+    if not (staging / _STAGING_MARK).is_file():
+        raise FileExistsError(f"{staging} exists and was not made by hookchains; move it away or choose another --out")
+    shutil.rmtree(staging)
+
+
 def prepare_run_dir(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` may be written and return a clean staging folder beside it."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a run interrupted earlier: start clean
+    """Check ``out`` may be written and return a clean staging folder beside it.
+
+    ``out`` must not exist, or (with ``overwrite``) be an earlier run (:func:`is_run_folder`); the old
+    run stays in place until :func:`finish_run_dir` swaps the finished new one in.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is false, or it is not a hookchains run,
+            or it is a file.
+
+    Example:
+        >>> import tempfile
+        >>> prepare_run_dir(Path(tempfile.mkdtemp()), overwrite=True)
+        Traceback (most recent call last):
+        ...
+        FileExistsError: ... is not a hookchains run (no run manifest): --overwrite replaces only an earlier run; choose another --out
+    """
+    out = Path(out).absolute()
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        if not is_run_folder(out):
+            raise FileExistsError(f"{out} is not a hookchains run (no run manifest): --overwrite replaces only an "
+                                  "earlier run; choose another --out")
+    staging = _sibling(out, "partial")
+    _remove_own_staging(staging)  # a run interrupted earlier: start clean
     staging.mkdir(parents=True)
+    (staging / _STAGING_MARK).touch()
     return staging
 
 
+def discard_staging(staging: Path) -> None:
+    """Remove a staging folder made by :func:`prepare_run_dir` (after an error or Ctrl-C)."""
+    if (Path(staging) / _STAGING_MARK).is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def finish_run_dir(staging: Path, out: Path) -> Path:
-    """Atomically move the finished staging folder to ``out`` (replacing an old one)."""
-    out = Path(out)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Move the finished staging folder to ``out``; an earlier run there is replaced only now.
+
+    Raises:
+        FileExistsError: ``out`` appeared meanwhile and is not a hookchains run.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not is_run_folder(out):
+        raise FileExistsError(f"{out} is not a hookchains run (no run manifest); the new run stays in {staging}")
+    (staging / _STAGING_MARK).unlink()
+    old = _sibling(out, "old")
     if out.exists():
+        if is_run_folder(old):  # left by a crash between the two renames below
+            shutil.rmtree(old)
         out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
@@ -131,7 +208,8 @@ def save_run(folder: Path, sub: Result, model_ref: ModelRef, task: ImageSet,
     if logits is not None:
         write_tensors(folder / TOKEN_LOGITS, {"logits": logits})
     atomic_write_bytes(folder / "summary.txt", (sub.summary() + "\n").encode())
-    write_json(folder / "manifest.json", {n: _sha256(folder / n) for n in _CHECKED if (folder / n).exists()})
+    write_json(folder / "manifest.json", {"kind": RUN_KIND, "version": 1,
+                                          "files": {n: _sha256(folder / n) for n in _CHECKED if (folder / n).exists()}})
     return folder
 
 
@@ -139,7 +217,10 @@ def _verify(folder: Path) -> None:
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"{folder} is not a hookchains run folder (no manifest.json); "
                                 "make one with `hookchains extract`")
-    for name, digest in read_json(folder / "manifest.json").items():
+    manifest = read_json(folder / "manifest.json")
+    if not is_run_folder(folder):
+        raise ValueError(f"{folder}/manifest.json is not a hookchains run manifest; re-run the extraction")
+    for name, digest in manifest["files"].items():
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing from the run folder; re-run the extraction")

@@ -236,9 +236,13 @@ def _barrier(world: int) -> None:
 
 
 def _check_settings(out: Path, config: SweepConfig, model_ref: str) -> None:
-    """Write ``sweep.json`` for a new sweep; refuse to continue one made with other settings."""
+    """Write ``sweep.json`` for a new sweep; refuse to continue one made with other settings, and refuse
+    a folder that holds anything but a sweep (a sweep never writes among the user's files)."""
     settings = {"settings": config.settings(), "model_ref": json.loads(model_ref)}
     path = out / _SETTINGS
+    if not path.exists() and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not a sweep folder (no {_SETTINGS}); a sweep writes only into "
+                              "a new or empty folder: choose another --out")
     if path.exists():
         saved = read_json(path)
         if saved != settings:

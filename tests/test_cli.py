@@ -13,7 +13,7 @@ from PIL import Image
 import hookchains
 from hookchains.assets import demo_photos
 from hookchains.cli.main import main
-from hookchains.run import load, load_run
+from hookchains.run import discard_staging, is_run_folder, load, load_run, prepare_run_dir
 
 FAST = ["--steps", "3", "--image-size", "64", "--no-graph", "--no-report", "--quiet"]
 
@@ -68,7 +68,7 @@ def test_extract_writes_a_complete_run_folder(run_dir):
     names = {p.name for p in run_dir.iterdir()}
     assert {"subnetwork.json", "scores.safetensors", "model.json", "task.safetensors", "pruned.safetensors",
             "manifest.json", "summary.txt"} <= names
-    assert not run_dir.with_name(run_dir.name + ".partial").exists()
+    assert not (run_dir.parent / f".{run_dir.name}.partial").exists() and is_run_folder(run_dir)
     summary = (run_dir / "summary.txt").read_text()
     assert summary.startswith("retains ") and "/17056 filters" in summary and "top-1 agreement" in summary
     run = load_run(run_dir)
@@ -128,18 +128,89 @@ def test_bad_data_is_one_clear_line_and_writes_nothing(photo_folder, tmp_path, c
                                        "--classes", classes, "--per-class", str(per_class), "--out", str(out), *FAST])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
-    assert not out.exists() and not out.with_name("out.partial").exists()
+    assert not out.exists() and not (out.parent / ".out.partial").exists()
 
 
 def test_interrupted_run_leaves_nothing_and_the_rerun_starts_clean(photo_folder, tmp_path):
     out = tmp_path / "run"
-    stale = tmp_path / "run.partial"
-    stale.mkdir()
-    (stale / "scores.safetensors").write_bytes(b"half a file")  # what a killed run leaves behind
+    stale = prepare_run_dir(out, overwrite=False)  # what a killed run leaves behind
+    (stale / "scores.safetensors").write_bytes(b"half a file")
     assert not out.exists()
     result = _extract(photo_folder, out)
     assert result.exit_code == 0, result.output
     assert not stale.exists() and load_run(out).sub.counts()["filters_total"] == 17056
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("victim", ["dataset", "notes", "cwd"])
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(photo_folder, tmp_path, monkeypatch, victim):
+    data = tmp_path / "photos"
+    shutil.copytree(photo_folder, data)
+    target = {"dataset": data, "notes": tmp_path / "notes", "cwd": Path(".")}[victim]
+    if victim == "notes":
+        target.mkdir()
+        (target / "todo.txt").write_text("my notes")
+    if victim == "cwd":
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "readme.txt").write_text("mine")
+    folder = target.absolute()
+    before = _tree(folder)
+    result = CliRunner().invoke(main, ["extract", "--model", "hookchains:mobilenet_v2", "--data", str(data),
+                                       "--classes", "cat,espresso", "--per-class", "2", "--out", str(target),
+                                       "--overwrite", *FAST])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "is not a hookchains run" in result.output
+    assert "PosixPath" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert _tree(folder) == before
+
+
+def test_overwrite_replaces_an_earlier_run_only_once_the_new_one_is_complete(photo_folder, run_dir, tmp_path):
+    earlier = tmp_path / "earlier"
+    shutil.copytree(run_dir, earlier)
+    before = _tree(earlier)
+    staging = prepare_run_dir(earlier, overwrite=True)  # a new run has started...
+    assert _tree(earlier) == before                      # ...and the earlier one is still whole
+    discard_staging(staging)                             # the new run failed: nothing changed
+    assert _tree(earlier) == before and not staging.exists()
+    result = _extract(photo_folder, earlier, "--overwrite", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert is_run_folder(earlier) and load_run(earlier).sub.config["seed"] == 1
+
+
+def test_a_user_folder_in_the_staging_place_is_never_removed(photo_folder, tmp_path):
+    out = tmp_path / "run"
+    mine = tmp_path / ".run.partial"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    result = _extract(photo_folder, out)
+    assert result.exit_code == 1 and "was not made by hookchains" in result.output
+    assert (mine / "keep.txt").read_text() == "mine" and not out.exists()
+
+
+def test_export_and_figure_never_replace_a_file_unasked(run_dir, tmp_path):
+    precious = tmp_path / "thesis.pdf"
+    precious.write_bytes(b"my thesis")
+    for args in (["export", run_dir, "--out", precious], ["report", run_dir, "--figure", precious]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
+        assert precious.read_bytes() == b"my thesis"
+    replaced = _invoke("export", run_dir, "--out", precious, "--overwrite")
+    assert replaced.exit_code == 0 and precious.read_bytes() == (run_dir / "pruned.safetensors").read_bytes()
+
+
+def test_sweep_refuses_a_folder_that_is_not_a_sweep(photo_folder, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.html").write_text("my page")
+    result = CliRunner().invoke(main, ["sweep", "--model", "hookchains:mobilenet_v2", "--data", str(photo_folder),
+                                       "--classes", "cat,espresso", "--per-class", "1", "--held-out", "0",
+                                       "--tasks", "1", "--out", str(notes), "--steps", "2", "--image-size", "64",
+                                       "--quiet"])
+    assert result.exit_code == 1 and "is not a sweep folder" in result.output
+    assert _tree(notes) == {"report.html": b"my page"}
 
 
 def test_corrupt_image_is_named_and_can_be_skipped(photo_folder, tmp_path):

@@ -80,8 +80,8 @@ def test_extract_writes_a_token_run_folder(run_dir):
     files = {p.name for p in run_dir.iterdir()}
     token_files = {"tokens.json", "token_scores.safetensors", "model.json", "task.safetensors", TOKEN_LOGITS}
     assert token_files | {"manifest.json", "summary.txt", "report.html"} == files
-    assert set(read_json(run_dir / "manifest.json")) == token_files
-    assert not run_dir.with_name(run_dir.name + ".partial").exists()
+    assert set(read_json(run_dir / "manifest.json")["files"]) == token_files
+    assert not (run_dir.parent / f".{run_dir.name}.partial").exists()
     summary = (run_dir / "summary.txt").read_text()
     assert re.fullmatch(r"keeps \d+/2364 token slots per image .*; top-1 agreement \d/6; KL \d+\.\d+; .*\n", summary)
     run = load_run(run_dir)
@@ -116,7 +116,8 @@ def test_load_refuses_logits_from_another_model(run_dir, tmp_path):
         (copy / path.name).write_bytes(path.read_bytes())
     write_tensors(copy / TOKEN_LOGITS, {"logits": torch.zeros(2 * VIEWS, 1000)})  # as if from another model
     digest = hashlib.sha256((copy / TOKEN_LOGITS).read_bytes()).hexdigest()
-    write_json(copy / "manifest.json", {**read_json(copy / "manifest.json"), TOKEN_LOGITS: digest})
+    manifest = read_json(copy / "manifest.json")
+    write_json(copy / "manifest.json", {**manifest, "files": {**manifest["files"], TOKEN_LOGITS: digest}})
     with pytest.raises(ValueError, match="differs from token_logits.safetensors"):
         hookchains.load(copy)
     (copy / "tokens.json").write_text((copy / "tokens.json").read_text().replace('"tau": 0.1', '"tau": 0.2'))
