@@ -34,7 +34,7 @@ from hookchains.sandbox import sandbox
 from hookchains.sites import FilterSite
 from hookchains.subnetwork import Subnetwork
 
-__all__ = ["featuremap_norms", "baseline", "KINDS", "ALLOCATIONS"]
+__all__ = ["featuremap_norms", "proportional_counts", "baseline", "KINDS", "ALLOCATIONS"]
 
 KINDS = ("magnitude", "random")
 ALLOCATIONS = ("proportional", "matched")
@@ -71,8 +71,19 @@ def featuremap_norms(chains: Chains, images: torch.Tensor) -> Dict[FilterSite, t
     return {site: total.cpu() / images.shape[0] for site, total in totals.items()}
 
 
-def _proportional_counts(widths: List[int], budget: int) -> List[int]:
-    """Largest-remainder split of ``budget`` in proportion to ``widths``, at least 1, at most the width."""
+def proportional_counts(widths: List[int], budget: int) -> List[int]:
+    """Split ``budget`` filters over layers of ``widths`` channels in proportion to the widths (the
+    paper's "180 in total" spread by layer), at least 1 and at most the width per layer, by largest
+    remainder (Hamilton's method): the counts sum to ``budget`` and, unless clamped to ``[1, width]``,
+    each is its quota ``budget * w / sum(widths)`` rounded up or down.
+
+    Raises:
+        ValueError: ``budget`` below one per layer or above every filter.
+
+    Example:
+        >>> proportional_counts([16, 16, 32, 32], 37)
+        [6, 6, 13, 12]
+    """
     if not len(widths) <= budget <= sum(widths):
         raise ValueError(f"budget must be between {len(widths)} (one filter per layer) and {sum(widths)} "
                          f"(every filter), got {budget}: pass a budget in that range (sweep: --baseline-budget) "
@@ -95,7 +106,7 @@ def _allocation(chains: Chains, sub: Subnetwork, allocation: str,
         kept = sub.kept_filters()
         return ({s.name: len(kept.get(s.name, [])) for s in chains.sites.filters},
                 {k: v.clone() for k, v in sub.gate_logits.items()})
-    counts = _proportional_counts([s.channels for s in chains.sites.filters], budget)
+    counts = proportional_counts([s.channels for s in chains.sites.filters], budget)
     open_gate = torch.tensor(GATE_BOUND * chains.temperature)
     return ({s.name: k for s, k in zip(chains.sites.filters, counts)},
             {g.name: open_gate.clone() for g in chains.sites.gates})
