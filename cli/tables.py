@@ -30,11 +30,11 @@ def site_table(sites: SiteMap, title: str, extra: Optional[Mapping[str, int]] = 
 
 
 def _share_line(name: str, shares: Mapping, paper: Mapping) -> str:
-    """``name`` per task and per image with KL <= 0.8; the paper's share only beside the per-image one."""
-    line = f"{name} {100 * shares['kl_le_0.8']:.1f} % of tasks"
+    """``name``'s shares of tasks and of images with KL <= 0.8; the paper's (per image) in brackets."""
+    line = f"{name} {100 * shares['kl_le_0.8']:.1f} %"
     if "per_image" in shares:
-        line += f" / {100 * shares['per_image']['kl_le_0.8']:.1f} % of images"
-        line += f" (paper, VGG-19: {100 * paper[name]:.1f} % of images)" if name in paper else ""
+        line += f" / {100 * shares['per_image']['kl_le_0.8']:.1f} %"
+        line += f" ({100 * paper[name]:.1f} %)" if name in paper else ""
     return line
 
 
@@ -80,8 +80,8 @@ def sweep_headline(records) -> str:
         f = h["fidelity"]
         ours = {"neurochains": f, **h.get("baselines", {})}
         paper = PAPER["vgg19"]["kl_le_0.8"]
-        lines.append(f"KL <= 0.8: {'; '.join(_share_line(name, ours[name], paper) for name in ours)}; "
-                     f"mean KL {f['kl_mean']:.3f}")
+        lines.append("KL <= 0.8, share of tasks / of images (paper, VGG-19, of images): "
+                     f"{'; '.join(_share_line(name, ours[name], paper) for name in ours)}; mean KL {f['kl_mean']:.3f}")
     for name, base in h.get("baselines", {}).items():
         if "allocation" in base:
             lines.append(f"{name} baseline: {base['filters_kept_mean']:.1f} filters, {'/'.join(base['allocation'])} "

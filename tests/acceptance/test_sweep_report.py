@@ -14,6 +14,7 @@ from typing import Dict, List
 import pytest
 from PIL import Image
 
+from hookchains.cli.tables import sweep_headline
 from hookchains.core.io import read_json
 from hookchains.viz.sweep_report import (
     PAPER,
@@ -137,6 +138,19 @@ def test_per_image_shares_conv_counts_bins_control_and_notes_match_a_hand_count(
     assert (control["tasks"], control["shared_mean"], control["real_filters_kept_mean"], control["kl_mean"]) == \
         (2, 4.0, 15.0, 0.05)
     assert len(h["notes"]) == 2 and "10 outputs" in h["notes"][0] and "25.6 %" in h["notes"][1]
+
+
+def test_cli_headline_prints_both_shares_the_protocol_accuracy_the_control_and_the_notes():
+    lines = sweep_headline(RECORDS).splitlines()
+    assert lines[0].endswith("; conv filters 23.0 of 90 in 2.0 of 5 conv layers")
+    assert lines[1] == ("KL <= 0.8, share of tasks / of images (paper, VGG-19, of images): neurochains 50.0 % / "
+                        "56.2 % (54.3 %); magnitude 66.7 % / 66.7 % (38.8 %); random 0.0 % / 0.0 % (21.1 %); mean KL 1.200")
+    assert "magnitude baseline: 30.0 filters, proportional allocation, gates open, 120 fine-tuning steps" in lines
+    assert "degradation per score interval (pooled, low -> high): 0.0100 -> 0.1000 -> 0.3000" in lines
+    assert ("robustness, original: accuracy clean 75 %, fgsm 50 %, pgd 0 %; attack success fgsm 33 %, pgd 100 %; "
+            "P(true class) clean 0.90, fgsm 0.40, pgd 0.10") in lines
+    assert any(line.startswith("random-weights control: 50.0 filters kept (real 15.0)") for line in lines)
+    assert sum(line.startswith("note: ") for line in lines) == 2
 
 
 def test_missing_evaluations_skip_their_plots_and_numbers(tmp_path):
