@@ -197,6 +197,7 @@ def test_evaluate_reports_per_image_kl_protocol_accuracy_and_a_random_weights_co
     assert len(fid["kls"]) == 20 and sum(fid["kls"]) / 20 == pytest.approx(fid["kl"], rel=1e-5) and fid["outputs"] == 10
     assert record["size"]["conv_filters_kept"] == record["size"]["filters_kept"]  # the digits net's sites are convs
     for kind, base in record["baselines"].items():
+        assert base["protocol"]["kind"] == kind
         assert base["protocol"]["allocation"] == "proportional" and base["protocol"]["gates"] == "open"
         assert base["protocol"]["steps"] == sub.config["steps_run"] and base["filters_kept"] == sub.counts()["filters_kept"]
         assert sum(base["kls"]) / 20 == pytest.approx(base["kl"], rel=1e-5)
