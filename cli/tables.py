@@ -98,5 +98,8 @@ def sweep_headline(records) -> str:
         lines.append(f"random-weights control: {c['filters_kept_mean']:.1f} filters kept (real {c['real_filters_kept_mean']:.1f}), "
                      f"KL {c['kl_mean']:.3f} (real {c['real_kl_mean']:.3f}), {c['shared_mean']:.1f} kept filters "
                      f"shared with the real sub-network ({c['shared_by_chance_mean']:.1f} by chance)")
+        if c.get("output_spread_mean") is not None and c.get("real_output_spread_mean") is not None:
+            lines[-1] += (f"; output spread {c['output_spread_mean']:.4f} (real {c['real_output_spread_mean']:.4f}, "
+                          "near 0: the model ignores its input)")
     lines += [f"note: {n}" for n in h.get("notes", [])]
     return "\n".join(lines)

@@ -4,7 +4,9 @@ An explanation that reflects what a network *learned* must change when the learn
 destroyed. :func:`random_weights_control` runs the same NeuroChains fit on a copy of the model whose
 weights are re-initialised and reports it beside the real sub-network: its size, its fidelity (to the
 randomised model's own outputs) and how many of its kept filters the real sub-network also keeps,
-against the overlap two random choices of the same per-layer sizes would have by chance.
+against the overlap two random choices of the same per-layer sizes would have by chance. A randomised
+network often ignores its input (its outputs barely vary over the images), and then an empty
+sub-network reproduces it: :func:`output_spread` of both models says whether that is the case.
 
 Re-initialisation: every module with a ``reset_parameters()`` method (conv, linear, norm layers; a
 norm layer's running statistics are reset too) draws fresh weights from its default initialiser; a
@@ -22,9 +24,10 @@ from torch import nn
 
 from hookchains.core.attach import attach, strip_hooks
 from hookchains.core.fit import FitConfig, fit
+from hookchains.core.metrics import kl_per_image
 from hookchains.core.subnetwork import Subnetwork
 
-__all__ = ["randomized_copy", "random_weights_control", "kept_overlap"]
+__all__ = ["randomized_copy", "random_weights_control", "kept_overlap", "output_spread"]
 
 
 @torch.no_grad()
@@ -74,8 +77,22 @@ def kept_overlap(real: Subnetwork, other: Subnetwork) -> Dict[str, float]:
             "real_kept_share": len(a & b) / len(a) if a else 0.0}
 
 
+def output_spread(logits: torch.Tensor) -> float:
+    """How much a model's output distribution varies over images: the mean ``KL(p_i ‖ p_mean)`` in nats,
+    ``p_i`` the softmax of ``logits[i]`` (shape ``(N, classes)``), ``p_mean`` their average; 0 when
+    the model gives every image the same output.
+
+    Example:
+        >>> output_spread(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        0.0
+    """
+    mean = torch.softmax(logits.float(), -1).mean(0, keepdim=True)
+    return float(kl_per_image(logits.float(), mean.log().expand_as(logits)).mean())
+
+
 def random_weights_control(model: nn.Module, images: torch.Tensor, sub: Subnetwork, *, seed: int = 0,
-                           score_max: Optional[float] = 1.0, **fit_options) -> Dict[str, Any]:
+                           score_max: Optional[float] = 1.0, teacher: Optional[torch.Tensor] = None,
+                           **fit_options) -> Dict[str, Any]:
     """Fit the model with re-initialised weights exactly as ``sub`` was fitted, and compare (module doc).
 
     Args:
@@ -84,11 +101,12 @@ def random_weights_control(model: nn.Module, images: torch.Tensor, sub: Subnetwo
         sub: the real sub-network; its sites, ``tau``, temperature and fit options are reused.
         seed: seeds the re-initialisation.
         score_max: the score bound the real fit used (:func:`hookchains.core.attach.attach`).
+        teacher: the real model's logits on ``images``, to report its :func:`output_spread` too.
         **fit_options: :class:`~hookchains.core.fit.FitConfig` fields overriding those in ``sub.config``.
 
     Returns:
         ``{"seed", "size": counts, "fidelity": fit figures vs the randomised model's own outputs,
-        "steps_run", "overlap": kept_overlap(sub, random_sub)}``.
+        "steps_run", "overlap": kept_overlap(sub, random_sub), "output_spread": {"random"[, "real"]}}``.
 
     Example:
         >>> control = random_weights_control(model, images, sub)
@@ -97,7 +115,13 @@ def random_weights_control(model: nn.Module, images: torch.Tensor, sub: Subnetwo
     fields = {f.name for f in dataclasses.fields(FitConfig)}
     options = {**{k: v for k, v in sub.config.items() if k in fields}, "progress": False, **fit_options}
     twin = randomized_copy(model, seed)
+    images = images.to(next(twin.parameters()).device)
+    with torch.no_grad():
+        spread = {"random": output_spread(twin(images))}
+    if teacher is not None:
+        spread["real"] = output_spread(teacher)
     with attach(twin, sites=sub.sites, tau=sub.tau, temperature=sub.temperature, score_max=score_max) as chains:
-        control = fit(chains, images.to(next(twin.parameters()).device), **options)
+        control = fit(chains, images, **options)
     return {"seed": seed, "size": control.counts(), "fidelity": dict(control.fidelity),
-            "steps_run": control.config.get("steps_run"), "overlap": kept_overlap(sub, control)}
+            "steps_run": control.config.get("steps_run"), "overlap": kept_overlap(sub, control),
+            "output_spread": spread}

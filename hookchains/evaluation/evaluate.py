@@ -111,7 +111,7 @@ def evaluate(chains: ScoreHooks, sub: Subnetwork, data: TaskImages, options: Eva
                                           pgd_steps=options.pgd_steps, seed=seed)
     if options.random_control:
         record["random_weights"] = random_weights_control(chains.model, images, sub, seed=seed,
-                                                          score_max=chains.score_max)
+                                                          score_max=chains.score_max, teacher=teacher)
     chains.load_state(sub.scores, sub.gate_logits)
     return record
 

@@ -257,7 +257,9 @@ def _random_weights(records: Sequence[Record]) -> Dict[str, Optional[float]]:
             "real_kl_mean": _mean(_numbers(real, "fidelity", "kl")),
             "shared_mean": _mean(_numbers(real, "random_weights", "overlap", "shared")),
             "shared_by_chance_mean": _mean(_numbers(real, "random_weights", "overlap", "shared_by_chance")),
-            "jaccard_mean": _mean(_numbers(real, "random_weights", "overlap", "jaccard"))}
+            "jaccard_mean": _mean(_numbers(real, "random_weights", "overlap", "jaccard")),
+            "output_spread_mean": _mean(_numbers(real, "random_weights", "output_spread", "random")),
+            "real_output_spread_mean": _mean(_numbers(real, "random_weights", "output_spread", "real"))}
 
 
 def _notes(result: Mapping[str, Any]) -> List[str]:
@@ -628,7 +630,10 @@ def _control_rows(control: Mapping[str, Any]) -> List[Tuple[str, str, str]]:
              f"{_cell(control['real_kl_mean'])} / {_cell(control['kl_mean'])}", "—"),
             ("Random-weights control: kept filters shared with the real sub-network, mean (by chance)",
              f"{_cell(control['shared_mean'], '{:.1f}')} ({_cell(control['shared_by_chance_mean'], '{:.1f}')}); "
-             f"Jaccard {_cell(control['jaccard_mean'], '{:.2f}')}", "—")]
+             f"Jaccard {_cell(control['jaccard_mean'], '{:.2f}')}", "—"),
+            ("Output spread over the images (mean KL to the mean output), real / random weights",
+             f"{_cell(control.get('real_output_spread_mean'))} / {_cell(control.get('output_spread_mean'))}",
+             "— (near 0: the model ignores its input, and an empty sub-network reproduces it)")]
 
 
 def _other_rows(numbers: Mapping[str, Any]) -> List[Tuple[str, str, str]]:

@@ -72,7 +72,8 @@ def _robust(clean: float) -> Dict:
 
 def _control(shared: int) -> Dict:
     return {"seed": 0, "size": {"filters_kept": 50}, "fidelity": {"kl": 0.05}, "steps_run": 80,
-            "overlap": {"shared": shared, "shared_by_chance": 4.0, "jaccard": shared / 60, "real_kept_share": 0.1}}
+            "overlap": {"shared": shared, "shared_by_chance": 4.0, "jaccard": shared / 60, "real_kept_share": 0.1},
+            "output_spread": {"random": 0.001, "real": 0.5 + shared / 10}}
 
 
 RECORDS = [
@@ -137,6 +138,7 @@ def test_per_image_shares_conv_counts_bins_control_and_notes_match_a_hand_count(
     control = h["random_weights"]
     assert (control["tasks"], control["shared_mean"], control["real_filters_kept_mean"], control["kl_mean"]) == \
         (2, 4.0, 15.0, 0.05)
+    assert (control["output_spread_mean"], control["real_output_spread_mean"]) == pytest.approx((0.001, 0.9))
     assert len(h["notes"]) == 2 and "10 outputs" in h["notes"][0] and "25.6 %" in h["notes"][1]
 
 

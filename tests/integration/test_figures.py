@@ -19,7 +19,7 @@ import hookchains
 from hookchains.adapters import discover
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.baselines import baseline, proportional_counts
-from hookchains.evaluation.controls import kept_overlap, randomized_copy
+from hookchains.evaluation.controls import kept_overlap, output_spread, randomized_copy
 from hookchains.evaluation.evaluate import EvalOptions, evaluate
 from hookchains.evaluation.faithfulness import taylor_importance
 from hookchains.inputs.tasks import TaskImages
@@ -171,6 +171,19 @@ def test_randomized_copy_redraws_every_weight_and_leaves_the_model_alone(fitted)
         assert not torch.allclose(twin(images), chains.model(images))
 
 
+def _teacher(chains, images):
+    with torch.no_grad(), chains.using("off"):
+        return chains.model(images)
+
+
+def test_output_spread_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    mean = p.mean(0)
+    expected = float(sum((p[i] * (p[i] / mean).log()).sum() for i in range(2)) / 2)
+    assert output_spread(p.log() + 3.0) == pytest.approx(expected, rel=1e-6)  # logits up to a constant
+    assert output_spread(torch.tensor([[2.0, -1.0]] * 4)) == pytest.approx(0.0, abs=1e-7)
+
+
 def test_kept_overlap_counts_by_hand(fitted):
     _, sub, _, _ = fitted
     sites = sub.sites.filters
@@ -204,7 +217,10 @@ def test_evaluate_reports_per_image_kl_protocol_accuracy_and_a_random_weights_co
     correct = record["robustness"]["correct"]
     assert sum(correct["original"]["clean"]) >= 18  # the trained net knows its digits
     control = record["random_weights"]
-    assert set(control) == {"seed", "size", "fidelity", "steps_run", "overlap"}
+    assert set(control) == {"seed", "size", "fidelity", "steps_run", "overlap", "output_spread"}
+    spread = control["output_spread"]
+    assert spread["real"] == pytest.approx(output_spread(_teacher(chains, images)))
+    assert spread["random"] < spread["real"] / 10, spread  # the randomised digits net nearly ignores its input
     # the explanation of a randomised network is not the real one: few kept filters in common
     assert control["overlap"]["jaccard"] < 0.6, control
     assert control["overlap"]["real_kept_share"] < 0.8, control
