@@ -144,7 +144,14 @@ def _labels(labels: torch.Tensor, output_index: Optional[List[int]], teacher: to
 
 def _baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: str, options: EvalOptions, seed: int,
               teacher: torch.Tensor) -> Dict[str, Any]:
-    """One baseline's kept count, fidelity with per-image KL, and protocol (its ``config``)."""
+    """One baseline's kept count, fidelity with per-image KL, and protocol (its ``config``); a budget the
+    allocation cannot spread (fewer filters than layers) is recorded as ``{"error": why}``, not raised,
+    so one tiny sub-network does not stop a sweep."""
+    if options.allocation == "proportional" and options.baseline_budget is None and \
+            sub.counts()["filters_kept"] < len(sub.sites.filters):
+        return {"error": f"the sub-network keeps {sub.counts()['filters_kept']} filters, fewer than the "
+                         f"{len(sub.sites.filters)} layers a proportional baseline needs one each: "
+                         "pass a baseline budget or allocation 'matched'"}
     pruned = baseline(chains, images, sub, kind, allocation=options.allocation, budget=options.baseline_budget,
                       steps=options.baseline_steps, lr=options.baseline_lr, seed=seed, teacher=teacher)
     measured = _fidelity(chains, pruned, images, teacher)
@@ -158,7 +165,8 @@ def summary_line(task_id: str, classes: Tuple[str, ...], record: Dict[str, Any])
     line = (f"task {task_id} ({', '.join(classes)}): {size['filters_kept']}/{size['filters_total']} filters, "
             f"KL {fid['kl']:.3f}, {fid['agree']}/{fid['images']} agree")
     if "baselines" in record:
-        line += "; KL " + ", ".join(f"{k} {v['kl']:.3f}" for k, v in record["baselines"].items())
+        line += "; KL " + ", ".join(f"{k} {v['kl']:.3f}" if "kl" in v else f"{k} skipped ({v['error']})"
+                                    for k, v in record["baselines"].items())
     if "faithfulness" in record and record["faithfulness"]["spearman"] is not None:
         line += f"; Spearman {record['faithfulness']['spearman']:.2f}"
     return line

@@ -330,12 +330,14 @@ def headline(records: Sequence[Record]) -> Dict[str, Any]:
 
 
 def _protocol(records: Sequence[Record], name: str) -> Dict[str, Any]:
-    """The baseline protocol(s) of the records: allocations and gates used, mean steps (empty if unknown)."""
+    """The baseline protocol(s) of the records: allocations and gates used, mean steps, and how many tasks
+    could not run it (``skipped``: fewer filters kept than layers); empty if unknown."""
     protocols = [p for r in records if (p := _get(r, "baselines", name, "protocol"))]
     if not protocols:
         return {}
     return {"allocation": sorted({p["allocation"] for p in protocols}), "gates": sorted({p["gates"] for p in protocols}),
-            "steps_mean": float(np.mean([p["steps"] for p in protocols]))}
+            "steps_mean": float(np.mean([p["steps"] for p in protocols])),
+            "skipped": sum(1 for r in records if _get(r, "baselines", name, "error"))}
 
 
 # ------------------------------------------------------------------------------------------ plots

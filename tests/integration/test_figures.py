@@ -20,9 +20,10 @@ from hookchains.adapters import discover
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.baselines import baseline, proportional_counts
 from hookchains.evaluation.controls import kept_overlap, output_spread, randomized_copy
-from hookchains.evaluation.evaluate import EvalOptions, evaluate
+from hookchains.evaluation.evaluate import EvalOptions, evaluate, summary_line
 from hookchains.evaluation.faithfulness import taylor_importance
 from hookchains.inputs.tasks import TaskImages
+from hookchains.viz.sweep_report import headline
 
 VGG19_CONV = [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512]  # Simonyan & Zisserman, config E
 
@@ -225,3 +226,18 @@ def test_evaluate_reports_per_image_kl_protocol_accuracy_and_a_random_weights_co
     assert control["overlap"]["jaccard"] < 0.6, control
     assert control["overlap"]["real_kept_share"] < 0.8, control
     json.dumps(record)
+
+
+def test_a_sub_network_smaller_than_the_layer_count_skips_the_proportional_baseline_in_one_line(fitted):
+    chains, sub, images, labels = fitted
+    tiny = {name: torch.zeros_like(v) for name, v in sub.scores.items()}
+    tiny[sub.sites.filters[0].name][:2] = 1.0  # 2 filters, 4 layers
+    small = dataclasses.replace(sub, scores=tiny)
+    empty = torch.empty(0, *images.shape[1:])
+    data = TaskImages(images, (labels == labels.max()).long(), empty, torch.empty(0, dtype=torch.long), ["3", "8"], [], [])
+    record = evaluate(chains, small, data, EvalOptions(faithfulness=False))
+    assert set(record["baselines"]) == {"magnitude", "random"}
+    assert all(set(b) == {"error"} and "fewer than the 4 layers" in b["error"] for b in record["baselines"].values())
+    line = summary_line("0001", ("3", "8"), record)
+    assert "magnitude skipped (the sub-network keeps 2 filters" in line
+    assert headline([record]).get("baselines") is None
