@@ -44,8 +44,8 @@ index deterministically. It is exact: partial paths ending at the same node shar
 Cost ``O(k * sum_l |K_l| * |K_{l+1}|)`` per image.
 
 Example:
-    >>> chains = extract_chains(sub, model, images, k=2)  # doctest: +SKIP
-    >>> [f.label for f in chains[0][0].filters]          # image 0, strongest chain  # doctest: +SKIP
+    >>> chains = extract_chains(sub, model, images, k=2)
+    >>> [f.label for f in chains[0][0].filters]          # image 0, strongest chain
     ['L3B1C1_23', 'L3B1C2_18', 'L4B1C3_511']
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def thresholded(sub: Subnetwork, model: nn.Module) -> Iterator[nn.Module]:
     the hooks added here are removed on exit.
 
     Example:
-        >>> with thresholded(sub, model) as net:  # doctest: +SKIP
+        >>> with thresholded(sub, model) as net:
         ...     logits = net(images)
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -154,7 +154,7 @@ def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite, *, abso
     (a connection's magnitude, as :mod:`hookchains.viz.graph` draws it).
 
     Example:
-        >>> channel_weights(sub, model, sub.sites.filter("layer1.0.conv2")).shape  # doctest: +SKIP
+        >>> channel_weights(sub, model, sub.sites.filter("layer1.0.conv2")).shape
         torch.Size([64, 64])
     """
     weight = model.get_submodule(site.name).weight.detach().float()
@@ -275,8 +275,8 @@ def trace_layers(sub: Subnetwork, model: nn.Module, images: Optional[Tensor] = N
     map's input shape when ``images`` is None) for the links, then one forward over ``images``.
 
     Example:
-        >>> trace = trace_layers(sub, model, images)  # doctest: +SKIP
-        >>> [s.label for s in trace.sites], trace.linked  # doctest: +SKIP
+        >>> trace = trace_layers(sub, model, images)
+        >>> [s.label for s in trace.sites], trace.linked
         (['L1B1C1', 'L1B1C2', 'L2B1SC'], [True, False])
     """
     kept_map = sub.kept_filters()
@@ -345,8 +345,8 @@ def extract_chains(sub: Subnetwork, model: nn.Module, images: Tensor, k: int = 2
         per image, up to ``k`` :class:`Chain` s, strongest first (empty when no layer is kept).
 
     Example:
-        >>> best = extract_chains(sub, model, images)[3][0]  # doctest: +SKIP
-        >>> best.strength, [f.label for f in best.filters]  # doctest: +SKIP
+        >>> best = extract_chains(sub, model, images)[3][0]
+        >>> best.strength, [f.label for f in best.filters]
         (7.91, ['L0C1_12', 'L1B1C2_40', 'L4B2C3_301'])
     """
     trace = trace_layers(sub, model, images)

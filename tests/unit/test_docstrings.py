@@ -19,8 +19,9 @@ import torch
 
 PACKAGES = ("hookchains", "hookchains.adapters", "hookchains.cli")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-#: Examples another branch rewrites right now (helper "chains", issue 10): expected to pass once merged.
-PENDING = {"hookchains.analysis.chains": "kbest_paths' example is rewritten on branch `chains`"}
+#: Modules whose examples another branch rewrites right now (issue 10); drop the entry once that branch is in.
+PENDING = {"hookchains.analysis.chains": "branch `chains` rewrites this module and its examples (placeholders "
+                                         "sub/model/images and kbest_paths' wrong second path, here)"}
 
 
 def module_names() -> List[str]:
