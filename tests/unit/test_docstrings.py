@@ -83,5 +83,5 @@ def test_docstring_census(capsys):
         for name, (d, n, s) in counts.items():
             print(f"\n  {name}: {d} docstrings, {n} statements, {s} skipped", end="")
         print(f"\n  docstring examples: {docstrings} docstrings in {len(counts)} modules; {total} statements,"
-              f" {total - skipped} run, {skipped} skipped")
+              f" {total - skipped} run, {skipped} skipped; pending on another branch (xfail): {sorted(PENDING)}")
     assert total > skipped > 0
