@@ -11,7 +11,9 @@ sub-network reproduces it: :func:`output_spread` of both models says whether tha
 Re-initialisation: every module with a ``reset_parameters()`` method (conv, linear, norm layers; a
 norm layer's running statistics are reset too) draws fresh weights from its default initialiser; a
 parameter of any other module (e.g. a ViT's position embedding) has its entries shuffled, so it keeps
-its distribution and loses its structure. The draw is seeded and the global RNG state is restored.
+its distribution and loses its structure. The draw is seeded (``seed`` plus a fixed offset, so a model
+built right after ``torch.manual_seed(seed)`` is not redrawn with its own initial weights) and the
+global RNG state is restored.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from hookchains.core.subnetwork import Subnetwork
 
 __all__ = ["randomized_copy", "random_weights_control", "kept_overlap", "output_spread"]
 
+SEED_OFFSET = 0x5EEDC0DE
+"""Added to the control's seed (module doc)."""
+
 
 @torch.no_grad()
 def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -37,13 +42,16 @@ def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     ``model`` itself is untouched; the copy is in eval mode on the model's device.
 
     Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        >>> _ = model(torch.zeros(1, 3, 8, 8))
         >>> twin = randomized_copy(model, seed=0)
-        >>> any(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+        >>> any(torch.equal(a, b) for a, b in zip(model[0].parameters(), twin[0].parameters()))
         False
     """
     twin = strip_hooks(copy.deepcopy(model))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + SEED_OFFSET)
         for module in twin.modules():
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
@@ -66,6 +74,12 @@ def kept_overlap(real: Subnetwork, other: Subnetwork) -> Dict[str, float]:
     union; ``real_kept_share`` = shared / filters ``real`` keeps.
 
     Example:
+        >>> import hookchains
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 16, 16)
+        >>> sub = hookchains.fit(hookchains.attach(model), images, steps=3, progress=False)
         >>> kept_overlap(sub, sub)["jaccard"]
         1.0
     """
@@ -109,8 +123,16 @@ def random_weights_control(model: nn.Module, images: torch.Tensor, sub: Subnetwo
         "steps_run", "overlap": kept_overlap(sub, random_sub), "output_spread": {"random"[, "real"]}}``.
 
     Example:
+        >>> import hookchains
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 16, 16)
+        >>> with hookchains.attach(model) as hooks:
+        ...     sub = hookchains.fit(hooks, images, steps=3, progress=False)   # real fits: ~300 steps
         >>> control = random_weights_control(model, images, sub)
-        >>> control["overlap"]["jaccard"], control["fidelity"]["kl"]
+        >>> sorted(control["overlap"]), control["steps_run"] <= 3
+        (['jaccard', 'real_kept_share', 'shared', 'shared_by_chance'], True)
     """
     fields = {f.name for f in dataclasses.fields(FitConfig)}
     options = {**{k: v for k, v in sub.config.items() if k in fields}, "progress": False, **fit_options}
