@@ -1,6 +1,6 @@
 """The embedded default task: real MobileNetV2 ImageNet weights and bundled photos, fully offline.
 
-Chosen so ``hookchains demo`` finishes in a few minutes on a 2-core CPU: 2 classes x 10 augmented
+Chosen so ``hookchains demo`` stays short on a CPU (:data:`DEMO_DURATION` says what it takes): 2 classes x 10 augmented
 views of one bundled photo each (Egyptian cat, espresso), 160 px (DESIGN.md measured the same
 sub-network size and agreement as 224 px at half the time), at most 150 steps at lr 0.02 (the
 paper's lr 0.005 needs ~180 steps just to move a score from 1 below tau = 0.1).
@@ -15,11 +15,13 @@ from hookchains.assets import demo_photos
 from hookchains.data import ImageSet, augmented_views
 from hookchains.models import ModelRef, create_model, preprocessing
 
-__all__ = ["DEMO_CLASSES", "DEMO_FIT", "DEMO_IMAGE_SIZE", "demo_task"]
+__all__ = ["DEMO_CLASSES", "DEMO_DURATION", "DEMO_FIT", "DEMO_IMAGE_SIZE", "demo_task"]
 
 DEMO_CLASSES = ("Egyptian cat", "espresso")
 DEMO_IMAGE_SIZE = 160
 DEMO_FIT = {"steps": 150, "lr": 0.02}
+DEMO_DURATION = "MEASURE"
+"""What the demo takes, measured (``hookchains demo`` prints the breakdown per stage at its end)."""
 
 
 def demo_task(image_size: int = DEMO_IMAGE_SIZE, per_class: int = 10, seed: int = 0) -> Tuple[nn.Module, ModelRef, ImageSet]:

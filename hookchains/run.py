@@ -8,7 +8,8 @@ Layout of ``RUN_DIR``::
     task.safetensors     the preprocessed task images, labels and the pictures as shown (uint8)
     pruned.safetensors   the materialised module's state_dict (checked on load)
     manifest.json        sha256 of every file above (tampering / truncation is detected on load)
-    summary.txt          the paper-style summary line
+    summary.txt          the paper-style summary line, then one "warning: ..." line per problem of the
+                         task (random weights, constant or near-uniform predictions: hookchains.degenerate)
 
 A token run (a ViT with per-image token scores, :mod:`hookchains.tokens`) has ``tokens.json`` and
 ``token_scores.safetensors`` (``TokenSubnetwork.save``) instead of the first two files, and
@@ -72,9 +73,7 @@ class RunFolder:
         """Rebuild the model the run was fitted on; refuses a randomly initialised timm/torchvision
         model, whose weights cannot be rebuilt (the drawing would silently use other weights)."""
         ref = self.model_ref
-        random_init = (not ref.pretrained and ref.checkpoint is None and checkpoint is None
-                       and (":" not in ref.spec or ref.spec.split(":")[0] in ("timm", "torchvision")))
-        if random_init:
+        if ref.random_init and checkpoint is None:
             raise ValueError(f"{self.path} was made with randomly initialised {ref.spec} weights, which cannot be "
                              "rebuilt; re-run extract with --checkpoint FILE (or --pretrained)")
         return ref.build(checkpoint)
@@ -207,7 +206,8 @@ def save_run(folder: Path, sub: Result, model_ref: ModelRef, task: ImageSet,
         write_tensors(folder / "pruned.safetensors", dict(pruned.state_dict()))
     if logits is not None:
         write_tensors(folder / TOKEN_LOGITS, {"logits": logits})
-    atomic_write_bytes(folder / "summary.txt", (sub.summary() + "\n").encode())
+    summary = [sub.summary(), *(f"warning: {line}" for line in sub.task.get("warnings", []))]
+    atomic_write_bytes(folder / "summary.txt", ("\n".join(summary) + "\n").encode())
     write_json(folder / "manifest.json", {"kind": RUN_KIND, "version": 1,
                                           "files": {n: _sha256(folder / n) for n in _CHECKED if (folder / n).exists()}})
     return folder
