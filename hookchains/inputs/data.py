@@ -157,13 +157,15 @@ def load_image_folder(
 
 
 def count(number: int, noun: str) -> str:
-    """``number`` and ``noun``, plural unless the number is 1.
+    """``number`` and ``noun``, plural (``-s``, or ``-es`` after s, x, ch, sh) unless the number is 1.
 
     Example:
-        >>> count(1, "image"), count(3, "image")
-        ('1 image', '3 images')
+        >>> count(1, "image"), count(3, "image"), count(0, "class")
+        ('1 image', '3 images', '0 classes')
     """
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def class_folders(root: str | Path, classes: Sequence[str] | None = None) -> list[str]:

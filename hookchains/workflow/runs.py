@@ -228,6 +228,13 @@ def save_run(folder: Path, sub: Result, model_ref: ModelRef, task: ImageSet,
 
 def _verify(folder: Path) -> None:
     if not (folder / "manifest.json").is_file():
+        for meta, kind, rebuild in (("subnetwork.json", "Subnetwork", "materialize"),
+                                    (TOKEN_FILES[0], "TokenSubnetwork", "materialize_tokens")):
+            if (folder / meta).is_file():  # written by result.save: a result, not a run folder
+                raise FileNotFoundError(
+                    f"{folder} holds a result saved with result.save, not a run folder: read it with "
+                    f"hookchains.{kind}.load({str(folder)!r}), then hookchains.{rebuild}(result, model, images) "
+                    "gives the module")
         raise FileNotFoundError(f"{folder} is not a hookchains run folder (no manifest.json); "
                                 "make one with `hookchains extract`")
     manifest = read_json(folder / "manifest.json")
