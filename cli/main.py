@@ -14,9 +14,10 @@ from typing import Optional
 
 import click
 
-from hookchains.cli.options import DEMO_DURATION, check_image_size, config_from_options, fit_options, run_error
+from hookchains.cli.options import check_image_size, config_from_options, fit_options, run_error
 from hookchains.inputs.data import count
 from hookchains.viz.graph import GRAPH_FORMATS
+from hookchains.workflow.demo import DEMO_DURATION
 from hookchains.workflow.export import EXPORT_FORMATS
 from hookchains.workflow.extract import EXTRACT_MODES
 

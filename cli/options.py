@@ -10,7 +10,7 @@ import click
 
 from hookchains.core.fit import FitConfig
 from hookchains.viz.graph import GRAPH_FORMATS
-from hookchains.workflow.demo import DEMO_DURATION, DEMO_FIT, DEMO_IMAGE_SIZE
+from hookchains.workflow.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 
 DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.workflow.demo for why
 
