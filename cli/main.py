@@ -252,11 +252,14 @@ def render(run_dir, fmt, checkpoint) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
 @click.option("--figure", type=click.Path(dir_okay=False), help="also write the chains figure (.png or .pdf) for papers")
 @click.option("--overwrite", is_flag=True, help="replace an existing --figure file")
+@click.option("--quiet", "-q", is_flag=True, help="no status lines or progress bars")
 @run_error
-def report(run_dir, checkpoint, figure, overwrite) -> None:
+def report(run_dir, checkpoint, figure, overwrite, quiet) -> None:
     """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations;
-    for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7)."""
+    for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7).
+    Each stage prints a status line and the end where the time went (on stderr; stdout: the files)."""
     from hookchains.core.io import check_new_file
+    from hookchains.core.progress import Progress
     from hookchains.viz.report import write_chains_figure
     from hookchains.workflow.extract import write_run_report
     from hookchains.workflow.runs import load_run
@@ -264,9 +267,12 @@ def report(run_dir, checkpoint, figure, overwrite) -> None:
         check_new_file(figure, overwrite, "--figure")
     run = load_run(run_dir)
     model = run.base_model(checkpoint)
-    click.echo(str(write_run_report(run_dir, run.sub, model, run.task)))
+    progress = Progress(enabled=not quiet)
+    click.echo(str(write_run_report(run_dir, run.sub, model, run.task, progress=progress)))
     if figure:
-        click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task)))
+        click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task, progress=progress)))
+    if not quiet:
+        click.echo(progress.breakdown(), err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

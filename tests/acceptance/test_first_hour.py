@@ -39,6 +39,14 @@ def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def _error(result) -> str:
+    """The one error line a refused command prints (after at most its status lines), no traceback."""
+    errors = [line for line in result.output.splitlines() if not line.endswith(" ...")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("Error: ")
+    return errors[0]
+
+
 def _extract(photos, out, *extra, model="hookchains:mobilenet_v2", classes="cat,espresso"):
     return _run("extract", "--model", model, "--data", photos, "--classes", classes, "--per-class", 3, "--out", out,
                 *extra)
@@ -97,10 +105,9 @@ def test_skipped_images_are_one_clean_line_each_with_a_count(skipped_run, photos
 
 
 def test_several_unreadable_images_are_all_named(photos, tmp_path):
-    result = _extract(photos, tmp_path / "r", *FAST)
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert result.output.startswith("Error: cannot read 2 images: ")
-    assert "broken.png" in result.output and "empty.jpg" in result.output and "--skip-bad-images" in result.output
+    error = _error(_extract(photos, tmp_path / "r", *FAST))
+    assert error.startswith("Error: cannot read 2 images: ")
+    assert "broken.png" in error and "empty.jpg" in error and "--skip-bad-images" in error
     assert not (tmp_path / "r").exists()
 
 
@@ -111,9 +118,7 @@ def test_several_unreadable_images_are_all_named(photos, tmp_path):
 def test_a_task_that_cannot_mean_anything_is_refused_in_one_line(photos, tmp_path, args, message):
     options = dict(zip(args[::2], args[1::2]))
     extra = ["--image-size", options.get("--image-size", "64"), "--skip-bad-images"]
-    result = _extract(photos, tmp_path / "r", *extra, classes=options.get("--classes", "cat,espresso"))
-    assert result.exit_code == 1 and result.output.strip().splitlines() == [result.output.strip()]
-    assert result.output.startswith("Error: ") and message in result.output
+    assert message in _error(_extract(photos, tmp_path / "r", *extra, classes=options.get("--classes", "cat,espresso")))
     assert not (tmp_path / "r").exists() and not (tmp_path / ".r.partial").exists()
 
 
@@ -156,16 +161,22 @@ def _python_blocks() -> list:
 
 
 def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    """The README's Python block, at a tiny size and a few steps (the only edits), run in a fresh folder."""
+    """The README's Python block, at 64 px, 2 views per class and 3 steps (the only edits), in a fresh folder."""
     (block,) = _python_blocks()
-    small = block.replace("image_size=160", "image_size=64").replace("steps=150", "steps=3")
-    assert small.count("image_size=64") == 1 and small.count("steps=3") == 1  # the README still has both knobs
+    edits = {"image_size=160": "image_size=64", "per_class=10": "per_class=2", "steps=150": "steps=3"}
+    small = block
+    for old, new in edits.items():
+        assert block.count(old) == 1, old  # the README still has the knob this test turns down
+        small = small.replace(old, new)
     monkeypatch.chdir(tmp_path)
     exec(compile(small, str(README), "exec"), {"__name__": "readme"})
-    printed = capsys.readouterr().out.splitlines()
-    documented = re.search(r"^print\(result\.summary\(\)\)\s+# (.*)$", block, re.M).group(1)
-    shape = re.sub(r"\d[\d.]*", r"\\d[\\d.]*", re.escape(documented.split(";")[0].rstrip(" .")))
-    assert re.match(shape, printed[0]), (documented, printed[0])  # same line as the comment, other numbers
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    comments = dict(re.findall(r"^(print\(.*\))\s+# (.*)$", block, re.M))
+    assert printed[0] == comments["print(prep(Image.open(photos[\"espresso\"][0])).shape)"].replace("160", "64")
+    for line, code in ((printed[1], "print(result.summary())"),
+                       (printed[2], 'print(f"{report.params_after:,}/{report.params_before:,} parameters")')):
+        shape = re.sub(r"\d[\d,.]*", r"\\d[\\d,.]*", re.escape(comments[code].split(";")[0]))
+        assert re.match(shape, line), (comments[code], line)  # the README's printed line, other numbers
     saved = tmp_path / "run"
     assert (saved / "subnetwork.json").is_file()
     with pytest.raises(FileNotFoundError, match=r"hookchains.Subnetwork.load\("):
