@@ -171,7 +171,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     exec(compile(small, str(README), "exec"), {"__name__": "readme"})
     printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    comments = dict(re.findall(r"^(print\(.*\))\s+# (.*)$", block, re.M))
+    comments = dict(re.findall(r"^(print\(.*\))[ \t]+# (.*)$", block, re.M))
     assert printed[0] == comments["print(prep(Image.open(photos[\"espresso\"][0])).shape)"].replace("160", "64")
     for line, code in ((printed[1], "print(result.summary())"),
                        (printed[2], 'print(f"{report.params_after:,}/{report.params_before:,} parameters")')):
