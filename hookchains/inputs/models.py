@@ -37,6 +37,7 @@ import re
 import socket
 import sys
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -209,11 +210,11 @@ def _torchvision_model(spec: str, name: str, pretrained: bool, num_classes: int 
     if name not in torchvision.models.list_models():
         raise ValueError(_unknown_model_message(spec, name, _torchvision_specs()))
     kwargs: dict[str, Any] = {"weights": "DEFAULT" if pretrained else None}
-    if pretrained:
-        url = torchvision.models.get_model_weights(name).DEFAULT.url
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
+    default = getattr(torchvision.models.get_model_weights(name), "DEFAULT", None) if pretrained else None
+    if default is not None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(default.url).path)
         if not cached.is_file():
-            _require_network(spec, url)
+            _require_network(spec, default.url)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
@@ -321,9 +322,12 @@ def _unknown_model_message(spec: str, name: str, candidates: Iterable[str]) -> s
 
 def _require_network(spec: str, url: str, timeout: float = 3.0) -> None:
     """Raise at once, in one line, when the host of ``url`` cannot be reached (no network), instead of
-    letting the hub client retry for about a minute."""
-    host = urllib.parse.urlparse(url).hostname or url
-    port = urllib.parse.urlparse(url).port or 443
+    letting the hub client retry for about a minute. Behind a proxy (``HTTPS_PROXY`` ...) nothing is
+    probed: only the hub client knows how to get through."""
+    parts = urllib.parse.urlparse(url)
+    if parts.scheme in urllib.request.getproxies():
+        return
+    host, port = parts.hostname or url, parts.port or (80 if parts.scheme == "http" else 443)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as err:

@@ -403,6 +403,8 @@ def test_pretrained_without_network_fails_at_once_or_uses_the_cache(tmp_path: Pa
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no hub
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)  # a proxy would be left to the hub client to use
     name = "test_resnet.r160_in1k"
     with pytest.raises(RuntimeError, match=rf"^the pretrained weights of '{name}' are not in the local cache and "
                                            r"127\.0\.0\.1 cannot be reached \(no network\? .*--checkpoint FILE"):
