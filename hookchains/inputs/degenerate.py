@@ -23,7 +23,7 @@ Example:
     >>> logits = torch.tensor([[4.0, 0.0], [3.0, 1.0], [5.0, -1.0]])
     >>> check = check_predictions(logits, classes=2)
     >>> check.constant, round(check.entropy, 2), check.warnings()[0][:40]
-    (True, 0.3, 'the model predicts the same class (outpu')
+    (True, 0.23, 'the model predicts the same class (outpu')
 """
 from __future__ import annotations
 
