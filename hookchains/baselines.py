@@ -124,7 +124,7 @@ def _fine_tune(chains: Chains, images: torch.Tensor, teacher: torch.Tensor, mask
     with chains.using("hard"):
         for _ in range(steps):
             optimiser.zero_grad(set_to_none=True)
-            history.append(_kl_backward(chains.model, images, teacher_logp, chunks, 1.0))
+            history.append(_kl_backward(chains, images, teacher_logp, chunks, 1.0))
             optimiser.step()
             with torch.no_grad():
                 for name, score in chains.scores.items():
