@@ -273,7 +273,8 @@ def _uncompiled(model: nn.Module) -> Tuple[nn.Module, List[str]]:
 
 def attach(model: nn.Module, adapter: str = "auto", *, example=None, sites: Optional[SiteMap] = None,
            use_fx: bool = True, tau: float = 0.1, temperature: float = 0.2, score_max: Optional[float] = 1.0,
-           tasks: Optional[int] = None, output=None, output_kind: str = "auto", check: bool = True) -> Chains:
+           tasks: Optional[int] = None, output=None, output_kind: str = "auto",
+           check: Optional[bool] = None) -> Chains:
     """Find the sites of ``model`` and hook them; nothing of the model is modified.
 
     Args:
@@ -287,8 +288,9 @@ def attach(model: nn.Module, adapter: str = "auto", *, example=None, sites: Opti
             or a callable (:func:`hookchains.forward.select`).
         output_kind: ``"auto"`` (detected), ``"logits"``, ``"probabilities"`` or ``"log_probabilities"``.
         check: run the exactness self-check (:func:`hookchains.guard.verify`) on ``example`` before
-            returning: sites that break it are dropped and named in ``sites.notes``/``sites.refused``;
-            ``False`` skips it (e.g. when ``sites`` were checked before).
+            returning: sites that break it are dropped and named in ``sites.notes``/``sites.refused``.
+            Default: check when the sites are discovered here, not when ``sites`` are given (a saved
+            result's sites were checked when it was fitted); ``False`` skips it.
         tau: score threshold of section 3.2 (filters with ``S < tau`` are removed).
         temperature: ``T`` of the gate sigmoid (Eq. 6).
         score_max: upper bound of the scores (paper: 1); ``None`` leaves them unbounded above.
@@ -314,6 +316,7 @@ def attach(model: nn.Module, adapter: str = "auto", *, example=None, sites: Opti
     if next(model.parameters(), None) is None:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to explain")
     example = default_example(model) if example is None else example
+    check = sites is None if check is None else check
     if sites is None:
         sites = discover(model, adapter, example=example, use_fx=use_fx, output=output, output_kind=output_kind)
     sites = dataclasses.replace(sites, notes=sites.notes + notes)

@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -58,12 +58,14 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
 def _silenced(model: nn.Module, site: FilterSite) -> Iterator[List[int]]:
     """Reference for fact 2: the unit's output channels zero at every call, and the output of an
     affine norm that takes one of those outputs zero too. Yields a one-item list: the call count."""
-    zeroed: Dict[int, torch.Tensor] = {}  # id -> tensor (kept alive so ids stay unique)
+    # id -> (tensor, its version): kept alive so ids stay unique; a tensor changed in place since
+    # (``out = silenced; out += branch``) no longer holds the silenced channels
+    zeroed: Dict[int, Tuple[torch.Tensor, int]] = {}
     calls = [0]
 
     def zero(out: torch.Tensor) -> torch.Tensor:
         silent = torch.zeros_like(out)
-        zeroed[id(silent)] = silent
+        zeroed[id(silent)] = (silent, silent._version)
         return silent
 
     def unit_hook(module, args, out):
@@ -71,7 +73,8 @@ def _silenced(model: nn.Module, site: FilterSite) -> Iterator[List[int]]:
         return zero(out)
 
     def norm_hook(module, args, out):
-        return zero(out) if args and id(args[0]) in zeroed else None
+        found = zeroed.get(id(args[0])) if args else None
+        return zero(out) if found is not None and found[1] == args[0]._version else None
 
     handles = [model.get_submodule(site.name).register_forward_hook(unit_hook)]
     handles += [m.register_forward_hook(norm_hook) for m in model.modules() if is_norm(m)]
