@@ -22,8 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from hookchains.forward import OutputSpec, primary
-from hookchains.sites import FilterSite, GateSite, SiteMap, TokenSite
+from hookchains.core.forward import OutputSpec, primary
+from hookchains.core.sites import FilterSite, GateSite, SiteMap, TokenSite
 
 from .graph import SCORED_TYPES, ModelGraph, is_container, read_graph
 
