@@ -327,9 +327,6 @@ def attach(model: nn.Module, adapter: str = "auto", *, example=None, sites: Opti
     if notes:
         sites = dataclasses.replace(sites, notes=sites.notes + notes)
     if check:
-        probe = ScoreHooks(model, sites, tau=tau, temperature=temperature, score_max=score_max)
-        try:
-            sites = sites.without(verify(probe, example))
-        finally:
-            probe.detach()
+        sites = sites.without(verify(model, sites, example, lambda checked, count: ScoreHooks(
+            model, checked, tau=tau, temperature=temperature, score_max=score_max, tasks=count)))
     return ScoreHooks(model, sites, tau=tau, temperature=temperature, score_max=score_max, tasks=tasks)
