@@ -116,43 +116,53 @@ def _hard_rows(make_hooks, sites: SiteMap, example, count: int, set_values) -> t
         hooks.detach()
 
 
-def _check_filters(make_hooks, model, sites: SiteMap, example, tol: float) -> Dict[str, str]:
+def _compared(make_hooks, sites: SiteMap, example, items: Sequence, tol: float, set_own, reference, reason):
+    """Per chunk of ``items``: hooked rows (row ``k`` with ``set_own(hooks, k, items[k])``) against
+    ``reference(chunk)`` (rows, facts); ``{name: reason(item, difference, facts)}`` where they differ."""
     reasons = {}
-    for start in range(0, len(sites.filters), CHUNK):
-        part = sites.filters[start:start + CHUNK]
+    for start in range(0, len(items), CHUNK):
+        part = items[start:start + CHUNK]
 
-        def zero_own_site(hooks):
-            for k, site in enumerate(part):
-                hooks.scores[site.name][k] = 0
-        silenced = _hard_rows(make_hooks, sites, example, len(part), zero_own_site)
-        with _silenced(model, part) as calls:
-            reference = class_scores(call(model, _rows(example, len(part))), sites.output)
-        for k, site in enumerate(part):
-            diff = _difference(silenced[k], reference[k])
+        def own_values(hooks):
+            for k, item in enumerate(part):
+                set_own(hooks, k, item)
+        hooked = _hard_rows(make_hooks, sites, example, len(part), own_values)
+        rows, facts = reference(part)
+        for k, item in enumerate(part):
+            diff = _difference(hooked[k], rows[k])
             if diff > tol:
-                shared = f"; {site.name!r} runs {calls[site.name]} times per forward" if calls[site.name] > 1 else ""
-                reasons[site.name] = (f"zeroing its scores differs by {diff:.3g} from silencing {site.name!r} (and "
-                                      f"the norm after it) at every use{shared}")
+                reasons[item.name] = reason(item, diff, facts)
     return reasons
+
+
+def _check_filters(make_hooks, model, sites: SiteMap, example, tol: float) -> Dict[str, str]:
+    def reference(part):
+        with _silenced(model, part) as calls:
+            return class_scores(call(model, _rows(example, len(part))), sites.output), calls
+
+    def reason(site, diff, calls):
+        shared = f"; {site.name!r} runs {calls[site.name]} times per forward" if calls[site.name] > 1 else ""
+        return f"zeroing its scores differs by {diff:.3g} from silencing {site.name!r} (and the norm after it) " \
+               f"at every use{shared}"
+
+    def zero(hooks, k, site):
+        hooks.scores[site.name][k] = 0
+    return _compared(make_hooks, sites, example, sites.filters, tol, zero, reference, reason)
 
 
 def _check_gates(make_hooks, model, sites: SiteMap, example, tol: float) -> Dict[str, str]:
-    reasons = {}
-    for start in range(0, len(sites.gates), CHUNK):
-        part = sites.gates[start:start + CHUNK]
-
-        def close_own_gate(hooks):
-            for k, gate in enumerate(part):
-                hooks.per_task(hooks.gate_logits[gate.name])[k] = -1.0
-        closed = _hard_rows(make_hooks, sites, example, len(part), close_own_gate)
-        for k, gate in enumerate(part):
+    def reference(part):
+        rows = []
+        for gate in part:
             with _passed_through(model, gate):
-                reference = class_scores(call(model, example), sites.output)[0]
-            diff = _difference(closed[k], reference)
-            if diff > tol:
-                reasons[gate.name] = (f"a closed gate differs by {diff:.3g} from {gate.members} replaced by a "
-                                      "pass-through (a block that changes its input in place, or a shared module)")
-    return reasons
+                rows.append(class_scores(call(model, example), sites.output)[0])
+        return rows, None
+
+    def close(hooks, k, gate):
+        hooks.per_task(hooks.gate_logits[gate.name])[k] = -1.0
+    return _compared(make_hooks, sites, example, sites.gates, tol, close, reference, lambda gate, diff, _: (
+        f"a closed gate differs by {diff:.3g} from {gate.members} replaced by a pass-through "
+        "(a block that changes its input in place, or a shared module)"))
 
 
 @torch.no_grad()

@@ -41,6 +41,20 @@ def _sub(hooks, closed=(), zero=()) -> Subnetwork:
     return Subnetwork(sites, scores, gates)
 
 
+def _fitted(model, inputs, attach_options=None, **options):
+    """Attach on the first example of ``inputs`` (a tensor or tuple of inputs) and fit on them;
+    returns (result, the model's outputs, the thresholded sub-network's outputs) on ``inputs``."""
+    run = (lambda: model(*inputs)) if isinstance(inputs, tuple) else (lambda: model(inputs))
+    example = tuple(t[:1] for t in inputs) if isinstance(inputs, tuple) else inputs[:1]
+    with attach(model, example=example, **(attach_options or {})) as hooks:
+        sub = fit(hooks, inputs, progress=False, **options)
+        hooks.load_state(sub.scores, sub.gate_logits)
+        with torch.no_grad(), hooks.using("hard"):
+            student = run()
+    with torch.no_grad():
+        return sub, run(), student
+
+
 def _hard(hooks, inputs, closed=(), zero=()):
     with torch.no_grad(), hooks.using("hard"):
         hooks.load_state(_sub(hooks, closed, zero).scores, _sub(hooks, closed, zero).gate_logits)
@@ -246,14 +260,8 @@ def test_block_returning_a_tuple_is_not_a_gate_and_the_fit_kl_is_the_true_kl():
     torch.manual_seed(0)
     model = TupleBlocksNet().eval()
     x = torch.randn(4, 3, 8, 8)
-    with attach(model, example=x[:1]) as hooks:
-        assert hooks.sites.gates == []
-        sub = fit(hooks, x, steps=5, lam=0.05, progress=False)
-        hooks.load_state(sub.scores, sub.gate_logits)
-        with torch.no_grad(), hooks.using("hard"):
-            student = model(x)
-        with torch.no_grad(), hooks.using("off"):
-            teacher = model(x)
+    sub, teacher, student = _fitted(model, x, steps=5, lam=0.05)
+    assert sub.sites.gates == []
     assert sub.fidelity["kl"] == pytest.approx(_kl(teacher, student), abs=1e-6)
 
 
@@ -274,10 +282,10 @@ def test_dict_output_needs_a_selector_named_in_one_line_then_fits():
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"output='out' is not a key"):
         attach(model, example=x[:1], output="out")
-    with attach(model, example=x[:1], output="logits") as hooks:
-        assert hooks.sites.classifier == "fc" and hooks.sites.output == OutputSpec("logits", "logits")
-        sub = fit(hooks, x, steps=3, progress=False)
-    assert sub.fidelity["images"] == 3 and sub.sites.to_json()["output"] == {"select": "logits", "kind": "logits"}
+    sub, teacher, student = _fitted(model, x, {"output": "logits"}, steps=3, lam=0.1)
+    assert sub.sites.classifier == "fc" and sub.sites.output == OutputSpec("logits", "logits")
+    assert sub.sites.to_json()["output"] == {"select": "logits", "kind": "logits"}
+    assert sub.fidelity["kl"] == pytest.approx(_kl(teacher["logits"], student["logits"]), abs=1e-6)
 
 
 class TinySeg(nn.Module):
@@ -294,14 +302,8 @@ class TinySeg(nn.Module):
 def test_dense_prediction_kl_is_per_pixel_over_classes_averaged():
     torch.manual_seed(0)
     model, x = TinySeg().eval(), torch.randn(2, 3, 6, 5)
-    with attach(model, example=x[:1]) as hooks:
-        assert hooks.sites.classifier == "head"
-        sub = fit(hooks, x, steps=5, lam=0.2, progress=False)
-        hooks.load_state(sub.scores, sub.gate_logits)
-        with torch.no_grad(), hooks.using("hard"):
-            student = model(x)
-    with torch.no_grad():
-        teacher = model(x)
+    sub, teacher, student = _fitted(model, x, steps=5, lam=0.2)
+    assert sub.sites.classifier == "head"
     per_pixel = lambda t: t.permute(0, 2, 3, 1).reshape(-1, 4)  # noqa: E731 -- rows = the 2 x 6 x 5 pixels
     assert sub.fidelity["kl"] == pytest.approx(_kl(per_pixel(teacher), per_pixel(student)), abs=1e-6)
     assert sub.fidelity["images"] == 2 and sub.fidelity["positions"] == 60
@@ -324,15 +326,9 @@ def test_probability_outputs_are_detected_and_the_reported_kl_is_the_true_kl(tai
     model = _softmax_head_model(tail)
     torch.manual_seed(0)
     x = torch.randn(8, 3, 16, 16) + torch.randn(8, 3, 1, 1) * 2
-    with attach(model, example=x[:1]) as hooks:
-        assert hooks.sites.classifier == "10" and "10" not in [s.name for s in hooks.sites.filters]
-        assert hooks.sites.output.kind == kind
-        sub = fit(hooks, x, steps=40, lr=0.05, progress=False)
-        hooks.load_state(sub.scores, sub.gate_logits)
-        with torch.no_grad(), hooks.using("hard"):
-            q = model(x)
-    with torch.no_grad():
-        p = model(x)
+    sub, p, q = _fitted(model, x, steps=40, lr=0.05)
+    assert sub.sites.classifier == "10" and "10" not in [s.name for s in sub.sites.filters]
+    assert sub.sites.output.kind == kind
     to_logp = {"probabilities": torch.log, "log_probabilities": lambda t: t, "logits": lambda t: t.log_softmax(1)}[kind]
     true_kl = float((to_logp(p).exp() * (to_logp(p) - to_logp(q))).sum(1).mean())
     assert true_kl > 0.01   # the sub-network is not the model, so the figure is a real check
@@ -447,13 +443,7 @@ def test_several_inputs_as_a_tuple_or_dict_fit_with_the_true_kl():
         attach(model, example=x[:1])
     with attach(model, example={"x": x[:1], "meta": meta[:1]}) as hooks:
         assert sorted(s.name for s in hooks.sites.filters) == ["conv", "meta"]
-    with attach(model, example=(x[:1], meta[:1])) as hooks:
-        sub = fit(hooks, (x, meta), steps=5, lam=0.1, progress=False)
-        hooks.load_state(sub.scores, sub.gate_logits)
-        with torch.no_grad(), hooks.using("hard"):
-            student = model(x, meta)
-    with torch.no_grad():
-        teacher = model(x, meta)
+    sub, teacher, student = _fitted(model, (x, meta), steps=5, lam=0.1)
     assert sub.fidelity["kl"] == pytest.approx(_kl(teacher, student), abs=1e-6)
     with pytest.raises(ValueError, match="same number of examples"):
         fit(attach(model, example=(x[:1], meta[:1])), (x, meta[:2]), steps=1, progress=False)
@@ -471,15 +461,9 @@ def _signal_net(conv, norm, pool):
 def test_1d_and_3d_convs_end_to_end(conv, norm, pool, shape):
     torch.manual_seed(0)
     model, x = _randomise_bn(_signal_net(conv, norm, pool)), torch.randn(*shape)
-    with attach(model, example=x[:1]) as hooks:
-        assert [(s.name, s.channels, s.hook_module) for s in hooks.sites.filters] == [("0", 8, "1"), ("3", 8, "4")]
-        assert [g.members for g in hooks.sites.gates] == [("3", "4", "5")]
-        sub = fit(hooks, x, steps=5, lam=0.3, progress=False)
-        hooks.load_state(sub.scores, sub.gate_logits)
-        with torch.no_grad(), hooks.using("hard"):
-            student = model(x)
-    with torch.no_grad():
-        teacher = model(x)
+    sub, teacher, student = _fitted(model, x, steps=5, lam=0.3)
+    assert [(s.name, s.channels, s.hook_module) for s in sub.sites.filters] == [("0", 8, "1"), ("3", 8, "4")]
+    assert [g.members for g in sub.sites.gates] == [("3", "4", "5")]
     assert sub.fidelity["kl"] == pytest.approx(_kl(teacher, student), abs=1e-6)
     small, report = materialize(sub, model, x)
     assert report.channels_before == 8 + 8 + 3  # every conv and linear unit is counted
