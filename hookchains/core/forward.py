@@ -150,7 +150,10 @@ def select(raw, selector: Selector = None) -> torch.Tensor:
 
 def detect_kind(scores: torch.Tensor) -> str:
     """``"probabilities"`` when every row over dim 1 is a distribution (values in [0, 1] summing to 1),
-    ``"log_probabilities"`` when ``exp`` of it is, else ``"logits"``."""
+    ``"log_probabilities"`` when ``exp`` of it is, else ``"logits"`` (also for a meta tensor, which
+    has no values)."""
+    if scores.is_meta:  # shapes only (structure checks on the meta device): no values to recognise
+        return "logits"
     s = scores.detach().double()
     tol = 1e-3 if scores.dtype in (torch.float16, torch.bfloat16) else 1e-5
     if s.shape[1] < 2:
