@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hookchains.core.attach import ScoreHooks, strip_hooks
-from hookchains.core.forward import call, class_scores
+from hookchains.core.forward import call, class_scores, map_tensors
 from hookchains.core.state import PassThrough
 from hookchains.core.subnetwork import Subnetwork
 
@@ -174,7 +174,9 @@ def _reference_logits(model: nn.Module, sub: Subnetwork, inputs: torch.Tensor, m
         chains.detach()
 
 
-def _check_inputs(sub: Subnetwork, images: Optional[torch.Tensor], device) -> torch.Tensor:
+def _check_inputs(sub: Subnetwork, images, device):
+    if images is not None and not isinstance(images, torch.Tensor):  # several inputs: the given ones only
+        return map_tensors(lambda t: t[:8].to(device), images)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn((2, *sub.sites.input_shape[1:]), generator=gen)
     parts = [noise.to(device)]
@@ -213,7 +215,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     reference = _reference_logits(work, sub, inputs, "hard" if fold_scores else "mask")
     scale = max(float(reference.abs().max()), 1e-12)
     mult = _multipliers(sub, fold_scores)
-    example = inputs[:1]
+    example = map_tensors(lambda t: t[:1], inputs)
     macs_before, params_before = tp.utils.count_ops_and_params(work, example)
     channels_before = _channel_count(work)
     _fold(work, sub, mult)

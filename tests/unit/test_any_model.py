@@ -445,6 +445,9 @@ def test_several_inputs_as_a_tuple_or_dict_fit_with_the_true_kl():
         assert sorted(s.name for s in hooks.sites.filters) == ["conv", "meta"]
     sub, teacher, student = _fitted(model, (x, meta), steps=5, lam=0.1)
     assert sub.fidelity["kl"] == pytest.approx(_kl(teacher, student), abs=1e-6)
+    small, report = materialize(sub, model, (x, meta))
+    with torch.no_grad():
+        assert torch.allclose(small(x, meta), student, atol=1e-5)
     with pytest.raises(ValueError, match="same number of examples"):
         fit(attach(model, example=(x[:1], meta[:1])), (x, meta[:2]), steps=1, progress=False)
 
