@@ -131,3 +131,13 @@ def test_cli_inspect_output_selects_a_tuple_item(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["inspect", "hc_pair:build", "--image-size", "16", "--output", "0", "--json"])
     assert result.exit_code == 0, result.output
     assert '"select": 0' in result.output and '"classifier": "fc"' in result.output
+
+
+def test_token_fit_leaves_the_callers_rng_state_alone():
+    from hookchains.tokens.fit import fit_tokens
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", img_size=32).eval()
+    images = torch.randn(2, 3, 32, 32)
+    state = torch.random.get_rng_state()
+    fit_tokens(vit, images, steps=2, progress=False)
+    assert torch.equal(state, torch.random.get_rng_state())
