@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import difflib
-from typing import Dict, Optional, Sequence, Type
+from typing import Dict, Sequence, Type
 
 import torch
 from torch import nn

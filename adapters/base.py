@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from hookchains.core.forward import OutputSpec, primary

@@ -62,7 +62,7 @@ class OutputSpec:
         return {"select": self.select, "kind": self.kind}
 
     @classmethod
-    def from_json(cls, data: Optional[Dict[str, Any]]) -> "OutputSpec":
+    def from_json(cls, data: Optional[Dict[str, Any]]) -> OutputSpec:
         """Inverse of :meth:`to_json` (results saved before output specs existed: plain logits)."""
         data = data or {}
         return cls(select=data.get("select"), kind=data.get("kind", "logits"))

@@ -123,7 +123,7 @@ def _compared(make_hooks, sites: SiteMap, example, items: Sequence, tol: float, 
     for start in range(0, len(items), CHUNK):
         part = items[start:start + CHUNK]
 
-        def own_values(hooks):
+        def own_values(hooks, part=part):
             for k, item in enumerate(part):
                 set_own(hooks, k, item)
         hooked = _hard_rows(make_hooks, sites, example, len(part), own_values)

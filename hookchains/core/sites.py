@@ -118,7 +118,7 @@ class SiteMap:
     output: OutputSpec = field(default_factory=OutputSpec)
     refused: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
-    def without(self, refused: Dict[str, Dict[str, str]]) -> "SiteMap":
+    def without(self, refused: Dict[str, Dict[str, str]]) -> SiteMap:
         """A copy without the sites in ``refused`` (``{"filters": {name: why}, "gates": {name: why}}``),
         which are recorded in ``refused`` and in ``notes``."""
         filters, gates = refused.get("filters", {}), refused.get("gates", {})
