@@ -19,9 +19,9 @@ from typing import Dict, Sequence, Type
 import torch
 from torch import nn
 
-from hookchains.core.forward import OutputSpec, Selector, call, detect_kind, map_tensors, select
 from hookchains.core.sites import SiteMap
 from hookchains.core.state import explaining
+from hookchains.inputs.forward import OutputSpec, Selector, call, detect_kind, map_tensors, select
 
 from .base import Adapter
 from .families import MobileNetAdapter, ResNetAdapter, VGGAdapter, ViTAdapter
@@ -123,7 +123,7 @@ def discover(model: nn.Module, adapter: str = "auto", example=None, use_fx: bool
         adapter: ``"auto"`` or one of :data:`ADAPTERS`.
         example: a batch of the input shape the model will see (default: zeros of timm's
             ``input_size`` or 1x3x224x224), or a tuple/dict of inputs for a model with several
-            (:mod:`hookchains.core.forward`). Sequence lengths of token sites depend on it.
+            (:mod:`hookchains.inputs.forward`). Sequence lengths of token sites depend on it.
         use_fx: try ``torch.fx`` for graph facts first (fallback: probe pass).
         output: where the class scores are in a dict/tuple/list output (key, index or callable).
         output_kind: ``"auto"`` (detected from the values), ``"logits"``, ``"probabilities"`` or

@@ -21,8 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from hookchains.core.forward import OutputSpec, primary
 from hookchains.core.sites import FilterSite, GateSite, SiteMap, TokenSite
+from hookchains.inputs.forward import OutputSpec, primary
 
 from .graph import SCORED_TYPES, ModelGraph, is_container, read_graph
 

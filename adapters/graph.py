@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from hookchains.core.forward import Selector, call, select
+from hookchains.inputs.forward import Selector, call, select
 
 __all__ = ["ModuleCall", "ModelGraph", "read_graph", "NORM_TYPES", "SCORED_TYPES", "is_container", "is_norm"]
 
@@ -166,7 +166,7 @@ def _followers_from_fx(model: nn.Module) -> Dict[str, str]:
 def read_graph(model: nn.Module, example, use_fx: bool = True, selector: Selector = None) -> ModelGraph:
     """Probe ``model`` once on ``example`` (a tensor, or a tuple/dict of inputs) and, when it traces,
     read conv->norm pairs from fx. ``selector`` picks the class scores from the output
-    (:func:`hookchains.core.forward.select`).
+    (:func:`hookchains.inputs.forward.select`).
 
     Example:
         >>> g = read_graph(torchvision.models.resnet18().eval(), torch.zeros(1, 3, 224, 224))

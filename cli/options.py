@@ -61,7 +61,7 @@ def config_from_options(model, opts: Dict) -> FitConfig:
 
 
 def output_choice(value: Optional[str]):
-    """``--output`` as :func:`hookchains.core.forward.select` takes it: an index when it is an integer, else a key."""
+    """``--output`` as :func:`hookchains.inputs.forward.select` takes it: an index when it is an integer, else a key."""
     if value is None:
         return None
     return int(value) if value.lstrip("-").isdigit() else value

@@ -288,10 +288,10 @@ def attach(model: nn.Module, adapter: str = "auto", *, example=None, sites: Opti
             ``torch.compile`` wrapper is attached through the module it wraps (see ``sites.notes``).
         adapter: ``"auto"`` or a family name (``resnet``, ``vgg``, ``mobilenet``, ``vit``, ``generic``).
         example: input batch used to probe shapes (default: zeros of the model's input size); a
-            tuple or dict of inputs for a model with several (:mod:`hookchains.core.forward`).
+            tuple or dict of inputs for a model with several (:mod:`hookchains.inputs.forward`).
         sites: a :class:`SiteMap` found earlier (skips discovery).
         output: where the class scores are when the model returns a dict/tuple/list: a key, an index
-            or a callable (:func:`hookchains.core.forward.select`).
+            or a callable (:func:`hookchains.inputs.forward.select`).
         output_kind: ``"auto"`` (detected), ``"logits"``, ``"probabilities"`` or ``"log_probabilities"``.
         check: run the exactness self-check (:func:`hookchains.core.guard.verify`) on ``example`` before
             returning: sites that break it are dropped and named in ``sites.notes``/``sites.refused``.

@@ -21,7 +21,7 @@ Model weights are frozen and the model is in eval mode for the duration (each mo
 each parameter's ``requires_grad`` restored afterwards, :mod:`hookchains.core.state`): no weight gradient is
 ever computed; the seed applies to a forked RNG, so the caller's global RNG state is untouched.
 Teacher logits are computed once. Outputs that are not one ``N x classes`` logits tensor (dicts,
-probabilities, dense ``N x C x H x W`` predictions) go through :func:`hookchains.core.forward.class_scores`:
+probabilities, dense ``N x C x H x W`` predictions) go through :func:`hookchains.inputs.forward.class_scores`:
 a dense prediction's KL is taken per position (pixel) over the classes and averaged over positions.
 """
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hookchains.core.attach import ScoreHooks
-from hookchains.core.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 from hookchains.core.metrics import fidelity
 from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
 # recipe "hookchains" keeps |alpha / T| <= GATE_BOUND: the forward pass uses the rounded gate, and a
 # saturated sigmoid would make a closed gate's gradient vanish so it could never reopen.
@@ -323,7 +323,7 @@ def chunks(n: int, batch_size: Optional[int]) -> List[slice]:
 def _tasks_logits(chains: ScoreHooks, images, mode: str, batch_size: Optional[int],
                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Class scores (tasks x N x classes, or tasks x N x P x classes for a dense prediction;
-    :func:`hookchains.core.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
     tasks, n = primary(images).shape[:2]
     with chains.using(mode):
         parts = [class_scores(call(chains.model, _batch(images, p, layout)), chains.sites.output)
@@ -343,7 +343,7 @@ def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = 
         chains: hooks from :func:`hookchains.core.attach`.
         images: the task's images, N x C x H x W (or N x C x L signals, N x C x D x H x W volumes),
             preprocessed like the model's training data; a tuple/dict of inputs for a model with
-            several (:mod:`hookchains.core.forward`), the same N in each.
+            several (:mod:`hookchains.inputs.forward`), the same N in each.
         config: a :class:`FitConfig`; default: the preset of the chains' adapter family.
         **options: any :class:`FitConfig` field, overriding ``config`` (e.g. ``steps=100``).
 

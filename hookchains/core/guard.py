@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from hookchains.adapters.graph import is_norm
-from hookchains.core.forward import call, class_scores, map_tensors
 from hookchains.core.sites import FilterSite, GateSite, SiteMap
 from hookchains.core.state import PassThrough, explaining, swapped
+from hookchains.inputs.forward import call, class_scores, map_tensors
 
 __all__ = ["verify", "tolerance", "InexactModelError", "CHUNK"]
 

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from hookchains.core.attach import ScoreHooks, strip_hooks
-from hookchains.core.forward import call, class_scores, map_tensors
 from hookchains.core.state import PassThrough
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.forward import call, class_scores, map_tensors
 
 __all__ = ["materialize", "MaterializeError", "MaterializeReport", "TOLERANCE"]
 

@@ -2,7 +2,7 @@
 
 All functions take *logits* of the original model (``teacher``) and of the sub-network (``student``)
 for the same images, shape ``N x classes`` (or scores whose softmax is the model's output distribution:
-log-probabilities, see :func:`hookchains.core.forward.class_scores`).
+log-probabilities, see :func:`hookchains.inputs.forward.class_scores`).
 
 Dense predictions (segmentation) arrive as ``N x P x classes`` (``P`` positions, e.g. pixels):
 :func:`fidelity` then treats every position as one prediction -- KL, probability drop and Q per

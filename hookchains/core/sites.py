@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from hookchains.core.forward import OutputSpec
+from hookchains.inputs.forward import OutputSpec
 
 __all__ = ["FilterSite", "GateSite", "TokenSite", "SiteMap"]
 

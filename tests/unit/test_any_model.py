@@ -14,12 +14,12 @@ from torch import nn
 
 from hookchains.core.attach import attach
 from hookchains.core.fit import fit
-from hookchains.core.forward import OutputSpec, class_scores
 from hookchains.core.guard import InexactModelError
 from hookchains.core.materialize import materialize
 from hookchains.core.state import explaining, flush_denormal_enabled
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.sandbox import sandbox
+from hookchains.inputs.forward import OutputSpec, class_scores
 
 
 @pytest.fixture(autouse=True)
