@@ -197,7 +197,7 @@ def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
         >>> validate_inputs(torch.zeros(2, 1, 100))
         >>> validate_inputs(torch.zeros(1, 100), ndim=3)
         Traceback (most recent call last):
-        ValueError: the model takes 1-D signals N x C x L (audio, ECG, time series), got shape (1, 100): add a batch dimension with x.unsqueeze(0)
+        ValueError: the model takes 1-D signals (N, C, L) (audio, ECG, time series), got shape (1, 100): add a batch dimension with x.unsqueeze(0)
     """
     x = primary(inputs)
     if ndim is not None and x.ndim != ndim:
@@ -207,13 +207,13 @@ def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
         raise ValueError(f"inputs must be a batch of {modality(3)}, {modality(4)} or {modality(5)}; "
                          f"got shape {tuple(x.shape)}")
     if x.numel() == 0:
-        raise ValueError(f"the {modality(x.ndim).split(' N')[0]} are an empty batch (shape {tuple(x.shape)})")
+        raise ValueError(f"the {modality(x.ndim).split(' (')[0]} are an empty batch (shape {tuple(x.shape)})")
     if not x.is_floating_point():
-        raise ValueError(f"the {modality(x.ndim).split(' N')[0]} must be floating point, got {x.dtype}: "
+        raise ValueError(f"the {modality(x.ndim).split(' (')[0]} must be floating point, got {x.dtype}: "
                          "normalise them as the model expects")
     bad = int((~torch.isfinite(x)).sum())
     if bad:
-        raise ValueError(f"the {modality(x.ndim).split(' N')[0]} contain {bad} NaN or infinite values")
+        raise ValueError(f"the {modality(x.ndim).split(' (')[0]} contain {bad} NaN or infinite values")
     sizes = set()
     map_tensors(lambda t: sizes.add(t.shape[0] if t.ndim else None), inputs)
     if len(sizes) > 1:
@@ -222,5 +222,5 @@ def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
 
 def modality(ndim: int) -> str:
     """Name of the data a batch with ``ndim`` dims holds (for error messages)."""
-    return {3: "1-D signals N x C x L (audio, ECG, time series)", 4: "images N x C x H x W",
-            5: "volumes or video N x C x D x H x W"}.get(ndim, f"{ndim}-D tensors")
+    return {3: "1-D signals (N, C, L) (audio, ECG, time series)", 4: "images (N, C, H, W)",
+            5: "volumes or video (N, C, D, H, W)"}.get(ndim, f"{ndim}-D tensors")

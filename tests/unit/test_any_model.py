@@ -477,9 +477,9 @@ def test_1d_and_3d_convs_end_to_end(conv, norm, pool, shape):
 def test_wrong_rank_input_names_the_modality_and_the_right_fix():
     model = _signal_net(nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
     with attach(model, example=torch.randn(1, 2, 16)) as hooks:
-        with pytest.raises(ValueError, match=r"takes 1-D signals N x C x L .*got shape \(2, 16\): add a batch dim"):
+        with pytest.raises(ValueError, match=r"takes 1-D signals \(N, C, L\) .*got shape \(2, 16\): add a batch dim"):
             fit(hooks, torch.randn(2, 16), steps=1, progress=False)
-        with pytest.raises(ValueError, match=r"takes 1-D signals N x C x L .*got shape \(1, 2, 4, 4\)$"):
+        with pytest.raises(ValueError, match=r"takes 1-D signals \(N, C, L\) .*got shape \(1, 2, 4, 4\)$"):
             fit(hooks, torch.randn(1, 2, 4, 4), steps=1, progress=False)
 
 
