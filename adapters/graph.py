@@ -169,6 +169,7 @@ def read_graph(model: nn.Module, example, use_fx: bool = True, selector: Selecto
     (:func:`hookchains.inputs.forward.select`).
 
     Example:
+        >>> import torchvision
         >>> g = read_graph(torchvision.models.resnet18().eval(), torch.zeros(1, 3, 224, 224))
         >>> g.follower["layer1.0.conv1"]
         'layer1.0.bn1'
