@@ -19,8 +19,14 @@ reference, one row per site), and per gate one reference forward plus one batche
 :data:`CHUNK` gates; measured figures are in CHANGELOG.md.
 
 Example:
-    >>> make = lambda sites, tasks: ScoreHooks(model, sites, tasks=tasks)   # hookchains.attach does this
-    >>> verify(model, sites, images[:1], make)            # nothing refused when every site is exact
+    >>> from torch import nn
+    >>> from hookchains.adapters import discover
+    >>> from hookchains.core.attach import ScoreHooks
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    >>> x = torch.randn(1, 3, 8, 8)
+    >>> sites = discover(model, example=x)
+    >>> verify(model, sites, x, lambda s, tasks: ScoreHooks(model, s, tasks=tasks))  # what attach runs
     {'filters': {}, 'gates': {}}
 """
 from __future__ import annotations
