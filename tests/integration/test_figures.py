@@ -32,7 +32,7 @@ def _on_meta(build):
     """Sites of a real architecture discovered on the meta device (no weights, no memory)."""
     with torch.device("meta"):
         model = build().eval()
-        return discover(model, example=torch.empty(1, 3, 224, 224))
+    return discover(model, example=torch.empty(1, 3, 224, 224, device="meta"))
 
 
 def _keep_all(sites) -> Subnetwork:
