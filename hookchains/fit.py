@@ -230,6 +230,16 @@ def _tasks_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
     return (kl.sum(-1).mean(-1)).double().cpu().tolist()
 
 
+def _confirm(chains: Chains, recipe: Recipe, images, teacher_logp, tracks: Dict[int, _Track], cfg: FitConfig,
+             layout) -> None:
+    """A task about to stop is checked on the network it ends with (the KL recorded in a step is that
+    of the network before the step's update): it keeps running if that network's KL is above ``kl_tol``."""
+    if recipe.confirms and any(t.stopped for t in tracks.values()):
+        final = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
+        for index, track in tracks.items():
+            track.stopped = track.stopped and final[index] <= cfg.kl_tol
+
+
 def _optimise(chains: Chains, recipe: Recipe, images: torch.Tensor, teacher_logp: torch.Tensor,
               cfg: FitConfig, layout: torch.memory_format) -> List[_Track]:
     """Adam on the recipe's objective for every task at once until each has converged (or ``cfg.steps``)."""
@@ -241,9 +251,10 @@ def _optimise(chains: Chains, recipe: Recipe, images: torch.Tensor, teacher_logp
         with chains.using(recipe.mode):
             for _ in bar:
                 kls, penalties = _step(chains, recipe, optimiser, images, teacher_logp, chunks, tracks, cfg, layout)
-                for i, track in enumerate(tracks):
-                    if not track.stopped:
-                        track.record(recipe, cfg, kls[i], penalties[i], chains.kept_counts(i))
+                running = [i for i, t in enumerate(tracks) if not t.stopped]
+                for i in running:
+                    tracks[i].record(recipe, cfg, kls[i], penalties[i], chains.kept_counts(i))
+                _confirm(chains, recipe, images, teacher_logp, {i: tracks[i] for i in running}, cfg, layout)
                 bar.set_postfix(_progress(tracks))
                 if all(t.stopped for t in tracks):
                     break

@@ -58,6 +58,7 @@ class Recipe:
     name = "recipe"
     mode = "ste"
     stochastic = False  # True: the forward while fitting is not the extracted network
+    confirms = True  # the stop needs the final network's KL within kl_tol
 
     def start(self, chains, cfg) -> List[Dict[str, Any]]:
         """Reset ``chains`` to the original network (``S = 1``, gates at ``gate_init``) and return
@@ -131,6 +132,7 @@ class Paper(Recipe):
 
     name = "paper"
     mode = "soft"
+    confirms = False
 
     def start(self, chains, cfg) -> List[Dict[str, Any]]:
         groups = super().start(chains, cfg)
