@@ -3,7 +3,7 @@
 Table mode prints, per recipe and task, the thresholded sub-network's size and fidelity and the steps
 the fit ran (and how it ended). ``--curve PNG`` also draws the size-fidelity curve of every recipe
 and of the magnitude and random baselines on the first task, with each curve's area
-(:mod:`hookchains.curve`), and writes the figures as JSON beside the PNG.
+(:mod:`hookchains.evaluation.curve`), and writes the figures as JSON beside the PNG.
 
     python benchmarks/recipes.py --image-size 224 --recipes mask --tasks demo,palace,missile
     python benchmarks/recipes.py --image-size 160 --tasks demo --curve benchmarks/results/recipes_curve.png
@@ -19,10 +19,10 @@ import torch
 
 import hookchains
 from hookchains.assets import asset_path, demo_photos
-from hookchains.curve import area, plot, size_fidelity
-from hookchains.data import augmented_views
-from hookchains.models import create_model, preprocessing
-from hookchains.recipes import HardConcrete, Mask, Ste
+from hookchains.core.recipes import HardConcrete, Mask, Ste
+from hookchains.evaluation.curve import area, plot, size_fidelity
+from hookchains.inputs.data import augmented_views
+from hookchains.inputs.models import create_model, preprocessing
 
 # Tasks: the demo's pair, and two pairs of bundled photos the demo does not use (class: photo).
 TASKS = {
@@ -66,7 +66,7 @@ def main() -> None:
         for name in args.recipes.split(","):
             start = time.perf_counter()
             with hookchains.attach(model, example=images[:1]) as chains:
-                sub = chains.fit(images, steps=args.steps, lr=args.lr, recipe=RECIPES[name](), progress=False)
+                sub = hookchains.fit(chains, images, steps=args.steps, lr=args.lr, recipe=RECIPES[name](), progress=False)
                 if args.curve and not curves.get(name):
                     curves[name] = size_fidelity(chains, images, sub, baselines=() if curves else ("magnitude", "random"))
             c, f = sub.counts(), sub.fidelity
