@@ -7,6 +7,11 @@ and of the magnitude and random baselines on the first task, with each curve's a
 
     python benchmarks/recipes.py --image-size 224 --recipes mask --tasks demo,palace,missile
     python benchmarks/recipes.py --image-size 160 --tasks demo --curve benchmarks/results/recipes_curve.png
+
+``--digits DIR`` uses the digits CNN and images written by ``benchmarks/digits.py --out DIR`` instead
+(tasks: digit pairs such as ``3-8``; 10 images per digit), a cheap stand-in on a loaded CPU:
+
+    PYTHONPATH=. python benchmarks/recipes.py --digits /tmp/digits --tasks 3-8,1-7 --recipes mask,ste --steps 300
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import hookchains
 from hookchains.assets import asset_path, demo_photos
 from hookchains.core.recipes import HardConcrete, Mask, Ste
 from hookchains.evaluation.curve import area, plot, size_fidelity
-from hookchains.inputs.data import augmented_views
+from hookchains.core.io import read_tensors
+from hookchains.inputs.data import augmented_views, load_image_folder
 from hookchains.inputs.models import create_model, preprocessing
 
 # Tasks: the demo's pair, and two pairs of bundled photos the demo does not use (class: photo).
@@ -36,7 +42,8 @@ RECIPES = {
     "mask-free": lambda: Mask(m_max=None),
     "mask-width": lambda: Mask(cost="width"),
     "l0": lambda: HardConcrete(),
-    "keep-2%": lambda: Mask(keep_target=0.02, warmup=150),
+    "keep-2%": lambda: Mask(m_max=None, keep_target=0.02, warmup=150),
+    "l0-free": lambda: HardConcrete(m_max=None),
     "ste": lambda: Ste(),
     "ste-free": lambda: Ste(m_max=None),
     "paper": lambda: "paper",
@@ -49,6 +56,19 @@ def task_images(name: str, model, image_size: int) -> torch.Tensor:
     return augmented_views(photos, 10, preprocessing(model, image_size)).images
 
 
+def digits_model(directory: Path):
+    """The digits CNN of ``benchmarks/digits.py`` with its trained checkpoint from ``directory``."""
+    from benchmarks.digits import build
+    model = build()
+    model.load_state_dict(read_tensors(directory / "digits_cnn.safetensors"))
+    return model.eval()
+
+
+def digits_images(directory: Path, pair: str, model) -> torch.Tensor:
+    """10 images of each digit of ``pair`` (e.g. ``"3-8"``) from ``directory/images``."""
+    return load_image_folder(directory / "images", pair.split("-"), 10, preprocessing(model)).images
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224)
@@ -57,24 +77,32 @@ def main() -> None:
     parser.add_argument("--recipes", default="mask")
     parser.add_argument("--tasks", default="demo,palace,missile")
     parser.add_argument("--curve", type=Path, help="write the size-fidelity figure of the first task here")
+    parser.add_argument("--digits", type=Path, help="folder of benchmarks/digits.py --out: use the digits CNN")
+    parser.add_argument("--lam", type=float, default=0.005)
+    parser.add_argument("--largest", type=float, default=0.3,
+                        help="curves run up to this share of the filters (the same for every recipe)")
     args = parser.parse_args()
-    model, _ = create_model("hookchains:mobilenet_v2")
+    model = digits_model(args.digits) if args.digits else create_model("hookchains:mobilenet_v2")[0]
+    label = "digits CNN" if args.digits else f"MobileNetV2, {args.image_size} px"
     curves = {}
     print(f"{'recipe':10} {'task':8} {'filters kept':>17} {'agree':>6} {'KL':>6} {'steps':>5} {'ended':>10} {'s':>5}")
     for task in args.tasks.split(","):
-        images = task_images(task, model, args.image_size)
+        images = digits_images(args.digits, task, model) if args.digits else task_images(task, model, args.image_size)
         for name in args.recipes.split(","):
             start = time.perf_counter()
             with hookchains.attach(model, example=images[:1]) as chains:
-                sub = hookchains.fit(chains, images, steps=args.steps, lr=args.lr, recipe=RECIPES[name](), progress=False)
+                sub = hookchains.fit(chains, images, steps=args.steps, lr=args.lr, lam=args.lam,
+                                     recipe=RECIPES[name](), progress=False)
                 if args.curve and not curves.get(name):
-                    curves[name] = size_fidelity(chains, images, sub, baselines=() if curves else ("magnitude", "random"))
+                    largest = round(args.largest * sub.counts()["filters_total"])
+                    curves[name] = size_fidelity(chains, images, sub, largest=largest,
+                                                 baselines=() if curves else ("magnitude", "random"))
             c, f = sub.counts(), sub.fidelity
             print(f"{name:10} {task:8} {c['filters_kept']:>6}/{c['filters_total']} {100 * c['filters_kept'] / c['filters_total']:5.2f}%"
                   f" {f['agree']:>3}/{f['images']:<2} {f['kl']:6.3f} {sub.config['steps_run']:>5} {sub.config['ended']:>10}"
                   f" {time.perf_counter() - start:5.0f}", flush=True)
         if args.curve:
-            _write_curves(curves, args.curve, f"MobileNetV2, {task} task, {args.image_size} px")
+            _write_curves(curves, args.curve, f"{label}, task {task}")
             args.curve = None
 
 

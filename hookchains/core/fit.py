@@ -50,7 +50,7 @@ class FitConfig:
         lam_gate: weight of the gate penalty (paper: 1 for ResNet-50, 2 for VGG-19).
         recipe: a :class:`hookchains.core.recipes.Recipe` or its name (``"mask"``, ``"l0"``, ``"ste"``,
             ``"paper"``; ``"hookchains"`` is a deprecated alias of ``"ste"``); ``None``: the default,
-            :data:`hookchains.core.recipes.DEFAULT`.
+            :func:`hookchains.core.recipes.default_recipe`.
         kl_target: all recipes but ``paper`` (and a ``keep_target``): the KL the sub-network should stay within; the KL term's
             weight adapts (dual ascent) so sparsity is bought only up to this fidelity. ``None``: the
             fixed weighting of Eq. 8.

@@ -116,14 +116,15 @@ def _grid(smallest: int, largest: int, points: int) -> List[int]:
 
 def size_fidelity(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, sizes: Optional[Sequence[int]] = None,
                   baselines: Sequence[str] = ("magnitude", "random"), baseline_steps: int = 0,
-                  points: int = 12, seed: int = 0) -> Dict[str, object]:
+                  points: int = 12, largest: Optional[int] = None, seed: int = 0) -> Dict[str, object]:
     """KL of the thresholded network against filters kept, for ``sub``'s selections and the baselines.
 
     Args:
         chains, images: the hooks and images ``sub`` was fitted on.
         sub: a fit result.
         sizes: filter counts to measure (default: ``points`` sizes, log-spaced from one filter per
-            layer to every selectable filter).
+            layer to ``largest``, default every selectable filter; give the same ``largest`` to
+            compare fits, since an area depends on its size range).
         baselines: kinds of :func:`hookchains.evaluation.baselines.baseline` at the same budgets (``"proportional"``).
         baseline_steps: their score fine-tuning steps (0: none, like the selections).
         seed: the random baseline's draw.
@@ -138,7 +139,7 @@ def size_fidelity(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, siz
         True
     """
     total = sub.counts()["filters_total"]
-    sizes = list(sizes) if sizes else _grid(len(sub.sites.filters), len(ranking(sub)), points)
+    sizes = list(sizes) if sizes else _grid(len(sub.sites.filters), largest or len(ranking(sub)), points)
     teacher = logits_of(chains, images.to(next(chains.model.parameters()).device), "off")
     figures = {"neurochains": [measure(chains, images, select(sub, n), teacher) for n in sizes]}
     for kind in baselines:
@@ -182,6 +183,7 @@ def plot(curves: Dict[str, Dict[str, object]], path, title: str = "") -> Path:
                   label=f"{label} (area {area(curve['sizes'], curve['kl'], curve['total']):.3f})")
     axes.set_xscale("log")
     axes.set_yscale("symlog", linthresh=0.1)
+    axes.set_ylim(bottom=0)
     axes.set_xlabel("filters kept (% of the model)")
     axes.set_ylabel("mean KL(original || sub-network)")
     axes.set_title(title)
