@@ -25,7 +25,18 @@ Policy that forbids every network request. Feature visualisations are cached und
 pictures are raster anyway, and nothing beyond hookchains' own dependencies is needed).
 
 Example:
-    >>> write_report("runs/cat-espresso", sub, model, views)
+    >>> import torch
+    >>> from torch import nn
+    >>> from hookchains.core.testing import random_subnetwork
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    >>> images = torch.randn(4, 3, 32, 32)
+    >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+    >>> from PIL import Image
+    >>> from hookchains.inputs.data import ImageSet
+    >>> views = ImageSet(images, torch.tensor([0, 0, 1, 1]), ["cat", "espresso"], ["c.png"] * 2 + ["e.png"] * 2,
+    ...                  [Image.new("RGB", (32, 32))] * 4)      # normalised batch, labels, names, files, raw
+    >>> write_report("runs/cat-espresso", sub, model, views, featvis_steps=2)   # default 32 steps
     PosixPath('runs/cat-espresso/report.html')
 """
 from __future__ import annotations
@@ -264,7 +275,18 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
             ``sub.task["class_indices"]``, else ImageNet names or synsets for 1000-class models.
 
     Example:
-        >>> write_report("runs/cat-espresso", sub, model, views, chains_per_image=2)
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+        >>> from PIL import Image
+        >>> from hookchains.inputs.data import ImageSet
+        >>> views = ImageSet(images, torch.tensor([0, 0, 1, 1]), ["cat", "espresso"], ["c.png"] * 2 + ["e.png"] * 2,
+        ...                  [Image.new("RGB", (32, 32))] * 4)      # normalised batch, labels, names, files, raw
+        >>> write_report("runs/cat-espresso", sub, model, views, chains_per_image=2, featvis_steps=2)
         PosixPath('runs/cat-espresso/report.html')
     """
     run_dir = Path(run_dir)
@@ -329,7 +351,18 @@ def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, mode
     report's cache under ``run_dir/featvis``.
 
     Example:
-        >>> write_chains_figure("fig4.pdf", "runs/cat-espresso", sub, model, views, images=[0, 10])
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+        >>> from PIL import Image
+        >>> from hookchains.inputs.data import ImageSet
+        >>> views = ImageSet(images, torch.tensor([0, 0, 1, 1]), ["cat", "espresso"], ["c.png"] * 2 + ["e.png"] * 2,
+        ...                  [Image.new("RGB", (32, 32))] * 4)      # normalised batch, labels, names, files, raw
+        >>> write_chains_figure("fig4.pdf", "runs/cat-espresso", sub, model, views, images=[0, 2], featvis_steps=2)
         PosixPath('fig4.pdf')
     """
     if isinstance(sub, TokenSubnetwork):

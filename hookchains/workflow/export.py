@@ -34,7 +34,15 @@ def export_run(run_dir, fmt: str = "safetensors", out: Optional[str] = None, *, 
     written over only with ``overwrite`` (``FileExistsError`` otherwise).
 
     Example:
-        >>> export_run("runs/demo", "torchscript")
+        >>> from hookchains.core.fit import preset_for
+        >>> from hookchains.workflow.demo import demo_task
+        >>> from hookchains.workflow.extract import extract
+        >>> model, ref, task = demo_task(image_size=64, per_class=2)     # embedded MobileNetV2, 4 photos
+        >>> quick = preset_for("mobilenet", steps=2, progress=False)     # a real run: the preset's steps
+        >>> sub = extract(model, ref, task, "runs/demo", config=quick, graph_format=None, report=False)
+        >>> export_run("runs/demo")
+        PosixPath('runs/demo/pruned.safetensors')
+        >>> export_run("runs/demo", "torchscript")      # doctest: +SKIP
         PosixPath('runs/demo/pruned.torchscript.pt')
     """
     if fmt not in EXPORT_FORMATS:

@@ -63,6 +63,8 @@ def extraction_mode(model: nn.Module, mode: str = "auto") -> str:
     error, so the user learns why (e.g. average pooling) instead of silently getting filters.
 
     Example:
+        >>> import timm
+        >>> resnet18 = timm.create_model("resnet18")
         >>> extraction_mode(timm.create_model("deit_tiny_patch16_224")), extraction_mode(resnet18)
         ('tokens', 'filters')
     """
@@ -83,6 +85,8 @@ def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
     :data:`hookchains.tokens.TOKEN_DEFAULTS`.
 
     Example:
+        >>> import timm
+        >>> deit = timm.create_model("test_vit")
         >>> fit_config(deit, "tokens", steps=20).steps
         20
     """
@@ -122,7 +126,16 @@ def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, **o
     ``options`` go to the page writer (e.g. ``out=``, ``class_indices=``).
 
     Example:
-        >>> write_run_report("runs/cat-espresso", sub, model, task)
+        >>> import torch
+        >>> from PIL import Image
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> task = ImageSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]), ["cat", "espresso"],
+        ...                 ["c.png"] * 2 + ["e.png"] * 2, [Image.new("RGB", (32, 32))] * 4)
+        >>> sub = random_subnetwork(model, task.images[:1], keep=0.5)      # or extract(...)
+        >>> write_run_report("runs/cat-espresso", sub, model, task, featvis_steps=2)
         PosixPath('runs/cat-espresso/report.html')
     """
     writer = write_token_report if isinstance(sub, TokenSubnetwork) else write_report
@@ -148,10 +161,13 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
         :class:`~hookchains.tokens.TokenSubnetwork` (tokens).
 
     Example:
-        >>> model, ref = create_model("hookchains:mobilenet_v2")
-        >>> sub = extract(model, ref, task, "runs/demo", config=preset_for("mobilenet"))
-        >>> deit, ref = create_model("deit_small_patch16_224", pretrained=True)
-        >>> tsub = extract(deit, ref, task, "runs/deit")          # mode auto -> tokens
+        >>> from hookchains.workflow.demo import demo_task
+        >>> model, ref, task = demo_task(image_size=64, per_class=2)     # embedded MobileNetV2, 4 photos
+        >>> quick = preset_for("mobilenet", steps=2, progress=False)     # a real run: preset_for("mobilenet")
+        >>> sub = extract(model, ref, task, "runs/demo", config=quick, graph_format=None, report=False)
+        >>> from hookchains.inputs.models import create_model
+        >>> deit, ref = create_model("deit_small_patch16_224", pretrained=True)   # doctest: +SKIP
+        >>> tsub = extract(deit, ref, task, "runs/deit")          # doctest: +SKIP
     """
     resolved = extraction_mode(model, mode)
     config = config or fit_config(model, resolved)

@@ -268,9 +268,18 @@ def load(folder, checkpoint: Optional[str] = None) -> nn.Module:
     task images), whose logits are compared with the saved ``token_logits.safetensors``.
 
     Example:
+        >>> import hookchains
+        >>> from hookchains.core.fit import preset_for
+        >>> from hookchains.workflow.demo import demo_task
+        >>> from hookchains.workflow.extract import extract
+        >>> model, ref, task = demo_task(image_size=64, per_class=2)
+        >>> quick = preset_for("mobilenet", steps=2, progress=False)
+        >>> sub = extract(model, ref, task, "runs/cat-espresso", config=quick, graph_format=None, report=False)
         >>> small = hookchains.load("runs/cat-espresso")
-        >>> dropped = hookchains.load("runs/deit-cat")          # token run
-        >>> dropped(images[:2], rows=[0, 1])                     # row j is task image rows[j]
+        >>> small(task.images[:2]).shape
+        torch.Size([2, 1000])
+        >>> dropped = hookchains.load("runs/deit-cat")          # token run  # doctest: +SKIP
+        >>> dropped(images[:2], rows=[0, 1])     # row j is task image rows[j]  # doctest: +SKIP
     """
     run = load_run(folder)
     base = run.base_model(checkpoint)
