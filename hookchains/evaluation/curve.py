@@ -20,6 +20,24 @@ pruning baselines of :mod:`hookchains.evaluation.baselines` at the same budgets 
 layers by width, gates open), and :func:`area` turns each curve into one number, the mean KL over
 ``log10`` of the kept share (trapezoid rule; lower is better), as circuit-discovery work summarises
 faithfulness curves by their area (Conmy et al. 2023; Hanna et al. 2024). :func:`plot` draws them.
+
+Example (a hand-built net; a real fit runs a few hundred steps):
+
+    >>> import torch, hookchains
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+    ...                     nn.Flatten(), nn.Linear(8, 3)).eval()
+    >>> images = torch.randn(6, 1, 8, 8)
+    >>> with hookchains.attach(net, example=images[:1]) as hooks:
+    ...     sub = hookchains.fit(hooks, images, steps=3, progress=False)
+    ...     three = select(sub, 3)
+    ...     curve = size_fidelity(hooks, images, sub, points=3)
+    >>> three.counts()["filters_kept"], curve["sizes"]
+    (3, [1, 3, 8])
+    >>> sorted(curve["area"])
+    ['magnitude', 'neurochains', 'random']
 """
 from __future__ import annotations
 
@@ -41,12 +59,7 @@ __all__ = ["ranking", "select", "select_kl", "measure", "size_fidelity", "area",
 
 
 def ranking(sub: Subnetwork) -> List[tuple]:
-    """Every selectable filter as ``(site, index)``, best first (filters inside removed blocks excluded).
-
-    Example:
-        >>> ranking(sub)[:2]
-        [('features.0', 3), ('features.3', 7)]
-    """
+    """Every selectable filter as ``(site, index)``, best first (filters inside removed blocks excluded)."""
     values = sub.importance or sub.scores
     hidden = {f for g in sub.sites.gates if not sub.gate_open(g.name) for f in g.filter_sites}
     entries = [(float(v), site.name, i) for site in sub.sites.filters if site.name not in hidden
@@ -56,13 +69,8 @@ def ranking(sub: Subnetwork) -> List[tuple]:
 
 
 def select(sub: Subnetwork, filters: int) -> Subnetwork:
-    """The sub-network of ``sub``'s ``filters`` best-ranked filters (module doc); raises ``ValueError``
-    unless ``1 <= filters <=`` the selectable filters.
-
-    Example:
-        >>> select(sub, sub.counts()["filters_kept"]).kept_filters() == sub.kept_filters()
-        True
-    """
+    """The sub-network of ``sub``'s ``filters`` best-ranked filters (module doc; at ``sub``'s own
+    count it is ``sub``); raises ``ValueError`` unless ``1 <= filters <=`` the selectable filters."""
     order = ranking(sub)
     if not 1 <= filters <= len(order):
         raise ValueError(f"filters must be between 1 and {len(order)} (the filters outside removed blocks), "
@@ -131,12 +139,7 @@ def size_fidelity(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, siz
 
     Returns:
         ``{"sizes": [...], "total": filters in the model, "kl": {"neurochains": [...], kind: [...]},
-        "agree": {...}, "area": {name: area(...)}}``.
-
-    Example:
-        >>> curve = size_fidelity(chains, images, sub)
-        >>> curve["area"]["neurochains"] < curve["area"]["random"]
-        True
+        "agree": {...}, "area": {name: area(...)}}`` (the module doc has an example).
     """
     total = sub.counts()["filters_total"]
     sizes = list(sizes) if sizes else _grid(len(sub.sites.filters), largest or len(ranking(sub)), points)
