@@ -167,6 +167,10 @@ class _Study:
         for start in range(0, len(tasks), size):
             group = tasks[start:start + size]
             data = [self._load(t) for t in group]
+            if self.log:
+                for task, images in zip(group, data):
+                    for entry in images.skipped:
+                        self.log(f"{task.id}: skipped unreadable image {entry}")
             begin = time.perf_counter()
             subs = self._fit(data, dataclasses.replace(cfg, progress=progress and size == 1))
             fit_seconds = (time.perf_counter() - begin) / len(group)
