@@ -138,3 +138,11 @@ def test_area_is_the_mean_kl_over_log_size():
     assert area([10, 100], [0.5, 0.5], 1000) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="two different sizes"):
         area([10], [0.5], 100)
+
+
+def test_token_fit_refuses_the_filter_recipes():
+    import timm
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    images = torch.zeros(2, *model.pretrained_cfg["input_size"])
+    with pytest.raises(ValueError, match="mask and l0 recipes are for filters"):
+        hookchains.fit_tokens(model, images, steps=1, progress=False, recipe="mask")
