@@ -1,7 +1,7 @@
 """Learn filter scores and gates on a handful of images: the optimisation of Eq. 8.
 
-One loop serves every recipe (:mod:`hookchains.core.recipes`: ``mask`` default, ``l0``, ``ste``,
-``paper``): a recipe says how scores enter the forward pass, what the cost is, how values are
+One loop serves every recipe (:mod:`hookchains.core.recipes`: ``ste`` (default: unbounded scale), ``mask``,
+``l0``, ``paper``): a recipe says how scores enter the forward pass, what the cost is, how values are
 projected after each Adam step and when the fit has converged. The loop adapts the KL weight by dual
 ascent toward ``kl_target`` (Eq. 8 is the penalty form of the constrained Eq. 2; a fixed ``lam``
 trades size for fidelity differently on every model) and records how the fit ended.
@@ -12,10 +12,14 @@ thresholded network's KL is within ``kl_tol``. Otherwise it runs to ``steps`` an
 ``config["ended"]`` is ``"converged"`` or ``"step_limit"`` and ``config["kept_change_per_10_steps"]``
 the kept count's change (percent per 10 steps) over the last ``patience`` steps;
 :meth:`Subnetwork.summary` names a step-limit ending. (The paper's ``|dloss| < 0.05`` fired at step 9
-or never; DESIGN.md.)
+or never; docs/design.md.)
 
-Model weights are frozen for the duration (``requires_grad_(False)``; restored afterwards): no weight
-gradient is ever computed. Teacher logits are computed once. The global RNG is restored afterwards.
+Model weights are frozen and the model is in eval mode for the duration (each module's own flag and
+each parameter's ``requires_grad`` restored afterwards, :mod:`hookchains.core.state`): no weight gradient is
+ever computed; the seed applies to a forked RNG, so the caller's global RNG state is untouched.
+Teacher logits are computed once. Outputs that are not one ``N x classes`` logits tensor (dicts,
+probabilities, dense ``N x C x H x W`` predictions) go through :func:`hookchains.inputs.forward.class_scores`:
+a dense prediction's KL is taken per position (pixel) over the classes and averaged over positions.
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ from tqdm.auto import tqdm
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.metrics import fidelity
 from hookchains.core.recipes import GATE_BOUND, RECIPES, Paper, Recipe, Ste, recipe_named
+from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
-from hookchains.inputs.data import validate_images
+from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
 
 __all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
@@ -122,17 +127,19 @@ def _device_of(chains: ScoreHooks) -> torch.device:
     return next(chains.model.parameters()).device
 
 
-def _batch(images: torch.Tensor, part: slice, layout: torch.memory_format) -> torch.Tensor:
-    """Images ``part`` of every task (tasks x N x ...) as one batch in memory ``layout``."""
-    batch = images[:, part].flatten(0, 1)
-    return batch.contiguous(memory_format=layout) if batch.ndim == 4 else batch
+def _batch(images, part: slice, layout: torch.memory_format):
+    """Examples ``part`` of every task (each input tasks x N x ...) as one batch, images in memory ``layout``."""
+    def one(t: torch.Tensor) -> torch.Tensor:
+        batch = t[:, part].flatten(0, 1)
+        return batch.contiguous(memory_format=layout) if batch.ndim == 4 else batch
+    return map_tensors(one, images)
 
 
 def _input_layout(chains: ScoreHooks, images: torch.Tensor, batch_size: Optional[int]):
     """Channels-last on CPU when the model accepts it (oneDNN's convolutions ran 1.23x faster per
     step on the demo's MobileNetV2, 1.07x on ResNet-18, weights untouched), else the usual layout
     (e.g. a forward that calls ``.view`` on a featuremap). Returns (layout, teacher logits)."""
-    if images.device.type == "cpu" and images.ndim == 5:
+    if primary(images).device.type == "cpu" and primary(images).ndim == 5:
         try:
             return torch.channels_last, _tasks_logits(chains, images, "off", batch_size, torch.channels_last)
         except RuntimeError:
@@ -140,26 +147,31 @@ def _input_layout(chains: ScoreHooks, images: torch.Tensor, batch_size: Optional
     return torch.contiguous_format, _tasks_logits(chains, images, "off", batch_size)
 
 
-def _tasks_kl_backward(model, images: torch.Tensor, teacher_logp: torch.Tensor, parts: Sequence[slice],
+def _tasks_kl_backward(chains: ScoreHooks, images, teacher_logp: torch.Tensor, parts: Sequence[slice],
                        weights: torch.Tensor, layout: torch.memory_format = torch.contiguous_format) -> List[float]:
-    """Mean KL per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x classes);
+    """Mean KL per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x classes, or
+    tasks x N x P x classes for a dense prediction, whose KL is averaged over the P positions);
     backpropagates ``sum_t weights[t] * KL_t`` chunk by chunk (a chunk takes the same images of every task)."""
-    tasks, count = images.shape[:2]
+    tasks, n = primary(images).shape[:2]
     totals = torch.zeros(tasks, dtype=torch.float64)
     for part in parts:
-        logq = F.log_softmax(model(_batch(images, part, layout)).float(), -1)
-        kl = F.kl_div(logq.view(tasks, -1, logq.shape[-1]), teacher_logp[:, part], log_target=True,
-                      reduction="none").sum((1, 2)) / count
+        target = teacher_logp[:, part]
+        scores = class_scores(call(chains.model, _batch(images, part, layout)), chains.sites.output)
+        logq = F.log_softmax(scores, -1).reshape(target.shape)
+        kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1)
+        kl = kl.reshape(tasks, kl.shape[1], -1).mean(-1).sum(1) / n
         (weights.to(kl.device) * kl).sum().backward()
         totals += kl.detach().cpu().double()
     return totals.tolist()
 
 
-def kl_backward(model, images, teacher_logp, parts: Sequence[slice], weight: float) -> float:
+def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice], weight: float) -> float:
     """Mean KL over the images of one task; backpropagates ``weight * KL`` part by part (see :func:`chunks`).
 
-    ``images``: N x ...; ``teacher_logp``: N x classes log-probabilities; returns the KL in nats."""
-    return _tasks_kl_backward(model, images[None], teacher_logp[None], parts, torch.tensor([weight]))[0]
+    ``images``: N x ... (or a tuple/dict of inputs); ``teacher_logp``: N x classes (N x P x classes
+    for a dense prediction) log-probabilities; returns the KL in nats."""
+    return _tasks_kl_backward(chains, map_tensors(lambda t: t[None], images), teacher_logp[None], parts,
+                              torch.tensor([weight]))[0]
 
 
 def next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
@@ -215,7 +227,7 @@ def _step(chains: ScoreHooks, recipe: Recipe, optimiser, images, teacher_logp, p
     frozen = [i for i, t in enumerate(tracks) if t.stopped]
     saved = [chains.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
     optimiser.zero_grad(set_to_none=True)
-    kls = _tasks_kl_backward(chains.model, images, teacher_logp, parts,
+    kls = _tasks_kl_backward(chains, images, teacher_logp, parts,
                              torch.tensor([t.kl_weight for t in tracks]), layout)
     penalty = recipe.penalty(chains, cfg)
     penalty.sum().backward()
@@ -229,10 +241,11 @@ def _step(chains: ScoreHooks, recipe: Recipe, optimiser, images, teacher_logp, p
     return kls, penalty.detach().cpu().tolist()
 
 
-def _tasks_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
-    """Mean KL(teacher || student) per task (``logits``: tasks x N x classes)."""
-    kl = F.kl_div(F.log_softmax(logits, -1), teacher_logp, log_target=True, reduction="none")
-    return (kl.sum(-1).mean(-1)).double().cpu().tolist()
+def _tasks_kl(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
+    """Mean KL(teacher || student) per task (``scores``: tasks x N x classes, or tasks x N x P x classes
+    for a dense prediction, averaged over the P positions as in :func:`_tasks_kl_backward`)."""
+    kl = F.kl_div(F.log_softmax(scores, -1), teacher_logp, log_target=True, reduction="none").sum(-1)
+    return kl.reshape(*kl.shape[:2], -1).mean(-1).mean(-1).double().cpu().tolist()
 
 
 def _confirm(chains: ScoreHooks, recipe: Recipe, images, teacher_logp, tracks: Dict[int, _Track], cfg: FitConfig,
@@ -249,7 +262,7 @@ def _optimise(chains: ScoreHooks, recipe: Recipe, images: torch.Tensor, teacher_
               cfg: FitConfig, layout: torch.memory_format) -> List[_Track]:
     """Adam on the recipe's objective for every task at once until each has converged (or ``cfg.steps``)."""
     optimiser = torch.optim.Adam(recipe.start(chains, cfg), lr=cfg.lr)
-    parts = chunks(images.shape[1], cfg.batch_size)
+    parts = chunks(primary(images).shape[1], cfg.batch_size)
     tracks = [_Track() for _ in range(chains.task_count)]
     bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
     try:
@@ -292,17 +305,20 @@ def chunks(n: int, batch_size: Optional[int]) -> List[slice]:
 
 
 @torch.no_grad()
-def _tasks_logits(chains: ScoreHooks, images: torch.Tensor, mode: str, batch_size: Optional[int],
+def _tasks_logits(chains: ScoreHooks, images, mode: str, batch_size: Optional[int],
                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Logits (tasks x N x classes) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    """Class scores (tasks x N x classes, or tasks x N x P x classes for a dense prediction;
+    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    tasks, n = primary(images).shape[:2]
     with chains.using(mode):
-        parts = [chains.model(_batch(images, p, layout)).float() for p in chunks(images.shape[1], batch_size)]
-    return torch.cat([part.view(images.shape[0], -1, part.shape[-1]) for part in parts], 1)
+        parts = [class_scores(call(chains.model, _batch(images, p, layout)), chains.sites.output)
+                 for p in chunks(n, batch_size)]
+    return torch.cat([part.view(tasks, -1, *part.shape[1:]) for part in parts], 1)
 
 
-def logits_of(chains: ScoreHooks, images: torch.Tensor, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
-    """Logits of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
-    return _tasks_logits(chains, images[None], mode, batch_size)[0]
+def logits_of(chains: ScoreHooks, images, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Class scores of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
+    return _tasks_logits(chains, map_tensors(lambda t: t[None], images), mode, batch_size)[0]
 
 
 def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = None, **options) -> Subnetwork:
@@ -310,7 +326,9 @@ def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = 
 
     Args:
         chains: hooks from :func:`hookchains.core.attach`.
-        images: the task's images, N x C x H x W, preprocessed like the model's training data.
+        images: the task's images, N x C x H x W (or N x C x L signals, N x C x D x H x W volumes),
+            preprocessed like the model's training data; a tuple/dict of inputs for a model with
+            several (:mod:`hookchains.inputs.forward`), the same N in each.
         config: a :class:`FitConfig`; default: the preset of the chains' adapter family.
         **options: any :class:`FitConfig` field, overriding ``config`` (e.g. ``steps=100``).
 
@@ -358,35 +376,26 @@ def fit_tasks(chains: ScoreHooks, tasks: Sequence[torch.Tensor], config: Optiona
     if len(tasks) != chains.task_count or chains.tasks is None:
         raise ValueError(f"these chains hold {chains.tasks or 1} task(s) but {len(tasks)} image sets were given: "
                          f"attach with hookchains.attach(model, tasks={len(tasks)})")
-    if len({tuple(t.shape) for t in tasks}) != 1:
-        raise ValueError(f"every task needs images of the same shape and count, got {[tuple(t.shape) for t in tasks]}")
+    shapes = [str(map_tensors(lambda t: tuple(t.shape), t)) for t in tasks]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"every task needs images of the same shape and count, got {shapes}")
     return _fit(chains, list(tasks), config, options)
 
 
 def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConfig], options: Dict) -> List[Subnetwork]:
     for images in tasks:
-        validate_images(images)
+        validate_inputs(images, len(chains.sites.input_shape))
     if not chains.attached:
         raise RuntimeError("these chains were detached; call hookchains.attach(model) again")
     cfg = dataclasses.replace(config or preset_for(chains.sites.adapter), **options)
-    model = chains.model
-    images = torch.stack(tasks).to(_device_of(chains))
+    device = _device_of(chains)
+    images = map_tensors(lambda t: t.to(device), stack(tasks))
     recipe = recipe_named(cfg.recipe)
-    flags, was_training = [p.requires_grad for p in model.parameters()], model.training
-    model.eval().requires_grad_(False)
-    torch.set_flush_denormal(True)  # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl
-    devices = [images.device] if images.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):  # seeding must not change the caller's RNG
-            torch.manual_seed(cfg.seed)
-            layout, teacher = _input_layout(chains, images, cfg.batch_size)
-            tracks = _optimise(chains, recipe, images, F.log_softmax(teacher, -1), cfg, layout)
-            student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
-    finally:
-        torch.set_flush_denormal(False)
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl: denormals flushed meanwhile
+    with seeded(cfg.seed, device), explaining(chains.model, flush_denormal=True):
+        layout, teacher = _input_layout(chains, images, cfg.batch_size)
+        tracks = _optimise(chains, recipe, images, F.log_softmax(teacher, -1), cfg, layout)
+        student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
     if any(math.isnan(v) for t in tracks for v in t.history["loss"]):
         raise FloatingPointError("the loss became NaN during fitting; lower lr or check the images")
     return [_result(chains, recipe, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]
