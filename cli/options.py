@@ -26,8 +26,10 @@ def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = Tr
         click.option("--lr", type=float, default=d.get("lr"), help="Adam learning rate [paper: 0.005]"),
         click.option("--lam", type=float, help="L1 weight on filter/token scores [family preset; paper: 0.005]"),
         click.option("--lam-gate", type=float, help="gate penalty weight [family preset; paper: 1 ResNet, 2 VGG]"),
-        click.option("--recipe", type=click.Choice(["hookchains", "paper"]), default="hookchains", show_default=True,
-                     help="hookchains: thresholded forward + adaptive KL weight; paper: Eq. 8 as written"),
+        click.option("--recipe", type=click.Choice(["mask", "l0", "ste", "paper", "hookchains"]),
+                     help="[default: ste with unbounded scales] ste: thresholded scores, straight-through, "
+                          "scale <= 1; mask: binary mask x scale <= 1, cost on the mask; l0: hard-concrete "
+                          "gates; paper: Eq. 8 as written; hookchains: old name of ste"),
         click.option("--kl-target", type=float, help="KL the sub-network should stay within [0.1]"),
         click.option("--tau", type=float, default=0.1, show_default=True, help="filter/token score threshold"),
         click.option("--temperature", type=float, default=0.2, show_default=True, help="gate sigmoid temperature T"),

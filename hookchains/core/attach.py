@@ -12,14 +12,16 @@ The hooks evaluate the scores in one of four modes:
 * ``"ste"``   -- hard values forward, soft gradients backward (straight-through), so training sees
   exactly the network that will be extracted;
 * ``"mask"``  -- the binary sub-network of Eq. 1 (``[S >= tau]``, ``G`` rounded): kept filters at scale 1;
-* ``"off"``   -- hooks pass everything through (the original model).
+* ``"off"``   -- hooks pass everything through (the original model);
+* ``"recipe"`` -- filter multipliers from ``recipe_values(name)`` (set by a fit recipe, e.g. ``z * m``
+  of :class:`hookchains.core.recipes.Mask`), gates as in ``"ste"``.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +32,7 @@ from hookchains.core.sites import FilterSite, GateSite, SiteMap
 
 __all__ = ["ScoreHooks", "HookOwner", "attach", "strip_hooks", "MODES"]
 
-MODES = ("soft", "hard", "ste", "mask", "off")
+MODES = ("soft", "hard", "ste", "mask", "off", "recipe")
 
 
 def _broadcast_shape(ndim: int, channel_dim: Optional[int]) -> List[int]:
@@ -109,6 +111,8 @@ class ScoreHooks(HookOwner):
         self.gate_logits: Dict[str, nn.Parameter] = {
             g.name: nn.Parameter(torch.zeros(lead, device=device)) for g in sites.gates}
         self._span_inputs: Dict[str, List[torch.Tensor]] = {}
+        # mode "recipe": site name -> multipliers, installed by a fit recipe (hookchains.core.recipes)
+        self.recipe_values: Optional[Callable[[str], torch.Tensor]] = None
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._register()
 
@@ -116,6 +120,8 @@ class ScoreHooks(HookOwner):
     def filter_values(self, name: str, mode: Optional[str] = None) -> torch.Tensor:
         """Multipliers of filter site ``name`` under ``mode`` (default: the current mode)."""
         s, mode = self.scores[name], mode or self.mode
+        if mode == "recipe":
+            return self.recipe_values(name)
         if mode == "soft":
             return s
         keep = (s >= self.tau).to(s.dtype)
@@ -130,7 +136,7 @@ class ScoreHooks(HookOwner):
         if mode == "soft":
             return g
         hard = (g >= 0.5).to(g.dtype)
-        return g + (hard - g).detach() if mode == "ste" else hard
+        return g + (hard - g).detach() if mode in ("ste", "recipe") else hard
 
     # ------------------------------------------------------------------ hooks
     def _register(self) -> None:

@@ -1,21 +1,18 @@
 """Learn filter scores and gates on a handful of images: the optimisation of Eq. 8.
 
-Two recipes share one loop:
+One loop serves every recipe (:mod:`hookchains.core.recipes`: ``ste`` (default: unbounded scale), ``mask``,
+``l0``, ``paper``): a recipe says how scores enter the forward pass, what the cost is, how values are
+projected after each Adam step and when the fit has converged. The loop adapts the KL weight by dual
+ascent toward ``kl_target`` (Eq. 8 is the penalty form of the constrained Eq. 2; a fixed ``lam``
+trades size for fidelity differently on every model) and records how the fit ended.
 
-``recipe="paper"`` -- exactly section 3.2/4.1: the soft network (``S`` in [0, 1], ``G`` in (0, 1)),
-loss ``mean KL + lam * ||S||_1 + lam_gate * sum(alpha)``, Adam, stop when the loss changes by less
-than ``0.05`` between steps; thresholding happens only afterwards.
-
-``recipe="hookchains"`` (default) -- the same objective made well-posed (docs/design.md measured why the
-paper's is not): (1) the forward pass is the *thresholded* network (``S * [S >= tau]``, ``G`` rounded)
-with straight-through gradients, so what is optimised is what is extracted and there is no soft/hard
-gap; (2) the gate penalty is ``lam_gate * sum(G)``, which is bounded below (``sum(alpha)`` is not, so
-with ``lam_gate >= 1`` every gate closed and the loss went negative); (3) Eq. 8 is the penalty form of the constrained Eq. 2, and a fixed ``lam`` trades size for
-fidelity differently on every model; with ``kl_target`` the KL weight adapts by dual ascent so the
-sparsest network within that KL is sought; (4) gate logits stay within ``|alpha/T| <= 4`` so a closed gate keeps a gradient and can reopen
-(with ``T = 0.2`` the paper's gates saturated and stayed shut); (5) convergence means the kept
-set has not changed for ``patience`` steps, the loss moved by less than ``loss_tol`` over them, and the
-KL is at most ``kl_tol`` (the paper's step-to-step ``|dloss| < 0.05`` fired at step 9 or never).
+Stop rule (all recipes but ``paper``): after ``min_steps``, the fit has *converged* when the kept
+filter count moved by at most ``size_tol`` (relative) over the last ``patience`` steps and the
+thresholded network's KL is within ``kl_tol``. Otherwise it runs to ``steps`` and the result says so:
+``config["ended"]`` is ``"converged"`` or ``"step_limit"`` and ``config["kept_change_per_10_steps"]``
+the kept count's change (percent per 10 steps) over the last ``patience`` steps;
+:meth:`Subnetwork.summary` names a step-limit ending. (The paper's ``|dloss| < 0.05`` fired at step 9
+or never; docs/design.md.)
 
 Model weights are frozen and the model is in eval mode for the duration (each module's own flag and
 each parameter's ``requires_grad`` restored afterwards, :mod:`hookchains.core.state`): no weight gradient is
@@ -29,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +34,13 @@ from tqdm.auto import tqdm
 
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.metrics import fidelity
+from hookchains.core.recipes import GATE_BOUND, RECIPES, Paper, Recipe, Ste, recipe_named
 from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
-# recipe "hookchains" keeps |alpha / T| <= GATE_BOUND: the forward pass uses the rounded gate, and a
-# saturated sigmoid would make a closed gate's gradient vanish so it could never reopen.
-GATE_BOUND = 4.0
 
-__all__ = ["FitConfig", "PRESETS", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
+__all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
            "next_kl_weight", "stopped"]
 
 
@@ -58,19 +53,21 @@ class FitConfig:
         lr: Adam learning rate for scores and gate logits (paper: 0.005).
         lam: weight of ``||S||_1`` (paper: 0.005 for ResNet-50 and VGG-19).
         lam_gate: weight of the gate penalty (paper: 1 for ResNet-50, 2 for VGG-19).
-        recipe: ``"hookchains"`` (default, see module doc) or ``"paper"``.
-        kl_target: recipe ``hookchains``: the KL the sub-network should stay within; the KL term's
+        recipe: a :class:`hookchains.core.recipes.Recipe` or its name (``"mask"``, ``"l0"``, ``"ste"``,
+            ``"paper"``; ``"hookchains"`` is a deprecated alias of ``"ste"``); ``None``: the default,
+            :func:`hookchains.core.recipes.default_recipe`.
+        kl_target: all recipes but ``paper`` (and a ``keep_target``): the KL the sub-network should stay within; the KL term's
             weight adapts (dual ascent) so sparsity is bought only up to this fidelity. ``None``: the
             fixed weighting of Eq. 8.
         kl_rate: how fast that weight adapts (log-space step per step).
         gate_init: initial gate logit ``alpha``; default 0 for recipe ``paper`` (``G = 0.5``), and
-            ``2 T`` (``G = 0.88``) for ``hookchains``, whose rounded gates would otherwise sit on the
+            ``2 T`` (``G = 0.88``) for the others, whose rounded gates would otherwise sit on the
             threshold and all close at the first step.
-        patience: steps the kept set must stay unchanged to stop (recipe ``hookchains``).
+        patience: steps over which the kept count must be settled to stop (module doc).
+        size_tol: the relative change of the kept count allowed over ``patience`` steps.
         min_steps: no stop before this step.
-        kl_tol: the KL the thresholded network must be within to stop (recipe ``hookchains``).
-        loss_tol: recipe ``paper``: stop when ``|loss_t - loss_{t-1}| < loss_tol``; recipe
-            ``hookchains``: the loss must move less than this over the last ``patience`` steps.
+        kl_tol: the KL the thresholded network must be within to stop.
+        loss_tol: recipe ``paper``: stop when ``|loss_t - loss_{t-1}| < loss_tol``.
         batch_size: images per forward pass (gradients are accumulated; default: all at once).
         seed: seeds torch before fitting.
         progress: show a tqdm bar.
@@ -80,11 +77,12 @@ class FitConfig:
     lr: float = 0.005
     lam: float = 0.005
     lam_gate: float = 1.0
-    recipe: str = "hookchains"
+    recipe: Union[str, Recipe, None] = None
     kl_target: Optional[float] = 0.1
     kl_rate: float = 0.05
     gate_init: Optional[float] = None
     patience: int = 30
+    size_tol: float = 0.01
     min_steps: int = 50
     kl_tol: float = 0.1
     loss_tol: float = 0.05
@@ -96,9 +94,11 @@ class FitConfig:
         problems = [f"{n} must be > 0 (got {v})" for n, v in
                     (("steps", self.steps), ("lr", self.lr), ("patience", self.patience)) if v <= 0]
         problems += [f"{n} must be >= 0 (got {v})" for n, v in
-                     (("lam", self.lam), ("lam_gate", self.lam_gate), ("kl_tol", self.kl_tol)) if v < 0]
-        if self.recipe not in ("hookchains", "paper"):
-            problems.append(f"recipe must be 'hookchains' or 'paper' (got {self.recipe!r})")
+                     (("lam", self.lam), ("lam_gate", self.lam_gate), ("kl_tol", self.kl_tol),
+                      ("size_tol", self.size_tol)) if v < 0]
+        if not (self.recipe is None or isinstance(self.recipe, Recipe) or self.recipe in (*RECIPES, "hookchains")):
+            problems.append(f"recipe must be one of {sorted(RECIPES)} or a hookchains.core.recipes.Recipe "
+                            f"(got {self.recipe!r})")
         if self.batch_size is not None and self.batch_size <= 0:
             problems.append(f"batch_size must be > 0 (got {self.batch_size})")
         if problems:
@@ -121,22 +121,6 @@ def preset_for(adapter: str, **overrides) -> FitConfig:
     values = dict(PRESETS.get(adapter, PRESETS["generic"]))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return FitConfig(**values)
-
-
-def _penalties(chains: ScoreHooks, cfg: FitConfig) -> torch.Tensor:
-    """Per task: ``lam * ||S||_1 + lam_gate * sum(alpha)`` (paper) or, recipe ``hookchains``, the same
-    with each score's L1 weighted by its gate's hard value (the filters of a removed block cost nothing
-    and are not counted, so they keep their values and the block can come back) and ``sum(G)`` for
-    the gates. Returns one value per task (the tasks' penalties are independent)."""
-    per, zero = chains.per_task, torch.zeros(chains.task_count, device=_device_of(chains))
-    if cfg.recipe == "paper":
-        l1 = sum((per(s).abs().sum(-1) for s in chains.scores.values()), zero)
-        return cfg.lam * l1 + cfg.lam_gate * sum((per(a) for a in chains.gate_logits.values()), zero)
-    gate_of = {f: g.name for g in chains.sites.gates for f in g.filter_sites}
-    l1 = sum((per(s).abs().sum(-1) * (per(chains.gate_values(gate_of[n], "ste")) if n in gate_of else 1.0)
-              for n, s in chains.scores.items()), zero)
-    gates = sum((per(chains.gate_values(n, "soft")) for n in chains.gate_logits), zero)
-    return cfg.lam * l1 + cfg.lam_gate * gates
 
 
 def _device_of(chains: ScoreHooks) -> torch.device:
@@ -191,18 +175,13 @@ def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice]
 
 
 def next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
-    """Dual ascent on the KL multiplier of the constrained problem ``min ||S||_1 s.t. KL <= kl_target``
-    (Eq. 2 with a tolerance): the weight grows while the KL is above target and shrinks below it."""
-    if cfg.kl_target is None or cfg.recipe == "paper":
-        return weight
-    step = max(-1.0, min(1.0, kl / cfg.kl_target - 1.0))
-    return float(min(1e4, max(1.0, weight * math.exp(cfg.kl_rate * step))))
+    """The next KL weight for :mod:`hookchains.tokens` (dual ascent on the KL target, none for ``paper``)."""
+    return (Paper() if cfg.recipe == "paper" else Ste()).next_kl_weight(weight, kl, cfg)
 
 
 def stopped(cfg: FitConfig, history: Dict[str, List[float]], stable_for: int) -> bool:
-    """Whether a fit with ``history`` (per-step ``loss``, ``kl``) has converged under ``cfg``'s recipe:
-    ``paper``: |loss change| < ``loss_tol``; otherwise the kept set stable for ``patience`` steps with the
-    loss settled and the KL within ``kl_tol``."""
+    """:mod:`hookchains.tokens`' stop rule: ``paper``: |loss change| < ``loss_tol``; otherwise the kept
+    set stable for ``patience`` steps with the loss settled and the KL within ``kl_tol``."""
     step = len(history["loss"])
     if cfg.recipe == "paper":
         return step >= 2 and abs(history["loss"][-1] - history["loss"][-2]) < cfg.loss_tol
@@ -212,17 +191,6 @@ def stopped(cfg: FitConfig, history: Dict[str, List[float]], stable_for: int) ->
     return settled and history["kl"][-1] <= cfg.kl_tol
 
 
-def _initialise(chains: ScoreHooks, cfg: FitConfig) -> None:
-    """Every fit starts from the original network: ``S = 1`` (section 3.2) and gates at ``gate_init``."""
-    default = 0.0 if cfg.recipe == "paper" else 2.0 * chains.temperature
-    alpha = default if cfg.gate_init is None else cfg.gate_init
-    with torch.no_grad():
-        for s in chains.scores.values():
-            s.fill_(1.0)
-        for a in chains.gate_logits.values():
-            a.fill_(alpha)
-
-
 @dataclass
 class _Track:
     """One task's bookkeeping during the optimisation: its history, KL weight and stop rule."""
@@ -230,60 +198,87 @@ class _Track:
     history: Dict[str, List[float]] = dataclasses.field(
         default_factory=lambda: {k: [] for k in ("loss", "kl", "filters", "gates", "kl_weight")})
     kl_weight: float = 1.0
-    stable_for: int = 0
-    last_kept: Optional[int] = None
     stopped: bool = False
     layers: int = 0
 
-    def record(self, cfg: FitConfig, kl: float, penalty: float, kept: Dict[str, int], key: int) -> None:
+    def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Dict[str, int]) -> None:
         """Log one step, adapt the KL weight, and decide whether this task has converged."""
         for name, value in (("loss", kl + penalty), ("kl", kl), ("filters", kept["filters"]),
                             ("gates", kept["gates"]), ("kl_weight", self.kl_weight)):
             self.history[name].append(value)
         self.layers = kept["layers"]
-        self.kl_weight = next_kl_weight(self.kl_weight, kl, cfg)
-        self.stable_for = self.stable_for + 1 if key == self.last_kept else 0
-        self.last_kept = key
-        self.stopped = stopped(cfg, self.history, self.stable_for)
+        self.kl_weight = recipe.next_kl_weight(self.kl_weight, kl, cfg)
+        self.stopped = recipe.converged(cfg, self.history)
+
+    def ending(self, cfg: FitConfig) -> Dict[str, object]:
+        """How the fit ended: ``converged`` or ``step_limit``, and the kept filters' relative change
+        per 10 steps (percent) over the last ``patience`` steps."""
+        kept = self.history["filters"]
+        span = min(cfg.patience, len(kept) - 1)
+        change = 100.0 * (kept[-1] - kept[-1 - span]) / max(kept[-1 - span], 1) * 10 / span if span else 0.0
+        return {"ended": "converged" if self.stopped else "step_limit", "kept_change_per_10_steps": round(change, 3)}
 
 
-def _step(chains: ScoreHooks, optimiser, images, teacher_logp, parts, tracks: List[_Track], cfg: FitConfig, layout):
+def _step(chains: ScoreHooks, recipe: Recipe, optimiser, images, teacher_logp, parts, tracks: List[_Track],
+          cfg: FitConfig, layout):
     """One Adam step for every task; a converged task's values are put back, so it ends exactly
     where it would have ended alone. Returns the per-task KL and penalty."""
+    params = [p for group in optimiser.param_groups for p in group["params"]]
     frozen = [i for i, t in enumerate(tracks) if t.stopped]
-    saved = [chains.per_task(p).detach()[frozen].clone() for p in chains.parameters()] if frozen else []
+    saved = [chains.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
     optimiser.zero_grad(set_to_none=True)
     kls = _tasks_kl_backward(chains, images, teacher_logp, parts,
                              torch.tensor([t.kl_weight for t in tracks]), layout)
-    penalty = _penalties(chains, cfg)
+    penalty = recipe.penalty(chains, cfg)
     penalty.sum().backward()
     optimiser.step()
-    chains.clamp_(None if cfg.recipe == "paper" else GATE_BOUND * chains.temperature)
     with torch.no_grad():
-        for p, values in zip(chains.parameters(), saved):
+        for p, values in zip(params, saved):
             chains.per_task(p)[frozen] = values
+    recipe.project(chains, cfg)
+    if recipe.stochastic:  # record the KL of the network that will be extracted
+        kls = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
     return kls, penalty.detach().cpu().tolist()
 
 
-def _optimise(chains: ScoreHooks, images: torch.Tensor, teacher_logp: torch.Tensor, cfg: FitConfig,
-              layout: torch.memory_format) -> List[_Track]:
-    """Adam on Eq. 8 for every task at once until each has converged (or ``cfg.steps``)."""
-    _initialise(chains, cfg)
+def _tasks_kl(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
+    """Mean KL(teacher || student) per task (``scores``: tasks x N x classes, or tasks x N x P x classes
+    for a dense prediction, averaged over the P positions as in :func:`_tasks_kl_backward`)."""
+    kl = F.kl_div(F.log_softmax(scores, -1), teacher_logp, log_target=True, reduction="none").sum(-1)
+    return kl.reshape(*kl.shape[:2], -1).mean(-1).mean(-1).double().cpu().tolist()
+
+
+def _confirm(chains: ScoreHooks, recipe: Recipe, images, teacher_logp, tracks: Dict[int, _Track], cfg: FitConfig,
+             layout) -> None:
+    """A task about to stop is checked on the network it ends with (the KL recorded in a step is that
+    of the network before the step's update): it keeps running if that network's KL is above ``kl_tol``."""
+    if recipe.confirms and any(t.stopped for t in tracks.values()):
+        final = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
+        for index, track in tracks.items():
+            track.stopped = track.stopped and final[index] <= cfg.kl_tol
+
+
+def _optimise(chains: ScoreHooks, recipe: Recipe, images: torch.Tensor, teacher_logp: torch.Tensor,
+              cfg: FitConfig, layout: torch.memory_format) -> List[_Track]:
+    """Adam on the recipe's objective for every task at once until each has converged (or ``cfg.steps``)."""
+    optimiser = torch.optim.Adam(recipe.start(chains, cfg), lr=cfg.lr)
     parts = chunks(primary(images).shape[1], cfg.batch_size)
-    optimiser = torch.optim.Adam(list(chains.parameters()), lr=cfg.lr)
     tracks = [_Track() for _ in range(chains.task_count)]
     bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
-    with chains.using("soft" if cfg.recipe == "paper" else "ste"):
-        for _ in bar:
-            kls, penalties = _step(chains, optimiser, images, teacher_logp, parts, tracks, cfg, layout)
-            keys = _kept_keys(chains)
-            for i, track in enumerate(tracks):
-                if not track.stopped:
-                    track.record(cfg, kls[i], penalties[i], chains.kept_counts(i), keys[i])
-            bar.set_postfix(_progress(tracks))
-            if all(t.stopped for t in tracks):
-                break
-    bar.close()
+    try:
+        with chains.using(recipe.mode):
+            for _ in bar:
+                kls, penalties = _step(chains, recipe, optimiser, images, teacher_logp, parts, tracks, cfg, layout)
+                running = [i for i, t in enumerate(tracks) if not t.stopped]
+                for i in running:
+                    tracks[i].record(recipe, cfg, kls[i], penalties[i], chains.kept_counts(i))
+                _confirm(chains, recipe, images, teacher_logp, {i: tracks[i] for i in running}, cfg, layout)
+                bar.set_postfix(_progress(tracks))
+                if all(t.stopped for t in tracks):
+                    break
+    finally:
+        bar.close()
+        recipe.finish(chains)
     return tracks
 
 
@@ -296,16 +291,6 @@ def _progress(tracks: List[_Track]) -> Dict[str, str]:
     else:
         figures["running"] = str(sum(not t.stopped for t in tracks))
     return figures
-
-
-def _kept_keys(chains: ScoreHooks) -> List[int]:
-    """Per task, a hash of which filters and gates are kept right now."""
-    with torch.no_grad():
-        bits = [chains.per_task(s) >= chains.tau for s in chains.scores.values()]
-        bits += [chains.per_task(a).reshape(-1, 1) >= 0 for a in chains.gate_logits.values()]
-        if not bits:
-            return [0] * chains.task_count
-        return [hash(row.tobytes()) for row in torch.cat(bits, 1).cpu().numpy()]
 
 
 def chunks(n: int, batch_size: Optional[int]) -> List[slice]:
@@ -405,19 +390,23 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
     cfg = dataclasses.replace(config or preset_for(chains.sites.adapter), **options)
     device = _device_of(chains)
     images = map_tensors(lambda t: t.to(device), stack(tasks))
+    recipe = recipe_named(cfg.recipe)
     # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl: denormals flushed meanwhile
     with seeded(cfg.seed, device), explaining(chains.model, flush_denormal=True):
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
-        tracks = _optimise(chains, images, F.log_softmax(teacher, -1), cfg, layout)
+        tracks = _optimise(chains, recipe, images, F.log_softmax(teacher, -1), cfg, layout)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
     if any(math.isnan(v) for t in tracks for v in t.history["loss"]):
         raise FloatingPointError("the loss became NaN during fitting; lower lr or check the images")
-    return [_result(chains, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]
+    return [_result(chains, recipe, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]
 
 
-def _result(chains: ScoreHooks, task: int, track: _Track, teacher: torch.Tensor, student: torch.Tensor,
-            cfg: FitConfig) -> Subnetwork:
+def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: _Track, teacher: torch.Tensor,
+            student: torch.Tensor, cfg: FitConfig) -> Subnetwork:
     scores, gates = chains.task_state(task)
+    options = recipe.to_json()
+    config = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "recipe": options.pop("name"),
+              "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg)}
     return Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
-                      fidelity(teacher.cpu(), student.cpu()),
-                      {**dataclasses.asdict(cfg), "steps_run": len(track.history["loss"])}, track.history)
+                      fidelity(teacher.cpu(), student.cpu()), config, track.history,
+                      importance=recipe.importance(chains, task))

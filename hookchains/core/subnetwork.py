@@ -22,7 +22,7 @@ from hookchains.core.sites import SiteMap
 __all__ = ["Subnetwork", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_SCORE, _GATE = "score/", "gate/"
+_SCORE, _GATE, _IMPORTANCE = "score/", "gate/", "importance/"
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Subnetwork:
         fidelity: figures of the thresholded network on the fitting images (see ``metrics.fidelity``).
         config: the fit options used; history: per-step figures; model_ref: how to rebuild the model;
         task: class names, image paths and labels of the fitting images, when known.
+        importance: filter site -> values ranking every filter (kept or not) for
+            :mod:`hookchains.evaluation.curve`, when the recipe has such values (e.g. mask logits); else ``scores`` rank.
     """
 
     sites: SiteMap
@@ -49,6 +51,7 @@ class Subnetwork:
     history: Dict[str, List[float]] = field(default_factory=dict)
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
+    importance: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ thresholding
     def gate_open(self, name: str) -> bool:
@@ -122,7 +125,18 @@ class Subnetwork:
             agree = f"{f['agree']}/{f['positions']} pixels" if per_pixel else f"{f['agree']}/{f['images']}"
             line += (f"; top-1 agreement {agree}; KL {f['kl']:.3f}; "
                      f"Q mean {f['quotient_mean']:.2f}")
-        return line
+        return line + self._ending()
+
+    def _ending(self) -> str:
+        """'; stopped at the step limit, ...' when the step limit, not convergence, ended the fit."""
+        if self.config.get("ended") != "step_limit":
+            return ""
+        change = self.config.get("kept_change_per_10_steps", 0.0)
+        trend = (f"kept filters still {'falling' if change < 0 else 'rising'} {abs(change):.1f} % per 10 steps"
+                 if abs(change) >= 0.05 else "kept filters steady")
+        kl, target = self.fidelity.get("kl"), self.config.get("kl_tol")
+        missed = f", KL {kl:.3f} above kl_tol {target:g}" if kl is not None and target is not None and kl > target else ""
+        return f"; stopped at the step limit, {trend}{missed}"
 
     def materialize(self, model, images=None, **options):
         """Deprecated since 0.2: ``module, report = hookchains.materialize(sub, model, images)`` (this method
@@ -143,6 +157,7 @@ class Subnetwork:
         directory = Path(directory)
         tensors = {_SCORE + k: v for k, v in self.scores.items()}
         tensors.update({_GATE + k: v.reshape(()) for k, v in self.gate_logits.items()})
+        tensors.update({_IMPORTANCE + k: v for k, v in self.importance.items()})
         write_tensors(directory / "scores.safetensors", tensors, metadata={"format": "hookchains"})
         write_json(directory / "subnetwork.json", {
             "format_version": FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
@@ -167,6 +182,7 @@ class Subnetwork:
         sites = SiteMap.from_json(meta["sites"])
         scores = {k[len(_SCORE):]: v for k, v in tensors.items() if k.startswith(_SCORE)}
         gates = {k[len(_GATE):]: v for k, v in tensors.items() if k.startswith(_GATE)}
+        importance = {k[len(_IMPORTANCE):]: v for k, v in tensors.items() if k.startswith(_IMPORTANCE)}
         missing = [s.name for s in sites.filters if s.name not in scores] + \
                   [g.name for g in sites.gates if g.name not in gates]
         wrong = [s.name for s in sites.filters if s.name in scores and scores[s.name].numel() != s.channels]
@@ -174,4 +190,4 @@ class Subnetwork:
             raise ValueError(f"{directory}/scores.safetensors does not match its subnetwork.json "
                              f"(missing {missing[:3]}, wrong size {wrong[:3]}): the files were mixed up")
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
-                   meta["history"], meta["model_ref"], meta.get("task", {}))
+                   meta["history"], meta["model_ref"], meta.get("task", {}), importance)

@@ -69,7 +69,7 @@ def _optimise(chains: TokenChains, images: torch.Tensor, teacher_logp: torch.Ten
     history: Dict[str, List[float]] = {"loss": [], "kl": [], "slots": [], "kl_weight": []}
     weight, stable_for, last = 1.0, 0, None
     bar = tqdm(range(cfg.steps), desc="fit tokens", disable=not cfg.progress, leave=False)
-    with chains.using("soft" if cfg.recipe == "paper" else "ste"):
+    with chains.using("soft" if cfg.recipe == "paper" else "ste"):  # recipe None: ste
         for _ in bar:
             optimiser.zero_grad(set_to_none=True)
             kl = _kl_backward(chains, images, teacher_logp, parts, weight)
@@ -127,6 +127,9 @@ def fit_tokens(model: nn.Module, images: torch.Tensor, *, steps: Optional[int] =
     check_token_model(model)
     given = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
     cfg = dataclasses.replace(config or TOKEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **options)
+    if cfg.recipe not in (None, "ste", "hookchains", "paper"):
+        raise ValueError(f"token scores are fitted with recipe 'ste' (default) or 'paper', not {cfg.recipe!r}: "
+                         "the mask and l0 recipes are for filters")
     images = images.to(next(model.parameters()).device)
     with seeded(cfg.seed, images.device), eval_mode(model), frozen_weights(model), \
             TokenChains(model, images.shape[0], tau=tau, example=images[:1]) as chains:
