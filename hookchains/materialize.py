@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from hookchains.attach import Chains, strip_hooks
+from hookchains.pruning import ChannelRemoval, remove_zero_channels
 from hookchains.subnetwork import Subnetwork
 
 __all__ = ["materialize", "MaterializeError", "MaterializeReport", "TOLERANCE"]
 
 TOLERANCE = 1e-4
-_CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
 class MaterializeError(RuntimeError):
@@ -40,7 +41,12 @@ class MaterializeError(RuntimeError):
 
 @dataclass
 class MaterializeReport:
-    """Physical facts of a materialised module (next to the paper's counts in ``Subnetwork.counts``)."""
+    """Physical facts of a materialised module (next to the paper's counts in ``Subnetwork.counts``).
+
+    ``pruned`` is true when channels were actually removed (``channels_removed > 0``; a removed block
+    counts through its channels). ``sites`` maps each filter site to ``{"channels", "zeroed", "removed",
+    "stayed": {reason: count}}`` (and ``"cut": True`` when its block was replaced by an identity);
+    reasons are the keys of :data:`hookchains.pruning.REASONS`."""
 
     pruned: bool
     channels_before: int
@@ -53,6 +59,16 @@ class MaterializeReport:
     tolerance: float
     fold_scores: bool
     notes: List[str] = field(default_factory=list)
+    channels_removed: int = 0
+    sites: Dict[str, Dict] = field(default_factory=dict)
+
+    def stayed(self) -> Dict[str, int]:
+        """Zeroed channels that were not removed, summed over sites per reason (keys of ``pruning.REASONS``)."""
+        total: Dict[str, int] = {}
+        for entry in self.sites.values():
+            for reason, count in entry["stayed"].items():
+                total[reason] = total.get(reason, 0) + count
+        return total
 
 
 def _cached_tensors(model: nn.Module):
@@ -111,55 +127,43 @@ def _cut(model: nn.Module, sub: Subnetwork) -> None:
 
 
 def _channel_count(model: nn.Module) -> int:
-    return sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    """Output channels of every conv (1-D, 2-D, 3-D) and output units of every linear layer."""
+    return sum(m.out_channels if isinstance(m, _ConvNd) else m.out_features
+               for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear)))
 
 
-def _zero_plan(dg, group, zero_at: Dict[nn.Module, List[bool]], normed: Set[nn.Module]) -> List[int]:
-    """Root indices of ``group`` at which every producer outputs exactly zero.
-
-    ``zero_at`` maps each fold module (norm, or conv/linear without norm) to its zeroed channels;
-    ``normed`` holds convs/linears whose output only feeds their (folded) norm."""
-    removable = None
-    for item in group.items:
-        dep, module = item.dep, item.dep.target.module
-        if not isinstance(module, nn.Module):
-            continue  # elementwise/concat/split ops carry no values of their own
-        if isinstance(module, _CROSS_CHANNEL_NORMS) or type(module).__name__ == "LayerNorm2d":
-            return []
-        if not dg.is_out_channel_pruning_fn(dep.handler) and not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue  # a consumer: removing its input slice of zeros changes nothing
-        zero = zero_at.get(module)
-        if zero is None:
-            if module in normed:
-                continue  # its output only feeds its norm, which is in the group
-            return []
-        here = {root for idx, root in zip(item.idxs, item.root_idxs) if zero[idx]}
-        removable = here if removable is None else removable & here
-    return sorted(removable or [])
-
-
-def _prune(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], example: torch.Tensor) -> None:
-    import torch_pruning as tp
-    zero_at: Dict[nn.Module, List[bool]] = {}  # plain lists: indexed per channel below
-    normed: Set[nn.Module] = set()
+def _zero_plan(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]):
+    """(fold path -> zeroed channels as a bool list, paths of convs whose output only feeds their norm)
+    for the filter sites still in ``model`` (sites inside a cut block are gone with it)."""
+    zero_at, normed = {}, []
     for site in sub.sites.filters:
         try:
-            fold = model.get_submodule(site.fold_module)
+            model.get_submodule(site.fold_module)
         except AttributeError:
-            continue  # inside a cut gate
-        zero_at[fold] = (mult[site.name] == 0).tolist()
+            continue
+        zero_at[site.fold_module] = (mult[site.name] == 0).tolist()
         if site.fold_module != site.name:
-            normed.add(model.get_submodule(site.name))
-    ignored = [model.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    plans = []
-    for group in dg.get_all_groups(ignored_layers=ignored):
-        idxs = _zero_plan(dg, group, zero_at, normed)
-        if idxs and len(idxs) < len(group.items[0].idxs):
-            plans.append((group.items[0].dep.target.module, group.items[0].dep.handler, idxs))
-    for module, handler, idxs in plans:
-        dg.get_pruning_group(module, handler, idxs).prune()
+            normed.append(site.name)
+    return zero_at, normed
+
+
+def _site_report(sub: Subnetwork, mult: Dict[str, torch.Tensor], removal: Optional[ChannelRemoval],
+                 fallback: Optional[str]) -> Dict[str, Dict]:
+    """Per filter site: channels, zeroed, removed, and {reason: count} for zeroed channels that stayed."""
+    cut = {f for g in sub.sites.gates if g.name in set(sub.removed_gates) for f in g.filter_sites}
+    out = {}
+    for site in sub.sites.filters:
+        zeroed = int((mult[site.name] == 0).sum())
+        entry = {"channels": site.channels, "zeroed": zeroed, "removed": 0, "stayed": {}}
+        if site.name in cut:
+            entry.update(removed=site.channels, cut=True)
+        elif removal is None:
+            entry["stayed"] = {fallback: zeroed} if zeroed else {}
+        else:
+            entry["removed"] = removal.removed.get(site.fold_module, 0)
+            entry["stayed"] = dict(removal.stayed.get(site.fold_module, {}))
+        out[site.name] = entry
+    return out
 
 
 def _reference_logits(model: nn.Module, sub: Subnetwork, inputs: torch.Tensor, mode: str) -> torch.Tensor:
@@ -184,6 +188,29 @@ def _check_inputs(sub: Subnetwork, images: Optional[torch.Tensor], device) -> to
 def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor) -> float:
     with torch.no_grad():
         return float((module(inputs).float() - reference).abs().max())
+
+
+def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], inputs: torch.Tensor,
+              reference: torch.Tensor, limit: float):
+    """(module, ChannelRemoval or None, notes): ``work`` with zero channels removed when that stays within
+    ``limit`` of ``reference``; otherwise ``work`` itself (zeroed, not removed) and the reason."""
+    candidate = _copy_model(work)
+    zero_at, normed = _zero_plan(candidate, sub, mult)
+    ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
+    try:
+        removal = remove_zero_channels(candidate, zero_at, normed, inputs, ignored)
+    except Exception as exc:  # torch-pruning cannot trace every graph: keep the exact zeroed module
+        return work, None, [f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); "
+                            "channels are zeroed, not removed"]
+    notes = [f"torch-pruning failed on a group: {line}" for line in removal.errors[:3]]
+    try:
+        diff = _diff(candidate, inputs, reference)
+    except Exception as exc:  # a layer torch-pruning resized inconsistently
+        return work, None, notes + [f"the pruned module failed to run ({type(exc).__name__}): physical pruning "
+                                    "changed the outputs; returned the zeroed (unpruned) module"]
+    if diff > limit:
+        return work, None, notes + ["physical pruning changed the outputs; returned the zeroed (unpruned) module"]
+    return candidate, removal, notes
 
 
 def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor] = None, *,
@@ -216,24 +243,19 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     channels_before = _channel_count(work)
     _fold(work, sub, mult)
     _cut(work, sub)
-    notes: List[str] = []
-    result, pruned = work, False
+    result, removal, notes = work, None, []
+    fallback = "exactness fallback" if prune else None
     if prune:
-        candidate = _copy_model(work)
-        try:
-            _prune(candidate, sub, mult, example)
-            if _diff(candidate, inputs, reference) <= tolerance * scale:
-                result, pruned = candidate, True
-            else:
-                notes.append("physical pruning changed the outputs; returned the zeroed (unpruned) module")
-        except Exception as exc:  # torch-pruning cannot handle every graph: keep the exact zeroed module
-            notes.append(f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); channels are zeroed, not removed")
+        result, removal, notes = _physical(work, sub, mult, inputs, reference, tolerance * scale)
+        fallback = "exactness fallback" if notes and "changed the outputs" in notes[-1] else "torch-pruning error"
     diff = _diff(result, inputs, reference)
     if diff > tolerance * scale:
         raise MaterializeError(f"materialised module differs from the thresholded network by {diff:.3g} "
                                f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g}); please report this model")
     macs_after, params_after = tp.utils.count_ops_and_params(_detach_caches(result), example)
-    report = MaterializeReport(pruned, channels_before, _channel_count(result), int(params_before),
-                               int(params_after), int(macs_before), int(macs_after), diff,
-                               tolerance * scale, fold_scores, notes)
+    channels_after = _channel_count(result)
+    report = MaterializeReport(channels_after < channels_before, channels_before, channels_after,
+                               int(params_before), int(params_after), int(macs_before), int(macs_after), diff,
+                               tolerance * scale, fold_scores, notes, channels_before - channels_after,
+                               _site_report(sub, mult, removal, fallback))
     return result.eval(), report
