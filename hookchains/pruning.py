@@ -140,11 +140,12 @@ def _group_plan(dg, group, zero_at: Dict[nn.Module, List[bool]], normed: Set[nn.
     return set(removable), reasons
 
 
-def _site_counts(group, zero_at: Dict[nn.Module, List[bool]]) -> Dict[nn.Module, Dict[int, int]]:
-    """Fold module -> {root index: 1} for each of its zeroed channels in ``group``."""
+def _site_counts(dg, group, zero_at: Dict[nn.Module, List[bool]]) -> Dict[nn.Module, Dict[int, int]]:
+    """Fold module -> {root index: 1} for each of its zeroed output channels in ``group``."""
     out: Dict[nn.Module, Dict[int, int]] = {}
     for item in group.items:
-        zero = zero_at.get(item.dep.target.module) if _is_real(item.dep.target.module) else None
+        produces = _is_real(item.dep.target.module) and dg.is_out_channel_pruning_fn(item.dep.handler)
+        zero = zero_at.get(item.dep.target.module) if produces else None
         if zero is not None:
             out.setdefault(item.dep.target.module, {}).update(
                 {root: 1 for idx, root in zip(item.idxs, item.root_idxs) if zero[idx]})
@@ -157,7 +158,7 @@ def _plans(dg, model: nn.Module, zero_at, normed, reads_zero, ignored, removal: 
     for group in dg.get_all_groups(ignored_layers=list(ignored)):
         removable, reasons = _group_plan(dg, group, zero_at, normed, reads_zero)
         counted: Dict[str, int] = {}
-        for module, roots in _site_counts(group, zero_at).items():
+        for module, roots in _site_counts(dg, group, zero_at).items():
             path = names[module]
             counted[path] = sum(1 for root in roots if root in removable)
             for root in roots:
