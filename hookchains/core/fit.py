@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.metrics import fidelity
 from hookchains.core.subnetwork import Subnetwork
@@ -69,6 +70,8 @@ class FitConfig:
         batch_size: images per forward pass (gradients are accumulated; default: all at once).
         seed: seeds torch before fitting.
         progress: show a tqdm bar.
+        ablation: what a removed filter outputs: ``"zero"`` (the paper) or ``"mean"`` (its mean
+            activation on the task images; see :mod:`hookchains.core.ablation`).
     """
 
     steps: int = 300
@@ -86,6 +89,7 @@ class FitConfig:
     batch_size: Optional[int] = None
     seed: int = 0
     progress: bool = True
+    ablation: str = "zero"
 
     def __post_init__(self) -> None:
         problems = [f"{n} must be > 0 (got {v})" for n, v in
@@ -96,6 +100,8 @@ class FitConfig:
             problems.append(f"recipe must be 'hookchains' or 'paper' (got {self.recipe!r})")
         if self.batch_size is not None and self.batch_size <= 0:
             problems.append(f"batch_size must be > 0 (got {self.batch_size})")
+        if self.ablation not in ABLATIONS:
+            problems.append(f"ablation must be one of {ABLATIONS} (got {self.ablation!r})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -385,6 +391,7 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
     model.eval().requires_grad_(False)
     torch.set_flush_denormal(True)  # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl
     try:
+        use_ablation(chains, cfg.ablation, tasks)
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
         tracks = _optimise(chains, images, F.log_softmax(teacher, -1), cfg, layout)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
@@ -403,4 +410,5 @@ def _result(chains: ScoreHooks, task: int, track: _Track, teacher: torch.Tensor,
     scores, gates = chains.task_state(task)
     return Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
                       fidelity(teacher.cpu(), student.cpu()),
-                      {**dataclasses.asdict(cfg), "steps_run": len(track.history["loss"])}, track.history)
+                      {**dataclasses.asdict(cfg), "steps_run": len(track.history["loss"])}, track.history,
+                      ablation=cfg.ablation, means={k: v.clone() for k, v in chains.means.items()})

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from hookchains.core.ablation import fold_constant_channels
 from hookchains.core.attach import ScoreHooks, strip_hooks
 from hookchains.core.pruning import ChannelRemoval, remove_zero_channels
 from hookchains.core.subnetwork import Subnetwork
@@ -161,6 +162,21 @@ def _fold(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> N
             module.bias.mul_(m)
 
 
+def _fold_means(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> None:
+    """Mean ablation: each removed filter's fold module outputs the filter's mean (exact, in place)."""
+    constants = {}
+    for site in sub.sites.filters:
+        removed = torch.nonzero(mult[site.name] == 0).flatten().tolist()
+        if not removed:
+            continue
+        if site.hook_module != site.fold_module:
+            raise MaterializeError(f"mean ablation at {site.name}: its scores act on {site.hook_module}'s output "
+                                   f"(after an activation) but fold into {site.fold_module}, so the mean cannot be "
+                                   "folded exactly; fit with ablation='zero' for this model")
+        constants[site.fold_module] = {c: float(sub.means[site.name][c]) for c in removed}
+    fold_constant_channels(model, constants)
+
+
 def _cut(model: nn.Module, sub: Subnetwork) -> None:
     removed = set(sub.removed_gates)
     for gate in sub.sites.gates:
@@ -176,19 +192,22 @@ def _channel_count(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear)))
 
 
-def _zero_plan(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]):
-    """(fold path -> zeroed channels as a bool list, paths of convs whose output only feeds their norm)
-    for the filter sites still in ``model`` (sites inside a cut block are gone with it)."""
-    zero_at, normed = {}, []
+def _fixed_plan(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]):
+    """(fold path -> per channel the value a removed filter was folded to (0, or its mean under mean
+    ablation) or None where kept, paths of convs whose output only feeds their norm) for the filter
+    sites still in ``model`` (sites inside a cut block are gone with it)."""
+    fixed_at, normed = {}, []
     for site in sub.sites.filters:
         try:
             model.get_submodule(site.fold_module)
         except AttributeError:
             continue
-        zero_at[site.fold_module] = (mult[site.name] == 0).tolist()
+        means = sub.means.get(site.name) if sub.ablation == "mean" else None
+        fixed_at[site.fold_module] = [None if m else (0.0 if means is None else float(means[c]))
+                                      for c, m in enumerate(mult[site.name].tolist())]
         if site.fold_module != site.name:
             normed.append(site.name)
-    return zero_at, normed
+    return fixed_at, normed
 
 
 def _site_report(sub: Subnetwork, mult: Dict[str, torch.Tensor], removal: Optional[ChannelRemoval],
@@ -214,6 +233,7 @@ def _reference_logits(model: nn.Module, sub: Subnetwork, inputs: torch.Tensor, m
     chains = ScoreHooks(model, sub.sites, tau=sub.tau, temperature=sub.temperature, score_max=None)
     try:
         chains.load_state(sub.scores, sub.gate_logits)
+        chains.means = dict(sub.means) if sub.ablation == "mean" else {}
         with torch.no_grad(), chains.using(mode):
             return model(inputs).float()
     finally:
@@ -239,10 +259,10 @@ def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], i
     """(module, ChannelRemoval or None, notes): ``work`` with zero channels removed when that stays within
     ``limit`` of ``reference``; otherwise ``work`` itself (zeroed, not removed) and the reason."""
     candidate = _copy_model(work)
-    zero_at, normed = _zero_plan(candidate, sub, mult)
+    fixed_at, normed = _fixed_plan(candidate, sub, mult)
     ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
     try:
-        removal = remove_zero_channels(candidate, zero_at, normed, inputs, ignored)
+        removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored)
     except Exception as exc:  # torch-pruning cannot trace every graph: keep the exact zeroed module
         return work, None, [f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); "
                             "channels are zeroed, not removed"]
@@ -303,6 +323,8 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     macs_before, params_before = tp.utils.count_ops_and_params(work, example)
     channels_before = _channel_count(work)
     _fold(work, sub, mult)
+    if sub.ablation == "mean":
+        _fold_means(work, sub, mult)
     _cut(work, sub)
     result, removal, notes = work, None, []
     fallback = "exactness fallback" if prune else None

@@ -1,21 +1,24 @@
-"""Physical removal of channels that are exactly zero, with torch-pruning's ``DependencyGraph``.
+"""Physical removal of channels that are exactly zero or constant, with torch-pruning's ``DependencyGraph``.
 
 A channel index of a coupled group (a residual stream, a depthwise conv and its producer, a
 concatenation) is removed only when removing it cannot change any output:
 
 * every *producer* in the group (a conv/linear, or the norm layer after it) has that channel folded
-  to exactly zero: its weight and bias are 0 there, so the value is 0 for every input (structural);
-* every *consumer* (a conv/linear reading the group's channels) reads exactly 0 there on the check
-  inputs: this catches an activation with ``f(0) != 0`` (sigmoid), a constant added by an unwrapped
-  parameter (position embeddings) or a norm layer's bias on the way;
-* no layer in the group normalises across channels (LayerNorm, GroupNorm): removing a zero channel
+  to a fixed value: weight 0 there and bias 0 (zero ablation) or a constant (mean ablation, a dead
+  filter; :func:`hookchains.core.ablation.fold_constant_channels`), for every input (structural);
+* every *consumer* (a conv/linear reading the group's channels) reads one constant ``k`` there on all
+  the check inputs and positions: ``k = 0`` is dropped as is; ``k != 0`` is folded into the consumer's
+  bias (``bias += W[:, c] * k``), which is exact for linear layers and 1 x 1, unpadded, ungrouped convs
+  only. This catches an activation with ``f(0) != 0`` (sigmoid), a constant added by an unwrapped
+  parameter (position embeddings), and padding that makes a constant non-constant at borders;
+* no layer in the group normalises across channels (LayerNorm, GroupNorm): removing a channel
   changes their mean and variance.
 
 A channel that is zero at its site but stays gets one reason, reported per site (:data:`REASONS`).
 The rule follows DESIGN.md ("residual-coupled channels"): torch-pruning has no such rule built in.
 
 Example:
-    >>> removal = remove_zero_channels(model, zero_at, normed, inputs, ignored=[model.fc])
+    >>> removal = remove_zero_channels(model, fixed_at, normed, inputs, ignored=[model.fc])
     >>> removal.removed["layer1.0.bn1"]    # channels removed at that fold module
     12
 """
@@ -28,12 +31,14 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["ChannelRemoval", "REASONS", "remove_zero_channels", "zero_input_channels"]
+__all__ = ["ChannelRemoval", "REASONS", "remove_zero_channels", "constant_input_channels"]
 
 REASONS = {
-    "coupled": "another producer coupled to it (residual stream, concatenation, depthwise) is not zero there",
-    "read non-zero": "a consumer reads a non-zero value there (an activation with f(0) != 0, a norm's bias, "
-                     "an added parameter)",
+    "coupled": "another producer coupled to it (residual stream, concatenation, depthwise) computes "
+               "an input-dependent value there",
+    "read non-zero": "a consumer reads a value there that it cannot absorb: not constant (padding, an added "
+                     "input-dependent term), or a non-zero constant (an activation with f(0) != 0, a mean) "
+                     "read by a layer other than a linear or a 1 x 1 unpadded, ungrouped conv",
     "cross-channel norm": "a LayerNorm/GroupNorm in its group normalises across channels",
     "grouped conv": "a grouped (not depthwise) conv reads or writes its group; torch-pruning cannot resize it "
                     "at arbitrary indices",
@@ -84,18 +89,22 @@ def _blocking(module) -> Optional[str]:
 
 
 @torch.no_grad()
-def zero_input_channels(model: nn.Module, inputs: torch.Tensor) -> Dict[nn.Module, List[bool]]:
-    """Conv/linear module -> per input channel, whether it read exactly 0 there on every one of ``inputs``.
+def constant_input_channels(model: nn.Module, inputs: torch.Tensor) -> Dict[nn.Module, List[Optional[float]]]:
+    """Conv/linear module -> per input channel, the one value it read there at every position of every
+    one of ``inputs`` (and every call), or None where the values vary.
 
-    Channels are dim 1 of a conv's input (N x C x ...) and the last dim of a linear's input; a module
-    called several times must read 0 at every call."""
-    seen: Dict[nn.Module, torch.Tensor] = {}
+    Channels are dim 1 of a conv's input (N x C x ...) and the last dim of a linear's input."""
+    seen: Dict[nn.Module, List[Optional[float]]] = {}
 
     def record(module, args):
-        x = args[0]
+        x = args[0].detach()
         dim = 1 if isinstance(module, _ConvNd) else x.ndim - 1
-        zero = x.detach().movedim(dim, 0).reshape(x.shape[dim], -1).eq(0).all(dim=1)
-        seen[module] = zero & seen[module] if module in seen else zero
+        flat = x.movedim(dim, 0).reshape(x.shape[dim], -1)
+        high, low = flat.amax(dim=1), flat.amin(dim=1)
+        values = [float(h) if h == lo else None for h, lo in zip(high.tolist(), low.tolist())]
+        if module in seen:
+            values = [v if v == old else None for v, old in zip(values, seen[module])]
+        seen[module] = values
 
     layers = [m for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))]
     handles = [m.register_forward_pre_hook(record) for m in layers]
@@ -104,61 +113,86 @@ def zero_input_channels(model: nn.Module, inputs: torch.Tensor) -> Dict[nn.Modul
     finally:
         for handle in handles:
             handle.remove()
-    return {m: z.tolist() for m, z in seen.items()}
+    return seen
 
 
-def _group_plan(dg, group, zero_at: Dict[nn.Module, List[bool]], normed: Set[nn.Module],
-                reads_zero: Dict[nn.Module, List[bool]]):
-    """(removable root indices, {root index: reason it stays}) of one torch-pruning group."""
+def _absorbs(module: nn.Module) -> bool:
+    """Whether a constant input channel folds exactly into ``module``'s bias (linear; 1 x 1 unpadded,
+    ungrouped conv)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, _ConvNd) and module.groups == 1 and set(module.kernel_size) == {1}
+            and not isinstance(module.padding, str) and set(module.padding) == {0})
+
+
+def _group_plan(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]], normed: Set[nn.Module],
+                reads: Dict[nn.Module, List[Optional[float]]]):
+    """(removable root indices, {root index: reason it stays}, [(consumer, input index, constant read)])
+    of one torch-pruning group."""
     reasons: Dict[int, str] = {}
+    absorb = []
     producers = 0
     for item in group.items:
         module, handler = item.dep.target.module, item.dep.handler
         if not _is_real(module):
             continue  # elementwise/concat/reshape ops and unwrapped parameters: checked at the consumers
         if _blocking(module):
-            return set(), {root: _blocking(module) for root in group.items[0].root_idxs}
+            return set(), {root: _blocking(module) for root in group.items[0].root_idxs}, []
         if dg.is_out_channel_pruning_fn(handler):
             if module in normed or isinstance(module, nn.PReLU):
                 continue  # its output only feeds its folded norm / maps 0 to 0
-            zero = zero_at.get(module)
-            producers += zero is not None
+            fixed = fixed_at.get(module)
+            producers += fixed is not None
             for idx, root in zip(item.idxs, item.root_idxs):
-                if zero is None or not zero[idx]:
+                if fixed is None or fixed[idx] is None:
                     reasons.setdefault(root, "coupled")
-        else:
-            reads = reads_zero.get(module)
-            for idx, root in zip(item.idxs, item.root_idxs):
-                if reads is None or not reads[idx]:
-                    reasons.setdefault(root, "read non-zero")
+            continue
+        read = reads.get(module)
+        for idx, root in zip(item.idxs, item.root_idxs):
+            k = None if read is None else read[idx]
+            if k is None or (k != 0 and not _absorbs(module)):
+                reasons.setdefault(root, "read non-zero")
+            elif k != 0:
+                absorb.append((module, idx, k, root))
     if not producers:
-        return set(), reasons
+        return set(), reasons, []
     roots = list(group.items[0].root_idxs)
     removable = [root for root in roots if root not in reasons]
     if removable and len(removable) == len(roots):
         reasons[removable.pop()] = "last channel"
-    return set(removable), reasons
+    return set(removable), reasons, [a[:3] for a in absorb if a[3] in removable]
 
 
-def _site_counts(dg, group, zero_at: Dict[nn.Module, List[bool]]) -> Dict[nn.Module, Dict[int, int]]:
-    """Fold module -> {root index: 1} for each of its zeroed output channels in ``group``."""
+@torch.no_grad()
+def _absorb(absorb) -> None:
+    """Fold constant inputs ``k`` at input index ``idx`` into each consumer's bias: ``bias += W[:, idx] * k``."""
+    for module, idx, k in absorb:
+        weight = module.weight
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                       requires_grad=weight.requires_grad)
+        module.bias += weight[:, idx].reshape(weight.shape[0], -1).sum(1) * k
+
+
+def _site_counts(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]]) -> Dict[nn.Module, Dict[int, int]]:
+    """Fold module -> {root index: 1} for each of its fixed (ablated) output channels in ``group``."""
     out: Dict[nn.Module, Dict[int, int]] = {}
     for item in group.items:
         produces = _is_real(item.dep.target.module) and dg.is_out_channel_pruning_fn(item.dep.handler)
-        zero = zero_at.get(item.dep.target.module) if produces else None
-        if zero is not None:
+        fixed = fixed_at.get(item.dep.target.module) if produces else None
+        if fixed is not None:
             out.setdefault(item.dep.target.module, {}).update(
-                {root: 1 for idx, root in zip(item.idxs, item.root_idxs) if zero[idx]})
+                {root: 1 for idx, root in zip(item.idxs, item.root_idxs) if fixed[idx] is not None})
     return out
 
 
-def _plans(dg, model: nn.Module, zero_at, normed, reads_zero, ignored, removal: ChannelRemoval, names):
-    """Per group: (root module, handler, removable root indices, {fold path: channels removed})."""
+def _plans(dg, fixed_at, normed, reads, ignored, removal: ChannelRemoval, names):
+    """Per group: (root module, handler, removable root indices, {fold path: channels removed}, absorptions)."""
     plans = []
     for group in dg.get_all_groups(ignored_layers=list(ignored)):
-        removable, reasons = _group_plan(dg, group, zero_at, normed, reads_zero)
+        removable, reasons, absorb = _group_plan(dg, group, fixed_at, normed, reads)
         counted: Dict[str, int] = {}
-        for module, roots in _site_counts(dg, group, zero_at).items():
+        for module, roots in _site_counts(dg, group, fixed_at).items():
             path = names[module]
             counted[path] = sum(1 for root in roots if root in removable)
             for root in roots:
@@ -166,36 +200,40 @@ def _plans(dg, model: nn.Module, zero_at, normed, reads_zero, ignored, removal: 
                     removal.stay(path, reasons.get(root, "coupled"))
         if removable:
             root = group.items[0]
-            plans.append((root.dep.target.module, root.dep.handler, sorted(removable), counted))
+            plans.append((root.dep.target.module, root.dep.handler, sorted(removable), counted, absorb))
     return plans
 
 
-def remove_zero_channels(model: nn.Module, zero_at: Dict[str, Sequence[bool]], normed: Sequence[str],
+def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional[float]]], normed: Sequence[str],
                          inputs: torch.Tensor, ignored: Sequence[nn.Module] = ()) -> ChannelRemoval:
-    """Remove, in place, every channel of ``model`` that is exactly zero wherever it is produced and read.
+    """Remove, in place, every channel of ``model`` that is fixed (zero or a constant) wherever it is
+    produced and that its consumers read as 0 or can absorb into their bias.
 
     Args:
-        model: a hook-free module whose removed filters are already folded to zero (weight and bias).
-        zero_at: fold module path (the norm after a conv, or a conv/linear without norm) -> per output
-            channel, whether it is folded to zero.
+        model: a hook-free module whose removed filters are already folded (weight 0, bias 0 or a constant).
+        fixed_at: fold module path (the norm after a conv, or a conv/linear without norm) -> per output
+            channel, its folded value (0.0 for zero ablation, the mean for mean ablation) or None
+            where the channel is kept.
         normed: paths of convs/linears whose output only feeds their (folded) norm.
         inputs: a batch (N x ...) the consumers' inputs are checked on; ``inputs[:1]`` traces the graph.
         ignored: modules whose output channels must keep their size (the classifier).
 
     Returns:
         a :class:`ChannelRemoval` with the channels removed per fold module and why the others stayed.
-        The caller checks the pruned module's outputs (torch-pruning can fail silently on rare graphs).
+        Constants are folded into consumers before any group is pruned, so a group torch-pruning then
+        fails on leaves a module the caller's exactness check rejects (it must check the outputs).
     """
     import torch_pruning as tp
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    zero_mod = {modules[p]: list(z) for p, z in zero_at.items() if p in modules}
+    fixed_mod = {modules[p]: list(v) for p, v in fixed_at.items() if p in modules}
     normed_mod = {modules[p] for p in normed if p in modules}
     removal = ChannelRemoval()
-    reads_zero = zero_input_channels(model, inputs)
+    reads = constant_input_channels(model, inputs)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[:1])
-    plans = _plans(dg, model, zero_mod, normed_mod, reads_zero, ignored, removal, names)
-    for module, handler, roots, counted in plans:
+    plans = _plans(dg, fixed_mod, normed_mod, reads, ignored, removal, names)
+    _absorb([a for plan in plans for a in plan[4]])
+    for module, handler, roots, counted, _ in plans:
         try:
             dg.get_pruning_group(module, handler, roots).prune()
             outcome = None
@@ -207,7 +245,7 @@ def remove_zero_channels(model: nn.Module, zero_at: Dict[str, Sequence[bool]], n
                 removal.stay(path, outcome, count)
             elif count:
                 removal.removed[path] = removal.removed.get(path, 0) + count
-    for path, zero in zero_at.items():
+    for path, fixed in fixed_at.items():
         seen = removal.removed.get(path, 0) + sum(removal.stayed.get(path, {}).values())
-        removal.stay(path, "not prunable", max(0, sum(map(bool, zero)) - seen))
+        removal.stay(path, "not prunable", max(0, sum(v is not None for v in fixed) - seen))
     return removal

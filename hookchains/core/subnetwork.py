@@ -22,7 +22,7 @@ from hookchains.core.sites import SiteMap
 __all__ = ["Subnetwork", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_SCORE, _GATE = "score/", "gate/"
+_SCORE, _GATE, _MEAN = "score/", "gate/", "mean/"
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Subnetwork:
         fidelity: figures of the thresholded network on the fitting images (see ``metrics.fidelity``).
         config: the fit options used; history: per-step figures; model_ref: how to rebuild the model;
         task: class names, image paths and labels of the fitting images, when known.
+        ablation: what a removed filter outputs: ``"zero"`` (the paper) or ``"mean"`` (its mean activation
+            on the task images, ``means[site]``); see :mod:`hookchains.core.ablation`.
     """
 
     sites: SiteMap
@@ -49,6 +51,8 @@ class Subnetwork:
     history: Dict[str, List[float]] = field(default_factory=dict)
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
+    ablation: str = "zero"
+    means: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ thresholding
     def gate_open(self, name: str) -> bool:
@@ -100,7 +104,7 @@ class Subnetwork:
         if f:
             line += (f"; top-1 agreement {f['agree']}/{f['images']}; KL {f['kl']:.3f}; "
                      f"Q mean {f['quotient_mean']:.2f}")
-        return line
+        return line + f"; {self.ablation} ablation"
 
     def materialize(self, model, images=None, **options):
         """Deprecated since 0.2: ``module, report = hookchains.materialize(sub, model, images)`` (this method
@@ -116,13 +120,14 @@ class Subnetwork:
         directory = Path(directory)
         tensors = {_SCORE + k: v for k, v in self.scores.items()}
         tensors.update({_GATE + k: v.reshape(()) for k, v in self.gate_logits.items()})
+        tensors.update({_MEAN + k: v for k, v in self.means.items()})
         write_tensors(directory / "scores.safetensors", tensors, metadata={"format": "hookchains"})
         write_json(directory / "subnetwork.json", {
             "format_version": FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
             "tau": self.tau, "temperature": self.temperature, "fidelity": self.fidelity,
             "removed_gates": self.removed_gates, "kept_filters": self.kept_filters(),
             "config": self.config, "history": self.history, "model_ref": self.model_ref,
-            "task": self.task, "sites": self.sites.to_json()})
+            "task": self.task, "ablation": self.ablation, "sites": self.sites.to_json()})
         return directory
 
     @classmethod
@@ -146,5 +151,6 @@ class Subnetwork:
         if missing or wrong:
             raise ValueError(f"{directory}/scores.safetensors does not match its subnetwork.json "
                              f"(missing {missing[:3]}, wrong size {wrong[:3]}): the files were mixed up")
+        means = {k[len(_MEAN):]: v for k, v in tensors.items() if k.startswith(_MEAN)}
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
-                   meta["history"], meta["model_ref"], meta.get("task", {}))
+                   meta["history"], meta["model_ref"], meta.get("task", {}), meta.get("ablation", "zero"), means)

@@ -100,12 +100,12 @@ class _SigmoidNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
-        x = torch.sigmoid(self.bn1(self.conv1(x)))           # a zeroed channel reads 0.5 downstream
+        x = torch.sigmoid(self.bn1(self.conv1(x)))           # a zeroed channel reads 0.5 downstream, padded at borders
         x = torch.relu(self.bn2(self.conv2(x)))
         return self.fc(torch.relu(self.bn3(self.conv3(x))).mean((2, 3)))
 
