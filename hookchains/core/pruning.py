@@ -186,22 +186,43 @@ def _site_counts(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]]) ->
     return out
 
 
-def _plans(dg, fixed_at, normed, reads, ignored, removal: ChannelRemoval, names):
-    """Per group: (root module, handler, removable root indices, {fold path: channels removed}, absorptions)."""
-    plans = []
-    for group in dg.get_all_groups(ignored_layers=list(ignored)):
-        removable, reasons, absorb = _group_plan(dg, group, fixed_at, normed, reads)
-        counted: Dict[str, int] = {}
-        for module, roots in _site_counts(dg, group, fixed_at).items():
-            path = names[module]
-            counted[path] = sum(1 for root in roots if root in removable)
-            for root in roots:
-                if root not in removable:
-                    removal.stay(path, reasons.get(root, "coupled"))
-        if removable:
-            root = group.items[0]
-            plans.append((root.dep.target.module, root.dep.handler, sorted(removable), counted, absorb))
-    return plans
+def _prune_items(dg, group, removable: Set[int]) -> None:
+    """Prune ``group`` (just built by ``dg``, so its indices are current) at the ``removable`` root indices,
+    without building it a second time (building a group dominates the time on large graphs)."""
+    from torch_pruning.dependency.group import Group
+    chosen = Group()
+    chosen._DG = dg
+    for item in group.items:
+        idxs = [idx for idx, root in zip(item.idxs, item.root_idxs) if root in removable]
+        if idxs:
+            chosen.add_dep(item.dep, idxs)
+    chosen.prune()
+
+
+def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names) -> None:
+    """Record why a group's fixed channels stay; absorb constants and prune the removable ones."""
+    removable, reasons, absorb = plan
+    counted: Dict[str, int] = {}
+    for module, roots in _site_counts(dg, group, fixed_at).items():
+        path = names[module]
+        counted[path] = sum(1 for root in roots if root in removable)
+        for root in roots:
+            if root not in removable:
+                removal.stay(path, reasons.get(root, "coupled"))
+    if not removable:
+        return
+    try:
+        _absorb(absorb)
+        _prune_items(dg, group, removable)
+    except Exception as exc:  # torch-pruning cannot resize every layer: those channels stay
+        removal.errors.append(f"{names.get(group.items[0].dep.target.module, '?')}: {type(exc).__name__}: "
+                              f"{str(exc)[:120]}")
+        for path, count in counted.items():
+            removal.stay(path, "torch-pruning error", count)
+        return
+    for path, count in counted.items():
+        if count:
+            removal.removed[path] = removal.removed.get(path, 0) + count
 
 
 def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional[float]]], normed: Sequence[str],
@@ -220,8 +241,8 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
 
     Returns:
         a :class:`ChannelRemoval` with the channels removed per fold module and why the others stayed.
-        Constants are folded into consumers before any group is pruned, so a group torch-pruning then
-        fails on leaves a module the caller's exactness check rejects (it must check the outputs).
+        A group torch-pruning fails on may be left half-resized, with constants already folded into
+        its consumers: the caller must check the outputs (and fall back to the unpruned module).
     """
     import torch_pruning as tp
     names = {m: n for n, m in model.named_modules()}
@@ -231,20 +252,9 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
     removal = ChannelRemoval()
     reads = constant_input_channels(model, inputs)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[:1])
-    plans = _plans(dg, fixed_mod, normed_mod, reads, ignored, removal, names)
-    _absorb([a for plan in plans for a in plan[4]])
-    for module, handler, roots, counted, _ in plans:
-        try:
-            dg.get_pruning_group(module, handler, roots).prune()
-            outcome = None
-        except Exception as exc:  # torch-pruning cannot resize every layer: those channels stay, zeroed
-            removal.errors.append(f"{names.get(module, '?')}: {type(exc).__name__}: {str(exc)[:120]}")
-            outcome = "torch-pruning error"
-        for path, count in counted.items():
-            if outcome:
-                removal.stay(path, outcome, count)
-            elif count:
-                removal.removed[path] = removal.removed.get(path, 0) + count
+    for group in dg.get_all_groups(ignored_layers=list(ignored)):  # groups are built after earlier prunes
+        plan = _group_plan(dg, group, fixed_mod, normed_mod, reads)
+        _remove(dg, group, plan, fixed_mod, removal, names)
     for path, fixed in fixed_at.items():
         seen = removal.removed.get(path, 0) + sum(removal.stayed.get(path, {}).values())
         removal.stay(path, "not prunable", max(0, sum(v is not None for v in fixed) - seen))
