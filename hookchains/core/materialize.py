@@ -1,20 +1,24 @@
 """Turn a :class:`~hookchains.Subnetwork` into a real, smaller ``nn.Module`` with the same outputs.
 
-Steps, on a deep copy of the model (docs/design.md's measured decisions):
+Steps, on a deep copy of the model (docs/design.md's measured decisions), with re-parametrised weights
+(``torch.nn.utils.parametrize``, spectral/weight norm) baked in and, for a bfloat16/float16 model, in float32:
 
 1. **fold** each filter site's thresholded score ``S * [S >= tau]`` into the affine parameters of its
    norm layer (or into the conv/linear weight and bias when no norm follows), so a removed filter's
-   output is exactly 0 and a kept one is the original filter scaled by its score (Eq. 3);
+   output is exactly 0 and a kept one is the original filter scaled by its score (Eq. 3); under mean
+   ablation a removed filter's norm outputs its mean instead (:mod:`hookchains.core.ablation`);
 2. **cut** every removed gated layer/block: its modules become ``nn.Identity`` (exact, since a gate
    site's output shape equals its input shape, Eq. 7 with ``G = 0``);
-3. **prune** physically with torch-pruning's ``DependencyGraph``, built on the folded, cut, hook-free
-   copy: a channel index of a coupled group (residual streams, depthwise convs, concatenations) is
-   removed only where *every* producer in the group outputs exactly 0 there and no layer in the group
-   normalises across channels; other channels stay, zeroed;
+3. **prune** physically (:mod:`hookchains.core.pruning`, torch-pruning's ``DependencyGraph`` built on the
+   folded, cut, hook-free copy): a channel of a coupled group (residual streams, depthwise convs,
+   concatenations) is removed where every producer in the group is fixed there (0 or a constant) and
+   every consumer reads 0 or a constant it absorbs into its bias; the report says per site why the
+   other zeroed channels stay;
 4. **check** the contract: on the given images and a seeded random batch, the module's logits equal the
    thresholded hooked network's within ``1e-4 * max|logit|``. If physical pruning broke it (or
    torch-pruning cannot handle the model), the zero-only module of steps 1-2 is checked and returned
-   instead, with the reason recorded; if that fails too, :class:`MaterializeError` is raised.
+   instead, with the reason recorded; if that fails too, :class:`MaterializeError` is raised. A
+   low-precision model is cast back and checked again in its dtype.
 """
 from __future__ import annotations
 
