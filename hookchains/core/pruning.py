@@ -144,12 +144,12 @@ def _group_plan(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]], nor
             fixed = fixed_at.get(module)
             producers += fixed is not None
             for idx, root in zip(item.idxs, item.root_idxs):
-                if fixed is None or fixed[idx] is None:
+                if fixed is None or idx >= len(fixed) or fixed[idx] is None:
                     reasons.setdefault(root, "coupled")
             continue
         read = reads.get(module)
         for idx, root in zip(item.idxs, item.root_idxs):
-            k = None if read is None else read[idx]
+            k = read[idx] if read is not None and idx < len(read) else None  # a layout it did not read as C
             if k is None or (k != 0 and not _absorbs(module)):
                 reasons.setdefault(root, "read non-zero")
             elif k != 0:
@@ -182,7 +182,7 @@ def _site_counts(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]]) ->
         fixed = fixed_at.get(item.dep.target.module) if produces else None
         if fixed is not None:
             out.setdefault(item.dep.target.module, {}).update(
-                {root: 1 for idx, root in zip(item.idxs, item.root_idxs) if fixed[idx] is not None})
+                {root: 1 for idx, root in zip(item.idxs, item.root_idxs) if idx < len(fixed) and fixed[idx] is not None})
     return out
 
 
