@@ -15,8 +15,12 @@ constant into the consumers' bias (:mod:`hookchains.core.pruning`). The same fun
 filters -- kept filters whose output is input-independent -- given their constants.
 
 Example:
-    >>> means = channel_means(model, hooks.sites, images)        # site name -> C means
-    >>> fold_constant_channels(copy, {"layer1.0.bn1": {3: 0.25}})  # channel 3 now outputs 0.25
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    >>> fold_constant_channels(net, {"1": {2: 0.25}})             # the norm's channel 2 now outputs 0.25
+    >>> bool((net(torch.randn(2, 3, 8, 8))[:, 2] == 0.25).all())
+    True
 """
 from __future__ import annotations
 

@@ -18,9 +18,15 @@ A channel that is zero at its site but stays gets one reason, reported per site 
 The rule follows DESIGN.md ("residual-coupled channels"): torch-pruning has no such rule built in.
 
 Example:
-    >>> removal = remove_zero_channels(model, fixed_at, normed, inputs, ignored=[model.fc])
-    >>> removal.removed["layer1.0.bn1"]    # channels removed at that fold module
-    12
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    >>> with torch.no_grad():                # filters 1 and 2 folded to zero (weight and bias)
+    ...     net[0].weight[1:3] = 0; net[0].bias[1:3] = 0
+    >>> removal = remove_zero_channels(net, {"0": [None, 0.0, 0.0, None]}, [], torch.randn(2, 3, 8, 8),
+    ...                                ignored=[net[2]])
+    >>> removal.removed, net[0].out_channels, net[2].in_channels
+    ({'0': 2}, 2, 2)
 """
 from __future__ import annotations
 

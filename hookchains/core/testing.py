@@ -27,7 +27,11 @@ def random_subnetwork(model: nn.Module, example: torch.Tensor, *, keep: float = 
     all closed when ``gates_open`` is given.
 
     Example:
-        >>> sub = random_subnetwork(model, example, counts={"0": 3}, gates_open=True)
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> random_subnetwork(net, torch.zeros(1, 3, 8, 8), counts={"0": 3}).counts()["filters_kept"]
+        3
     """
     gen = torch.Generator().manual_seed(seed)
     sites = discover(model, example=example)
