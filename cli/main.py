@@ -14,7 +14,7 @@ from typing import Optional
 
 import click
 
-from hookchains.cli.options import check_image_size, config_from_options, fit_options, run_error
+from hookchains.cli.options import check_image_size, config_from_options, fit_options, output_choice, run_error
 from hookchains.inputs.data import count
 from hookchains.viz.graph import GRAPH_FORMATS
 from hookchains.workflow.demo import DEMO_DURATION
@@ -24,8 +24,11 @@ from hookchains.workflow.extract import EXTRACT_MODES
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hookchains")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="show the Python traceback of a failure instead of one Error: line")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Extract and draw the small sub-network a pretrained model uses on a small task (NeuroChains)."""
+    ctx.obj = {"debug": debug}
 
 
 @main.command()
@@ -34,10 +37,12 @@ def main() -> None:
 @click.option("--image-size", type=int, help="probe resolution (token counts depend on it)")
 @click.option("--adapter", default="auto", show_default=True, help="auto, resnet, vgg, mobilenet, vit or generic")
 @click.option("--no-fx", is_flag=True, help="skip torch.fx; read the graph from one probe forward pass")
+@click.option("--output", help="where the class scores are in a dict/tuple/list output: a key or an index")
+@click.option("--no-check", is_flag=True, help="skip the exactness self-check of every site")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @run_error
 def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], adapter: str, no_fx: bool,
-            as_json: bool) -> None:
+            output: Optional[str], no_check: bool, as_json: bool) -> None:
     """List MODEL's sites: filters, gateable layers/blocks, token slots, with totals (ViTs: also
     MHA and FFN parameters).
 
@@ -45,13 +50,16 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
     """
     import torch
 
-    from hookchains.adapters import default_input_shape, discover
+    from hookchains.adapters import default_input_shape
+    from hookchains.core.attach import attach
     from hookchains.inputs.models import create_model
     net, _ = create_model(model, checkpoint=checkpoint)
     shape = list(default_input_shape(net))
     if image_size:
         shape[-2:] = [image_size, image_size]
-    sites = discover(net, adapter, example=torch.zeros(shape), use_fx=not no_fx)
+    with attach(net, adapter, example=torch.zeros(shape), use_fx=not no_fx, output=output_choice(output),
+                check=not no_check) as hooks:  # the sites every later step uses, refused ones noted
+        sites = hooks.sites
     extra = {}
     if sites.tokens:  # a ViT: the paper's Table 1 also counts attention and feed-forward parameters
         from hookchains.tokens.hooks import vit_parameter_counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import click
 
@@ -60,6 +60,13 @@ def config_from_options(model, opts: Dict) -> FitConfig:
                       seed=opts["seed"], progress=not opts["quiet"])
 
 
+def output_choice(value: Optional[str]):
+    """``--output`` as :func:`hookchains.inputs.forward.select` takes it: an index when it is an integer, else a key."""
+    if value is None:
+        return None
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def check_image_size(model, image_size) -> None:
     """Refuse an ``--image-size`` below an eighth of the model's own resolution (at least 8 px): a
     224-px ImageNet model then sees at least 28 px, enough for its final feature map to be 1 x 1;
@@ -77,13 +84,19 @@ def check_image_size(model, image_size) -> None:
 
 
 def run_error(func: Callable) -> Callable:
-    """Turn the errors a user can fix into ``Error: <one line>`` and exit status 1."""
+    """Turn every failure into ``Error: <one line>`` and exit status 1; the traceback only with the
+    global ``--debug`` flag (``hookchains --debug inspect ...``)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"Error: {message}", err=True)
+        except Exception as exc:  # noqa: BLE001 -- the CLI promise: one line, whatever failed
+            if (click.get_current_context().find_root().obj or {}).get("debug"):
+                raise
+            text = str(exc).strip()
+            message = text.splitlines()[0] if text else "(no message)"
+            known = isinstance(exc, (ValueError, OSError, RuntimeError))
+            click.echo(f"Error: {message}" if known else f"Error: {type(exc).__name__}: {message} "
+                       "(run with --debug for the traceback)", err=True)
             sys.exit(1)
     return wrapper

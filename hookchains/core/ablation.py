@@ -53,8 +53,7 @@ def use_ablation(hooks, ablation: str, tasks: Sequence[torch.Tensor]) -> None:
         if len(tasks) != 1:
             raise ValueError(f"mean ablation needs one task per fit (got {len(tasks)}): fit the tasks one by one")
         with hooks.using("off"):
-            device = next(hooks.model.parameters()).device
-            hooks.means = channel_means(hooks.model, hooks.sites, tasks[0].to(device))
+            hooks.means = channel_means(hooks.model, hooks.sites, tasks[0])
 
 
 def channel_means(model: nn.Module, sites: SiteMap, images: torch.Tensor) -> Dict[str, torch.Tensor]:

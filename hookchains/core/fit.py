@@ -17,8 +17,12 @@ sparsest network within that KL is sought; (4) gate logits stay within ``|alpha/
 set has not changed for ``patience`` steps, the loss moved by less than ``loss_tol`` over them, and the
 KL is at most ``kl_tol`` (the paper's step-to-step ``|dloss| < 0.05`` fired at step 9 or never).
 
-Model weights are frozen for the duration (``requires_grad_(False)``; restored afterwards): no weight
-gradient is ever computed. Teacher logits are computed once.
+Model weights are frozen and the model is in eval mode for the duration (each module's own flag and
+each parameter's ``requires_grad`` restored afterwards, :mod:`hookchains.core.state`): no weight gradient is
+ever computed; the seed applies to a forked RNG, so the caller's global RNG state is untouched.
+Teacher logits are computed once. Outputs that are not one ``N x classes`` logits tensor (dicts,
+probabilities, dense ``N x C x H x W`` predictions) go through :func:`hookchains.inputs.forward.class_scores`:
+a dense prediction's KL is taken per position (pixel) over the classes and averaged over positions.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ from tqdm.auto import tqdm
 from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.metrics import fidelity
+from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
-from hookchains.inputs.data import validate_images
+from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
 # recipe "hookchains" keeps |alpha / T| <= GATE_BOUND: the forward pass uses the rounded gate, and a
 # saturated sigmoid would make a closed gate's gradient vanish so it could never reopen.
@@ -144,17 +149,19 @@ def _device_of(chains: ScoreHooks) -> torch.device:
     return next(chains.model.parameters()).device
 
 
-def _batch(images: torch.Tensor, part: slice, layout: torch.memory_format) -> torch.Tensor:
-    """Images ``part`` of every task (tasks x N x ...) as one batch in memory ``layout``."""
-    batch = images[:, part].flatten(0, 1)
-    return batch.contiguous(memory_format=layout) if batch.ndim == 4 else batch
+def _batch(images, part: slice, layout: torch.memory_format):
+    """Examples ``part`` of every task (each input tasks x N x ...) as one batch, images in memory ``layout``."""
+    def one(t: torch.Tensor) -> torch.Tensor:
+        batch = t[:, part].flatten(0, 1)
+        return batch.contiguous(memory_format=layout) if batch.ndim == 4 else batch
+    return map_tensors(one, images)
 
 
 def _input_layout(chains: ScoreHooks, images: torch.Tensor, batch_size: Optional[int]):
     """Channels-last on CPU when the model accepts it (oneDNN's convolutions ran 1.23x faster per
     step on the demo's MobileNetV2, 1.07x on ResNet-18, weights untouched), else the usual layout
     (e.g. a forward that calls ``.view`` on a featuremap). Returns (layout, teacher logits)."""
-    if images.device.type == "cpu" and images.ndim == 5:
+    if primary(images).device.type == "cpu" and primary(images).ndim == 5:
         try:
             return torch.channels_last, _tasks_logits(chains, images, "off", batch_size, torch.channels_last)
         except RuntimeError:
@@ -162,26 +169,31 @@ def _input_layout(chains: ScoreHooks, images: torch.Tensor, batch_size: Optional
     return torch.contiguous_format, _tasks_logits(chains, images, "off", batch_size)
 
 
-def _tasks_kl_backward(model, images: torch.Tensor, teacher_logp: torch.Tensor, parts: Sequence[slice],
+def _tasks_kl_backward(chains: ScoreHooks, images, teacher_logp: torch.Tensor, parts: Sequence[slice],
                        weights: torch.Tensor, layout: torch.memory_format = torch.contiguous_format) -> List[float]:
-    """Mean KL per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x classes);
+    """Mean KL per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x classes, or
+    tasks x N x P x classes for a dense prediction, whose KL is averaged over the P positions);
     backpropagates ``sum_t weights[t] * KL_t`` chunk by chunk (a chunk takes the same images of every task)."""
-    tasks, count = images.shape[:2]
+    tasks, n = primary(images).shape[:2]
     totals = torch.zeros(tasks, dtype=torch.float64)
     for part in parts:
-        logq = F.log_softmax(model(_batch(images, part, layout)).float(), -1)
-        kl = F.kl_div(logq.view(tasks, -1, logq.shape[-1]), teacher_logp[:, part], log_target=True,
-                      reduction="none").sum((1, 2)) / count
+        target = teacher_logp[:, part]
+        scores = class_scores(call(chains.model, _batch(images, part, layout)), chains.sites.output)
+        logq = F.log_softmax(scores, -1).reshape(target.shape)
+        kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1)
+        kl = kl.reshape(tasks, kl.shape[1], -1).mean(-1).sum(1) / n
         (weights.to(kl.device) * kl).sum().backward()
         totals += kl.detach().cpu().double()
     return totals.tolist()
 
 
-def kl_backward(model, images, teacher_logp, parts: Sequence[slice], weight: float) -> float:
+def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice], weight: float) -> float:
     """Mean KL over the images of one task; backpropagates ``weight * KL`` part by part (see :func:`chunks`).
 
-    ``images``: N x ...; ``teacher_logp``: N x classes log-probabilities; returns the KL in nats."""
-    return _tasks_kl_backward(model, images[None], teacher_logp[None], parts, torch.tensor([weight]))[0]
+    ``images``: N x ... (or a tuple/dict of inputs); ``teacher_logp``: N x classes (N x P x classes
+    for a dense prediction) log-probabilities; returns the KL in nats."""
+    return _tasks_kl_backward(chains, map_tensors(lambda t: t[None], images), teacher_logp[None], parts,
+                              torch.tensor([weight]))[0]
 
 
 def next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
@@ -247,7 +259,7 @@ def _step(chains: ScoreHooks, optimiser, images, teacher_logp, parts, tracks: Li
     frozen = [i for i, t in enumerate(tracks) if t.stopped]
     saved = [chains.per_task(p).detach()[frozen].clone() for p in chains.parameters()] if frozen else []
     optimiser.zero_grad(set_to_none=True)
-    kls = _tasks_kl_backward(chains.model, images, teacher_logp, parts,
+    kls = _tasks_kl_backward(chains, images, teacher_logp, parts,
                              torch.tensor([t.kl_weight for t in tracks]), layout)
     penalty = _penalties(chains, cfg)
     penalty.sum().backward()
@@ -263,7 +275,7 @@ def _optimise(chains: ScoreHooks, images: torch.Tensor, teacher_logp: torch.Tens
               layout: torch.memory_format) -> List[_Track]:
     """Adam on Eq. 8 for every task at once until each has converged (or ``cfg.steps``)."""
     _initialise(chains, cfg)
-    parts = chunks(images.shape[1], cfg.batch_size)
+    parts = chunks(primary(images).shape[1], cfg.batch_size)
     optimiser = torch.optim.Adam(list(chains.parameters()), lr=cfg.lr)
     tracks = [_Track() for _ in range(chains.task_count)]
     bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
@@ -314,17 +326,20 @@ def chunks(n: int, batch_size: Optional[int]) -> List[slice]:
 
 
 @torch.no_grad()
-def _tasks_logits(chains: ScoreHooks, images: torch.Tensor, mode: str, batch_size: Optional[int],
+def _tasks_logits(chains: ScoreHooks, images, mode: str, batch_size: Optional[int],
                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Logits (tasks x N x classes) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    """Class scores (tasks x N x classes, or tasks x N x P x classes for a dense prediction;
+    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    tasks, n = primary(images).shape[:2]
     with chains.using(mode):
-        parts = [chains.model(_batch(images, p, layout)).float() for p in chunks(images.shape[1], batch_size)]
-    return torch.cat([part.view(images.shape[0], -1, part.shape[-1]) for part in parts], 1)
+        parts = [class_scores(call(chains.model, _batch(images, p, layout)), chains.sites.output)
+                 for p in chunks(n, batch_size)]
+    return torch.cat([part.view(tasks, -1, *part.shape[1:]) for part in parts], 1)
 
 
-def logits_of(chains: ScoreHooks, images: torch.Tensor, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
-    """Logits of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
-    return _tasks_logits(chains, images[None], mode, batch_size)[0]
+def logits_of(chains: ScoreHooks, images, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Class scores of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
+    return _tasks_logits(chains, map_tensors(lambda t: t[None], images), mode, batch_size)[0]
 
 
 def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = None, **options) -> Subnetwork:
@@ -332,7 +347,9 @@ def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = 
 
     Args:
         chains: hooks from :func:`hookchains.core.attach`.
-        images: the task's images, N x C x H x W, preprocessed like the model's training data.
+        images: the task's images, N x C x H x W (or N x C x L signals, N x C x D x H x W volumes),
+            preprocessed like the model's training data; a tuple/dict of inputs for a model with
+            several (:mod:`hookchains.inputs.forward`), the same N in each.
         config: a :class:`FitConfig`; default: the preset of the chains' adapter family.
         **options: any :class:`FitConfig` field, overriding ``config`` (e.g. ``steps=100``).
 
@@ -380,33 +397,26 @@ def fit_tasks(chains: ScoreHooks, tasks: Sequence[torch.Tensor], config: Optiona
     if len(tasks) != chains.task_count or chains.tasks is None:
         raise ValueError(f"these chains hold {chains.tasks or 1} task(s) but {len(tasks)} image sets were given: "
                          f"attach with hookchains.attach(model, tasks={len(tasks)})")
-    if len({tuple(t.shape) for t in tasks}) != 1:
-        raise ValueError(f"every task needs images of the same shape and count, got {[tuple(t.shape) for t in tasks]}")
+    shapes = [str(map_tensors(lambda t: tuple(t.shape), t)) for t in tasks]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"every task needs images of the same shape and count, got {shapes}")
     return _fit(chains, list(tasks), config, options)
 
 
 def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConfig], options: Dict) -> List[Subnetwork]:
     for images in tasks:
-        validate_images(images)
+        validate_inputs(images, len(chains.sites.input_shape))
     if not chains.attached:
         raise RuntimeError("these chains were detached; call hookchains.attach(model) again")
     cfg = dataclasses.replace(config or preset_for(chains.sites.adapter), **options)
-    model = chains.model
-    images = torch.stack(tasks).to(_device_of(chains))
-    torch.manual_seed(cfg.seed)
-    flags, was_training = [p.requires_grad for p in model.parameters()], model.training
-    model.eval().requires_grad_(False)
-    torch.set_flush_denormal(True)  # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl
-    try:
-        use_ablation(chains, cfg.ablation, tasks)
+    device = _device_of(chains)
+    images = map_tensors(lambda t: t.to(device), stack(tasks))
+    # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl: denormals flushed meanwhile
+    with seeded(cfg.seed, device), explaining(chains.model, flush_denormal=True):
+        use_ablation(chains, cfg.ablation, [map_tensors(lambda t: t.to(device), task) for task in tasks])
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
         tracks = _optimise(chains, images, F.log_softmax(teacher, -1), cfg, layout)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
-    finally:
-        torch.set_flush_denormal(False)
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
     if any(math.isnan(v) for t in tracks for v in t.history["loss"]):
         raise FloatingPointError("the loss became NaN during fitting; lower lr or check the images")
     return [_result(chains, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]

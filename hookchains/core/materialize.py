@@ -33,7 +33,9 @@ from torch.nn.modules.conv import _ConvNd
 from hookchains.core.ablation import fold_constant_channels
 from hookchains.core.attach import ScoreHooks, strip_hooks
 from hookchains.core.pruning import ChannelRemoval, remove_zero_channels
+from hookchains.core.state import PassThrough
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.forward import call, class_scores, map_tensors
 
 __all__ = ["materialize", "MaterializeError", "MaterializeReport", "TOLERANCE"]
 
@@ -185,9 +187,9 @@ def _cut(model: nn.Module, sub: Subnetwork) -> None:
     removed = set(sub.removed_gates)
     for gate in sub.sites.gates:
         if gate.name in removed:
-            for path in gate.members:
+            for i, path in enumerate(gate.members):  # the first copies H: a later ``+=`` must not write into it
                 parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+                setattr(model.get_submodule(parent) if parent else model, name, PassThrough() if i == 0 else nn.Identity())
 
 
 def _channel_count(model: nn.Module) -> int:
@@ -239,12 +241,14 @@ def _reference_logits(model: nn.Module, sub: Subnetwork, inputs: torch.Tensor, m
         chains.load_state(sub.scores, sub.gate_logits)
         chains.means = dict(sub.means) if sub.ablation == "mean" else {}
         with torch.no_grad(), chains.using(mode):
-            return model(inputs).float()
+            return class_scores(call(model, inputs), sub.sites.output)
     finally:
         chains.detach()
 
 
-def _check_inputs(sub: Subnetwork, images: Optional[torch.Tensor], device) -> torch.Tensor:
+def _check_inputs(sub: Subnetwork, images, device):
+    if images is not None and not isinstance(images, torch.Tensor):  # several inputs: the given ones only
+        return map_tensors(lambda t: t[:8].to(device), images)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn((2, *sub.sites.input_shape[1:]), generator=gen)
     parts = [noise.to(device)]
@@ -253,9 +257,9 @@ def _check_inputs(sub: Subnetwork, images: Optional[torch.Tensor], device) -> to
     return torch.cat([p for p in parts if p.shape[1:] == parts[-1].shape[1:]])
 
 
-def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor) -> float:
+def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub: Subnetwork) -> float:
     with torch.no_grad():
-        return float((module(inputs).float() - reference).abs().max())
+        return float((class_scores(call(module, inputs), sub.sites.output) - reference).abs().max())
 
 
 def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], inputs: torch.Tensor,
@@ -272,7 +276,7 @@ def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], i
                             "channels are zeroed, not removed"]
     notes = [f"torch-pruning failed on a group: {line}" for line in removal.errors[:3]]
     try:
-        diff = _diff(candidate, inputs, reference)
+        diff = _diff(candidate, inputs, reference, sub)
     except Exception as exc:  # a layer torch-pruning resized inconsistently
         return work, None, notes + [f"the pruned module failed to run ({type(exc).__name__}): physical pruning "
                                     "changed the outputs; returned the zeroed (unpruned) module"]
@@ -281,12 +285,12 @@ def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], i
     return candidate, removal, notes
 
 
-def _check_dtype(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, tolerance: float,
-                 report: MaterializeReport) -> nn.Module:
+def _check_dtype(module: nn.Module, inputs, reference: torch.Tensor, tolerance: float,
+                 report: MaterializeReport, sub: Subnetwork) -> nn.Module:
     """``module`` (cast to the model's low-precision dtype) if it matches ``reference`` (the hooked model
     in that dtype) within ``tolerance`` x max|logit|; the figures go into ``report.notes``."""
     limit = tolerance * max(float(reference.abs().max()), 1e-12)
-    diff = _diff(module, inputs, reference)
+    diff = _diff(module, inputs, reference, sub)
     report.notes.append(f"{report.dtype}: outputs differ from the hooked model in {report.dtype} by {diff:.3g} "
                         f"(rounding; tolerance {tolerance:g} x max|logit| = {limit:.3g}); exact in float32")
     if not diff <= limit:
@@ -322,12 +326,13 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     dtype, device = _float_dtype(work), next(work.parameters()).device
     inputs = _check_inputs(sub, images, device)
     mode = "hard" if fold_scores else "mask"
-    low = None if dtype == torch.float32 else _reference_logits(work, sub, inputs.to(dtype), mode)
+    low_inputs = map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, inputs)
+    low = None if dtype == torch.float32 else _reference_logits(work, sub, low_inputs, mode)
     work.float()  # fold, prune and check the structure in float32; cast back at the end
     reference = _reference_logits(work, sub, inputs, mode)
     scale = max(float(reference.abs().max()), 1e-12)
     mult = _multipliers(sub, fold_scores)
-    example = inputs[:1]
+    example = map_tensors(lambda t: t[:1], inputs)
     macs_before, params_before = tp.utils.count_ops_and_params(work, example)
     channels_before = _channel_count(work)
     _fold(work, sub, mult)
@@ -339,7 +344,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     if prune:
         result, removal, notes = _physical(work, sub, mult, inputs, reference, tolerance * scale)
         fallback = "exactness fallback" if notes and "changed the outputs" in notes[-1] else "torch-pruning error"
-    diff = _diff(result, inputs, reference)
+    diff = _diff(result, inputs, reference, sub)
     if diff > tolerance * scale:
         raise MaterializeError(f"materialised module differs from the thresholded network by {diff:.3g} "
                                f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g}); please report this model")
@@ -350,5 +355,5 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
                                tolerance * scale, fold_scores, notes, channels_before - channels_after,
                                _site_report(sub, mult, removal, fallback), str(dtype).replace("torch.", ""))
     if low is not None:
-        result = _check_dtype(result.to(dtype), inputs.to(dtype), low, _dtype_tolerance(dtype, tolerance), report)
+        result = _check_dtype(result.to(dtype), low_inputs, low, _dtype_tolerance(dtype, tolerance), report, sub)
     return result.eval(), report

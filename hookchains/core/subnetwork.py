@@ -102,7 +102,9 @@ class Subnetwork:
         if c["gates_total"]:
             line += f", {c['gates_kept']}/{c['gates_total']} gated blocks"
         if f:
-            line += (f"; top-1 agreement {f['agree']}/{f['images']}; KL {f['kl']:.3f}; "
+            per_pixel = f.get("positions", f["images"]) != f["images"]
+            agree = f"{f['agree']}/{f['positions']} pixels" if per_pixel else f"{f['agree']}/{f['images']}"
+            line += (f"; top-1 agreement {agree}; KL {f['kl']:.3f}; "
                      f"Q mean {f['quotient_mean']:.2f}")
         return line + f"; {self.ablation} ablation"
 

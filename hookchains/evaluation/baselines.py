@@ -128,7 +128,7 @@ def _fine_tune(chains: ScoreHooks, images: torch.Tensor, teacher: torch.Tensor, 
     with chains.using("hard"):
         for _ in range(steps):
             optimiser.zero_grad(set_to_none=True)
-            history.append(kl_backward(chains.model, images, teacher_logp, parts, 1.0))
+            history.append(kl_backward(chains, images, teacher_logp, parts, 1.0))
             optimiser.step()
             with torch.no_grad():
                 for name, score in chains.scores.items():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hookchains.core.fit import FitConfig, chunks, next_kl_weight, stopped
 from hookchains.core.metrics import fidelity
-from hookchains.core.state import eval_mode, frozen_weights
+from hookchains.core.state import eval_mode, frozen_weights, seeded
 from hookchains.inputs.data import validate_images
 from hookchains.tokens.hooks import TokenChains, check_token_model
 from hookchains.tokens.result import TokenSubnetwork
@@ -128,8 +128,7 @@ def fit_tokens(model: nn.Module, images: torch.Tensor, *, steps: Optional[int] =
     given = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
     cfg = dataclasses.replace(config or TOKEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **options)
     images = images.to(next(model.parameters()).device)
-    torch.manual_seed(cfg.seed)
-    with eval_mode(model), frozen_weights(model), \
+    with seeded(cfg.seed, images.device), eval_mode(model), frozen_weights(model), \
             TokenChains(model, images.shape[0], tau=tau, example=images[:1]) as chains:
         teacher = _logits(chains, images, "off", cfg.batch_size)
         history = _optimise(chains, images, F.log_softmax(teacher, -1), cfg)
