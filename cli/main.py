@@ -176,21 +176,27 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
 @click.option("--batch-tasks", default=1, show_default=True, type=int, help="tasks fitted together in one forward pass")
 @click.option("--no-faithfulness", is_flag=True, help="skip removing each kept filter (Fig. 2, 11)")
 @click.option("--no-baselines", is_flag=True, help="skip magnitude and random pruning (Fig. 3)")
-@click.option("--baseline-steps", default=100, show_default=True, type=int, help="fine-tuning steps of the baselines' scores")
-@click.option("--allocation", type=click.Choice(["matched", "proportional"]), default="matched", show_default=True,
-              help="baseline budget per layer: as the sub-network's, or the same total spread by layer width")
+@click.option("--baseline-steps", type=click.IntRange(min=0),
+              help="fine-tuning steps of the baselines' scores [as many as the fit ran]")
+@click.option("--baseline-budget", type=click.IntRange(min=1),
+              help="filters each baseline keeps in total (proportional) [as many as the sub-network]")
+@click.option("--allocation", type=click.Choice(["proportional", "matched"]), default="proportional", show_default=True,
+              help="baselines: the paper's total spread over layers by width, gates open; or the sub-network's "
+                   "per-layer counts and gates")
 @click.option("--robustness", is_flag=True, help="also run FGSM and PGD attacks (Fig. 12)")
 @click.option("--eps", type=float, default=0.1, show_default=True,
               help="attack radius in the model's normalised input units (pixel radius / normalisation std)")
 @click.option("--pgd-steps", default=10, show_default=True, type=int)
+@click.option("--random-control", is_flag=True,
+              help="also fit the model with re-initialised weights, reported beside the real fit (Adebayo et al.)")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="sweep folder: results.jsonl, tasks/, plots/, report.html (a rerun resumes it)")
 @fit_options(outputs=False)
 @run_error
 def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
-          held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, allocation, robustness, eps,
-          pgd_steps, skip_bad_images, out_dir, **opts) -> None:
+          held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, baseline_budget, allocation, robustness,
+          eps, pgd_steps, random_control, skip_bad_images, out_dir, **opts) -> None:
     """Extract and evaluate a sub-network for each of many tasks (the paper's case studies).
 
     One JSON line per task goes to OUT/results.jsonl as soon as the task is done; rerunning the
@@ -201,7 +207,8 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
     from hookchains.workflow.sweep import SweepConfig, run_sweep
     fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed") if opts[k] is not None}
     evaluation = EvalOptions(faithfulness=not no_faithfulness, baselines=not no_baselines, baseline_steps=baseline_steps,
-                             allocation=allocation, robustness=robustness, eps=eps, pgd_steps=pgd_steps, seed=opts["seed"])
+                             allocation=allocation, baseline_budget=baseline_budget, robustness=robustness, eps=eps,
+                             pgd_steps=pgd_steps, random_control=random_control, seed=opts["seed"])
     names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
     config = SweepConfig(model_spec, data_dir, n_tasks, classes_per_task, one_vs_rest, names, per_class, held_out,
                          opts["image_size"], opts["seed"], pretrained, checkpoint, fit, opts["tau"], opts["temperature"],

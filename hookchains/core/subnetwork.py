@@ -81,10 +81,23 @@ class Subnetwork:
         return kept
 
     def counts(self) -> Dict[str, int]:
-        """The paper's counts: filters and layers kept / total, gates kept / total."""
+        """The counts of kept units: every scored unit, and the paper-comparable conv-only counts.
+
+        ``filters_*`` / ``layers_*`` count every filter site, conv and fully-connected alike;
+        ``conv_filters_*`` / ``conv_layers_*`` count conv filters and conv layers only, as the paper
+        does (section 4.2: "filters"), and ``linear_units_*`` / ``linear_layers_*`` the
+        fully-connected units separately. E.g. VGG-19 has 5,504 conv filters in 16 conv layers plus
+        8,192 fully-connected units in 2 layers; ResNet-50 has 26,560 conv filters in 53 conv layers.
+        (The paper's own "4,480" VGG-19 filters and "/67" ResNet-50 layers do not follow from the
+        architectures.) ``gates_*``: gated layers/blocks kept / total.
+
+        Example:
+            >>> sub.counts()["conv_filters_total"]      # doctest: +SKIP
+            5504
+        """
         kept = self.kept_filters()
         totals = self.sites.totals()
-        return {
+        counts = {
             "filters_kept": sum(len(v) for v in kept.values()),
             "filters_total": totals["scorable_filters"],
             "layers_kept": len(kept),
@@ -92,9 +105,16 @@ class Subnetwork:
             "gates_kept": len(self.sites.gates) - len(self.removed_gates),
             "gates_total": len(self.sites.gates),
         }
+        for kind, unit in (("conv", "filters"), ("linear", "units")):
+            sites = [s for s in self.sites.filters if s.kind == kind]
+            counts.update({f"{kind}_{unit}_kept": sum(len(kept.get(s.name, ())) for s in sites),
+                           f"{kind}_{unit}_total": sum(s.channels for s in sites),
+                           f"{kind}_layers_kept": sum(s.name in kept for s in sites),
+                           f"{kind}_layers_total": len(sites)})
+        return counts
 
     def summary(self) -> str:
-        """One line like the paper's: 'retains 13/67 layers and 77/26560 filters; ...'."""
+        """One line like the paper's: 'retains 13/53 layers and 77/26560 filters; ...'."""
         c, f = self.counts(), self.fidelity
         line = (f"retains {c['layers_kept']}/{c['layers_total']} layers and "
                 f"{c['filters_kept']}/{c['filters_total']} filters "
