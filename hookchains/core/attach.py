@@ -113,6 +113,7 @@ class ScoreHooks(HookOwner):
         self._span_inputs: Dict[str, List[torch.Tensor]] = {}
         # mode "recipe": site name -> multipliers, installed by a fit recipe (hookchains.core.recipes)
         self.recipe_values: Optional[Callable[[str], torch.Tensor]] = None
+        self.means: Dict[str, torch.Tensor] = {}  # mean ablation (hookchains.core.ablation); empty: zero ablation
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._register()
 
@@ -168,8 +169,18 @@ class ScoreHooks(HookOwner):
         def hook(module, args, out):
             if self.mode == "off":
                 return None
-            return self._scaled(out, self.filter_values(site.name), site.channel_dim)
+            scaled = self._scaled(out, self.filter_values(site.name), site.channel_dim)
+            return scaled if site.name not in self.means else scaled + self._ablated(out, site)
         return hook
+
+    def _ablated(self, out: torch.Tensor, site: FilterSite) -> torch.Tensor:
+        """Mean ablation's term ``(1 - k) * mean`` (k: the kept indicator in the current mode)."""
+        s = self.scores[site.name]
+        keep = s if self.mode == "soft" else (s >= self.tau).to(s.dtype)
+        keep = s + (keep - s).detach() if self.mode == "ste" else keep
+        mean = self.means[site.name].to(out.device, out.dtype)
+        return self._scaled(torch.ones_like(out), 1 - keep, site.channel_dim) * mean.reshape(
+            [-1 if d == site.channel_dim % out.ndim else 1 for d in range(out.ndim)])
 
     def _mix(self, gate: GateSite, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         g = self.gate_values(gate.name)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.metrics import fidelity
 from hookchains.core.recipes import GATE_BOUND, RECIPES, Paper, Recipe, Ste, recipe_named
@@ -71,6 +72,8 @@ class FitConfig:
         batch_size: images per forward pass (gradients are accumulated; default: all at once).
         seed: seeds torch before fitting.
         progress: show a tqdm bar.
+        ablation: what a removed filter outputs: ``"zero"`` (the paper) or ``"mean"`` (its mean
+            activation on the task images; see :mod:`hookchains.core.ablation`).
     """
 
     steps: int = 300
@@ -89,6 +92,7 @@ class FitConfig:
     batch_size: Optional[int] = None
     seed: int = 0
     progress: bool = True
+    ablation: str = "zero"
 
     def __post_init__(self) -> None:
         problems = [f"{n} must be > 0 (got {v})" for n, v in
@@ -101,6 +105,8 @@ class FitConfig:
                             f"(got {self.recipe!r})")
         if self.batch_size is not None and self.batch_size <= 0:
             problems.append(f"batch_size must be > 0 (got {self.batch_size})")
+        if self.ablation not in ABLATIONS:
+            problems.append(f"ablation must be one of {ABLATIONS} (got {self.ablation!r})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -391,8 +397,12 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
     device = _device_of(chains)
     images = map_tensors(lambda t: t.to(device), stack(tasks))
     recipe = recipe_named(cfg.recipe)
+    if cfg.ablation != "zero" and recipe.mode == "recipe":
+        raise ValueError(f"{cfg.ablation} ablation works with the recipes that threshold the scores (ste, paper), "
+                         f"not {recipe.name!r}: use ablation='zero' or recipe='ste'")
     # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl: denormals flushed meanwhile
     with seeded(cfg.seed, device), explaining(chains.model, flush_denormal=True):
+        use_ablation(chains, cfg.ablation, [map_tensors(lambda t: t.to(device), task) for task in tasks])
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
         tracks = _optimise(chains, recipe, images, F.log_softmax(teacher, -1), cfg, layout)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
@@ -409,4 +419,5 @@ def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: _Track, teache
               "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg)}
     return Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
                       fidelity(teacher.cpu(), student.cpu()), config, track.history,
-                      importance=recipe.importance(chains, task))
+                      importance=recipe.importance(chains, task), ablation=cfg.ablation,
+                      means={k: v.clone() for k, v in chains.means.items()})

@@ -22,7 +22,7 @@ from hookchains.core.sites import SiteMap
 __all__ = ["Subnetwork", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_SCORE, _GATE, _IMPORTANCE = "score/", "gate/", "importance/"
+_SCORE, _GATE, _IMPORTANCE, _MEAN = "score/", "gate/", "importance/", "mean/"
 
 
 @dataclass
@@ -39,6 +39,8 @@ class Subnetwork:
         task: class names, image paths and labels of the fitting images, when known.
         importance: filter site -> values ranking every filter (kept or not) for
             :mod:`hookchains.evaluation.curve`, when the recipe has such values (e.g. mask logits); else ``scores`` rank.
+        ablation: what a removed filter outputs: ``"zero"`` (the paper) or ``"mean"`` (its mean activation
+            on the task images, ``means[site]``); see :mod:`hookchains.core.ablation`.
     """
 
     sites: SiteMap
@@ -52,6 +54,8 @@ class Subnetwork:
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
     importance: Dict[str, torch.Tensor] = field(default_factory=dict)
+    ablation: str = "zero"
+    means: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ thresholding
     def gate_open(self, name: str) -> bool:
@@ -125,7 +129,7 @@ class Subnetwork:
             agree = f"{f['agree']}/{f['positions']} pixels" if per_pixel else f"{f['agree']}/{f['images']}"
             line += (f"; top-1 agreement {agree}; KL {f['kl']:.3f}; "
                      f"Q mean {f['quotient_mean']:.2f}")
-        return line + self._ending()
+        return line + f"; {self.ablation} ablation" + self._ending()
 
     def _ending(self) -> str:
         """'; stopped at the step limit, ...' when the step limit, not convergence, ended the fit."""
@@ -158,13 +162,14 @@ class Subnetwork:
         tensors = {_SCORE + k: v for k, v in self.scores.items()}
         tensors.update({_GATE + k: v.reshape(()) for k, v in self.gate_logits.items()})
         tensors.update({_IMPORTANCE + k: v for k, v in self.importance.items()})
+        tensors.update({_MEAN + k: v for k, v in self.means.items()})
         write_tensors(directory / "scores.safetensors", tensors, metadata={"format": "hookchains"})
         write_json(directory / "subnetwork.json", {
             "format_version": FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
             "tau": self.tau, "temperature": self.temperature, "fidelity": self.fidelity,
             "removed_gates": self.removed_gates, "kept_filters": self.kept_filters(),
             "config": self.config, "history": self.history, "model_ref": self.model_ref,
-            "task": self.task, "sites": self.sites.to_json()})
+            "task": self.task, "ablation": self.ablation, "sites": self.sites.to_json()})
         return directory
 
     @classmethod
@@ -189,5 +194,7 @@ class Subnetwork:
         if missing or wrong:
             raise ValueError(f"{directory}/scores.safetensors does not match its subnetwork.json "
                              f"(missing {missing[:3]}, wrong size {wrong[:3]}): the files were mixed up")
+        means = {k[len(_MEAN):]: v for k, v in tensors.items() if k.startswith(_MEAN)}
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
-                   meta["history"], meta["model_ref"], meta.get("task", {}), importance)
+                   meta["history"], meta["model_ref"], meta.get("task", {}), importance,
+                   meta.get("ablation", "zero"), means)

@@ -5,7 +5,7 @@ masks the only claim checked is the exactness contract of :func:`hookchains.core
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,17 +18,34 @@ __all__ = ["random_subnetwork", "check_model", "input_for"]
 
 
 def random_subnetwork(model: nn.Module, example: torch.Tensor, *, keep: float = 0.3, seed: int = 0,
-                      tau: float = 0.1) -> Subnetwork:
-    """A :class:`Subnetwork` of ``model`` with about ``keep`` of each site's filters kept (random scores
-    in [tau, 1]) and each gate open with probability 1/2."""
+                      tau: float = 0.1, counts: Optional[Dict[str, int]] = None,
+                      gates_open: Optional[bool] = None) -> Subnetwork:
+    """A :class:`Subnetwork` of ``model`` with random scores in [tau, 1] on the kept filters.
+
+    Each filter is kept with probability ``keep``, except at sites named in ``counts`` (filter site ->
+    exactly that many kept, chosen at random). Each gate is open with probability 1/2, or all open /
+    all closed when ``gates_open`` is given.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        ...                     nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> random_subnetwork(net, torch.zeros(1, 3, 8, 8), counts={"0": 3}).counts()["filters_kept"]
+        3
+    """
     gen = torch.Generator().manual_seed(seed)
     sites = discover(model, example=example)
     scores = {}
     for site in sites.filters:
-        on = torch.rand(site.channels, generator=gen) < keep
+        if counts is not None and site.name in counts:
+            on = torch.zeros(site.channels, dtype=torch.bool)
+            on[torch.randperm(site.channels, generator=gen)[:counts[site.name]]] = True
+        else:
+            on = torch.rand(site.channels, generator=gen) < keep
         scores[site.name] = torch.where(on, tau + (1 - tau) * torch.rand(site.channels, generator=gen),
                                         torch.zeros(site.channels))
-    gates = {g.name: torch.randn((), generator=gen) for g in sites.gates}
+    gates = {g.name: torch.randn((), generator=gen) if gates_open is None else torch.tensor(1.0 if gates_open else -1.0)
+             for g in sites.gates}
     return Subnetwork(sites, scores, gates, tau=tau)
 
 

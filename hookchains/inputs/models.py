@@ -206,10 +206,13 @@ def _timm_model(spec: str, name: str, pretrained: bool, num_classes: int | None)
 
 
 def _torchvision_model(spec: str, name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
-    """``torchvision.models.get_model`` with the architecture's default weights when ``pretrained``."""
+    """``torchvision.models.get_model`` with the architecture's default weights when ``pretrained``;
+    otherwise no weights at all, backbone included (nothing is downloaded)."""
     if name not in torchvision.models.list_models():
         raise ValueError(_unknown_model_message(spec, name, _torchvision_specs()))
     kwargs: dict[str, Any] = {"weights": "DEFAULT" if pretrained else None}
+    if not pretrained and "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kwargs["weights_backbone"] = None  # detection/segmentation/video builders default to ImageNet backbones
     default = getattr(torchvision.models.get_model_weights(name), "DEFAULT", None) if pretrained else None
     if default is not None:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(default.url).path)

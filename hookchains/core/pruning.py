@@ -1,0 +1,267 @@
+"""Physical removal of channels that are exactly zero or constant, with torch-pruning's ``DependencyGraph``.
+
+A channel index of a coupled group (a residual stream, a depthwise conv and its producer, a
+concatenation) is removed only when removing it cannot change any output:
+
+* every *producer* in the group (a conv/linear, or the norm layer after it) has that channel folded
+  to a fixed value: weight 0 there and bias 0 (zero ablation) or a constant (mean ablation, a dead
+  filter; :func:`hookchains.core.ablation.fold_constant_channels`), for every input (structural);
+* every *consumer* (a conv/linear reading the group's channels) reads one constant ``k`` there on all
+  the check inputs and positions: ``k = 0`` is dropped as is; ``k != 0`` is folded into the consumer's
+  bias (``bias += W[:, c] * k``), which is exact for linear layers and 1 x 1, unpadded, ungrouped convs
+  only. This catches an activation with ``f(0) != 0`` (sigmoid), a constant added by an unwrapped
+  parameter (position embeddings), and padding that makes a constant non-constant at borders;
+* no layer in the group normalises across channels (LayerNorm, GroupNorm): removing a channel
+  changes their mean and variance.
+
+A channel that is zero at its site but stays gets one reason, reported per site (:data:`REASONS`).
+The rule follows DESIGN.md ("residual-coupled channels"): torch-pruning has no such rule built in.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    >>> with torch.no_grad():                # filters 1 and 2 folded to zero (weight and bias)
+    ...     net[0].weight[1:3] = 0; net[0].bias[1:3] = 0
+    >>> removal = remove_zero_channels(net, {"0": [None, 0.0, 0.0, None]}, [], torch.randn(2, 3, 8, 8),
+    ...                                ignored=[net[2]])
+    >>> removal.removed, net[0].out_channels, net[2].in_channels
+    ({'0': 2}, 2, 2)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["ChannelRemoval", "REASONS", "remove_zero_channels", "constant_input_channels"]
+
+REASONS = {
+    "coupled": "another producer coupled to it (residual stream, concatenation, depthwise) computes "
+               "an input-dependent value there",
+    "read non-zero": "a consumer reads a value there that it cannot absorb: not constant (padding, an added "
+                     "input-dependent term), or a non-zero constant (an activation with f(0) != 0, a mean) "
+                     "read by a layer other than a linear or a 1 x 1 unpadded, ungrouped conv",
+    "cross-channel norm": "a LayerNorm/GroupNorm in its group normalises across channels",
+    "grouped conv": "a grouped (not depthwise) conv reads or writes its group; torch-pruning cannot resize it "
+                    "at arbitrary indices",
+    "not prunable": "its channels reach the model output or a layer torch-pruning cannot resize",
+    "last channel": "every channel of its group could go, but a layer keeps at least one",
+    "torch-pruning error": "torch-pruning failed on its group",
+    "exactness fallback": "the pruned module failed the exactness check, so nothing was removed",
+}
+"""Why a zeroed channel was not removed (the key is what reports print)."""
+
+_CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_CROSS_CHANNEL_NAMES = ("LayerNorm", "GroupNorm", "RmsNorm", "RMSNorm")
+
+
+@dataclass
+class ChannelRemoval:
+    """What :func:`remove_zero_channels` did, per fold module path (norm, or conv/linear without norm).
+
+    Attributes:
+        removed: fold module path -> channels removed there.
+        stayed: fold module path -> {reason: zeroed channels that stayed}; reasons are :data:`REASONS` keys.
+        errors: one line per torch-pruning failure.
+    """
+
+    removed: Dict[str, int] = field(default_factory=dict)
+    stayed: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    errors: List[str] = field(default_factory=list)
+
+    def stay(self, path: str, reason: str, count: int = 1) -> None:
+        """Record ``count`` zeroed channels of ``path`` that stayed for ``reason``."""
+        if count:
+            reasons = self.stayed.setdefault(path, {})
+            reasons[reason] = reasons.get(reason, 0) + count
+
+
+def _is_real(module) -> bool:
+    """A module of the user's model (torch-pruning adds pseudo-modules for elementwise/concat/reshape ops)."""
+    return isinstance(module, nn.Module) and not type(module).__module__.startswith("torch_pruning")
+
+
+def _blocking(module) -> Optional[str]:
+    """The reason a module stops its whole group from being resized, or None."""
+    if isinstance(module, _CROSS_CHANNEL_NORMS) or any(n in type(module).__name__ for n in _CROSS_CHANNEL_NAMES):
+        return "cross-channel norm"
+    if isinstance(module, _ConvNd) and module.groups > 1 and not module.groups == module.in_channels == module.out_channels:
+        return "grouped conv"
+    return None
+
+
+@torch.no_grad()
+def constant_input_channels(model: nn.Module, inputs: torch.Tensor) -> Dict[nn.Module, List[Optional[float]]]:
+    """Conv/linear module -> per input channel, the one value it read there at every position of every
+    one of ``inputs`` (and every call), or None where the values vary.
+
+    Channels are dim 1 of a conv's input (N x C x ...) and the last dim of a linear's input."""
+    seen: Dict[nn.Module, List[Optional[float]]] = {}
+
+    def record(module, args):
+        x = args[0].detach()
+        dim = 1 if isinstance(module, _ConvNd) else x.ndim - 1
+        flat = x.movedim(dim, 0).reshape(x.shape[dim], -1)
+        high, low = flat.amax(dim=1), flat.amin(dim=1)
+        values = [float(h) if h == lo else None for h, lo in zip(high.tolist(), low.tolist())]
+        if module in seen:
+            values = [v if v == old else None for v, old in zip(values, seen[module])]
+        seen[module] = values
+
+    layers = [m for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))]
+    handles = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _absorbs(module: nn.Module) -> bool:
+    """Whether a constant input channel folds exactly into ``module``'s bias (linear; 1 x 1 unpadded,
+    ungrouped conv)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, _ConvNd) and module.groups == 1 and set(module.kernel_size) == {1}
+            and not isinstance(module.padding, str) and set(module.padding) == {0})
+
+
+def _group_plan(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]], normed: Set[nn.Module],
+                reads: Dict[nn.Module, List[Optional[float]]]):
+    """(removable root indices, {root index: reason it stays}, [(consumer, input index, constant read)])
+    of one torch-pruning group."""
+    reasons: Dict[int, str] = {}
+    absorb = []
+    producers = 0
+    for item in group.items:
+        module, handler = item.dep.target.module, item.dep.handler
+        if not _is_real(module):
+            continue  # elementwise/concat/reshape ops and unwrapped parameters: checked at the consumers
+        if _blocking(module):
+            return set(), {root: _blocking(module) for root in group.items[0].root_idxs}, []
+        if dg.is_out_channel_pruning_fn(handler):
+            if module in normed or isinstance(module, nn.PReLU):
+                continue  # its output only feeds its folded norm / maps 0 to 0
+            fixed = fixed_at.get(module)
+            producers += fixed is not None
+            for idx, root in zip(item.idxs, item.root_idxs):
+                if fixed is None or idx >= len(fixed) or fixed[idx] is None:
+                    reasons.setdefault(root, "coupled")
+            continue
+        read = reads.get(module)
+        for idx, root in zip(item.idxs, item.root_idxs):
+            k = read[idx] if read is not None and idx < len(read) else None  # a layout it did not read as C
+            if k is None or (k != 0 and not _absorbs(module)):
+                reasons.setdefault(root, "read non-zero")
+            elif k != 0:
+                absorb.append((module, idx, k, root))
+    if not producers:
+        return set(), reasons, []
+    roots = list(group.items[0].root_idxs)
+    removable = [root for root in roots if root not in reasons]
+    if removable and len(removable) == len(roots):
+        reasons[removable.pop()] = "last channel"
+    return set(removable), reasons, [a[:3] for a in absorb if a[3] in removable]
+
+
+@torch.no_grad()
+def _absorb(absorb) -> None:
+    """Fold constant inputs ``k`` at input index ``idx`` into each consumer's bias: ``bias += W[:, idx] * k``."""
+    for module, idx, k in absorb:
+        weight = module.weight
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                       requires_grad=weight.requires_grad)
+        module.bias += weight[:, idx].reshape(weight.shape[0], -1).sum(1) * k
+
+
+def _site_counts(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]]) -> Dict[nn.Module, Dict[int, int]]:
+    """Fold module -> {root index: 1} for each of its fixed (ablated) output channels in ``group``."""
+    out: Dict[nn.Module, Dict[int, int]] = {}
+    for item in group.items:
+        produces = _is_real(item.dep.target.module) and dg.is_out_channel_pruning_fn(item.dep.handler)
+        fixed = fixed_at.get(item.dep.target.module) if produces else None
+        if fixed is not None:
+            out.setdefault(item.dep.target.module, {}).update(
+                {root: 1 for idx, root in zip(item.idxs, item.root_idxs) if idx < len(fixed) and fixed[idx] is not None})
+    return out
+
+
+def _prune_items(dg, group, removable: Set[int]) -> None:
+    """Prune ``group`` (just built by ``dg``, so its indices are current) at the ``removable`` root indices,
+    without building it a second time (building a group dominates the time on large graphs)."""
+    from torch_pruning.dependency.group import Group
+    chosen = Group()
+    chosen._DG = dg
+    for item in group.items:
+        idxs = [idx for idx, root in zip(item.idxs, item.root_idxs) if root in removable]
+        if idxs:
+            chosen.add_dep(item.dep, idxs)
+    chosen.prune()
+
+
+def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names) -> None:
+    """Record why a group's fixed channels stay; absorb constants and prune the removable ones."""
+    removable, reasons, absorb = plan
+    counted: Dict[str, int] = {}
+    for module, roots in _site_counts(dg, group, fixed_at).items():
+        path = names[module]
+        counted[path] = sum(1 for root in roots if root in removable)
+        for root in roots:
+            if root not in removable:
+                removal.stay(path, reasons.get(root, "coupled"))
+    if not removable:
+        return
+    try:
+        _absorb(absorb)
+        _prune_items(dg, group, removable)
+    except Exception as exc:  # torch-pruning cannot resize every layer: those channels stay
+        removal.errors.append(f"{names.get(group.items[0].dep.target.module, '?')}: {type(exc).__name__}: "
+                              f"{str(exc)[:120]}")
+        for path, count in counted.items():
+            removal.stay(path, "torch-pruning error", count)
+        return
+    for path, count in counted.items():
+        if count:
+            removal.removed[path] = removal.removed.get(path, 0) + count
+
+
+def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional[float]]], normed: Sequence[str],
+                         inputs: torch.Tensor, ignored: Sequence[nn.Module] = ()) -> ChannelRemoval:
+    """Remove, in place, every channel of ``model`` that is fixed (zero or a constant) wherever it is
+    produced and that its consumers read as 0 or can absorb into their bias.
+
+    Args:
+        model: a hook-free module whose removed filters are already folded (weight 0, bias 0 or a constant).
+        fixed_at: fold module path (the norm after a conv, or a conv/linear without norm) -> per output
+            channel, its folded value (0.0 for zero ablation, the mean for mean ablation) or None
+            where the channel is kept.
+        normed: paths of convs/linears whose output only feeds their (folded) norm.
+        inputs: a batch (N x ...) the consumers' inputs are checked on; ``inputs[:1]`` traces the graph.
+        ignored: modules whose output channels must keep their size (the classifier).
+
+    Returns:
+        a :class:`ChannelRemoval` with the channels removed per fold module and why the others stayed.
+        A group torch-pruning fails on may be left half-resized, with constants already folded into
+        its consumers: the caller must check the outputs (and fall back to the unpruned module).
+    """
+    import torch_pruning as tp
+    names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    fixed_mod = {modules[p]: list(v) for p, v in fixed_at.items() if p in modules}
+    normed_mod = {modules[p] for p in normed if p in modules}
+    removal = ChannelRemoval()
+    reads = constant_input_channels(model, inputs)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[:1])
+    for group in dg.get_all_groups(ignored_layers=list(ignored)):  # groups are built after earlier prunes
+        plan = _group_plan(dg, group, fixed_mod, normed_mod, reads)
+        _remove(dg, group, plan, fixed_mod, removal, names)
+    for path, fixed in fixed_at.items():
+        seen = removal.removed.get(path, 0) + sum(removal.stayed.get(path, {}).values())
+        removal.stay(path, "not prunable", max(0, sum(v is not None for v in fixed) - seen))
+    return removal
