@@ -24,9 +24,9 @@ import torch
 
 import hookchains
 from hookchains.assets import asset_path, demo_photos
+from hookchains.core.io import read_tensors
 from hookchains.core.recipes import HardConcrete, Mask, Ste
 from hookchains.evaluation.curve import area, plot, size_fidelity
-from hookchains.core.io import read_tensors
 from hookchains.inputs.data import augmented_views, load_image_folder
 from hookchains.inputs.models import create_model, preprocessing
 

@@ -40,7 +40,6 @@ from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
-
 __all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
            "next_kl_weight", "stopped"]
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -168,7 +168,7 @@ def area(sizes: Sequence[int], kls: Sequence[float], total: int) -> float:
     return trapezoids / (xs[-1] - xs[0])
 
 
-def plot(curves: Dict[str, Dict[str, object]], path, title: str = "") -> Path:
+def plot(curves: Dict[str, Dict[str, Any]], path, title: str = "") -> Path:
     """Write a PNG of filters kept (% of the model, log x) against KL: one line per recipe/baseline.
 
     Args:
