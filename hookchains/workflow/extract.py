@@ -177,6 +177,21 @@ def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, pro
     return write_report(run_dir, sub, model, task, progress=progress, **options)
 
 
+def _extract_into(staging: Path, model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor,
+                  resolved: str, config: FitConfig, tau: float, temperature: float, graph_format: Optional[str],
+                  report: bool, progress: Progress) -> Result:
+    """The run's files, written into ``staging`` (the model is on the images' device, in eval mode)."""
+    checked = _check_task(model, model_ref, task, images, progress)
+    if resolved == "tokens":
+        sub = _token_run(model, model_ref, task, images, staging, config, tau, checked, progress)
+    else:
+        sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format,
+                          checked, progress)
+    if report:
+        write_run_report(staging, sub, model, task, progress=progress)
+    return sub
+
+
 def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, config: Optional[FitConfig] = None,
             tau: float = 0.1, temperature: float = 0.2, device: Optional[str] = None, overwrite: bool = False,
             graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto",
@@ -186,6 +201,9 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     Writes (atomically, see :mod:`hookchains.workflow.runs`) the result files, then for filter runs the pruned
     module's weights and, when asked, the graph (``subnetwork.<graph_format>``), for token runs the
     token-dropping module's logits; and the HTML report when ``report``.
+
+    The model runs on ``device`` in eval mode meanwhile; afterwards it is back on its own device with each
+    submodule in its own train/eval mode.
 
     Before the fit, the original model's predictions on the task are checked
     (:mod:`hookchains.inputs.degenerate`): random weights, and constant or near-uniform predictions, are
@@ -221,19 +239,16 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     config = config or fit_config(model, resolved)
     dev = resolve_device(device)
     staging = prepare_run_dir(Path(out), overwrite)
-    model = model.to(dev).eval()
+    home = next(model.parameters()).device
     images = task.images.to(dev)
     try:
-        checked = _check_task(model, model_ref, task, images, progress)
-        if resolved == "tokens":
-            sub = _token_run(model, model_ref, task, images, staging, config, tau, checked, progress)
-        else:
-            sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format,
-                              checked, progress)
-        if report:
-            write_run_report(staging, sub, model, task, progress=progress)
+        with eval_mode(model.to(dev)):
+            sub = _extract_into(staging, model, model_ref, task, images, resolved, config, tau, temperature,
+                                graph_format, report, progress)
     except BaseException:  # an error or Ctrl-C: leave no half-written folder behind
         discard_staging(staging)
         raise
+    finally:
+        model.to(home)  # the user's model goes back where it was, each submodule in its own mode
     finish_run_dir(staging, Path(out))
     return sub

@@ -141,3 +141,17 @@ def test_token_fit_leaves_the_callers_rng_state_alone():
     state = torch.random.get_rng_state()
     fit_tokens(vit, images, steps=2, progress=False)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_extract_gives_the_model_back_in_its_own_modes(tmp_path):
+    from hookchains.core.fit import preset_for
+    from hookchains.workflow.demo import demo_task
+    from hookchains.workflow.extract import extract
+    model, ref, task = demo_task(image_size=64, per_class=2)
+    model.train()
+    model.features[0].eval()  # a frozen stem, as in fine-tuning
+    flags = [m.training for m in model.modules()]
+    extract(model, ref, task, tmp_path / "run", config=preset_for("mobilenet", steps=2, progress=False),
+            graph_format=None, report=False)
+    assert [m.training for m in model.modules()] == flags
+    assert next(model.parameters()).device.type == "cpu"

@@ -64,7 +64,7 @@ def test_fit_with_mean_ablation_names_it_and_saves_the_means(tmp_path):
     net, images = _net(), torch.randn(4, 3, 8, 8)
     with hookchains.attach(net, example=images[:1]) as hooks:
         result = hookchains.fit(hooks, images, steps=3, progress=False, ablation="mean")
-    assert result.ablation == "mean" and result.summary().endswith("; mean ablation")
+    assert result.ablation == "mean" and "; mean ablation" in result.summary()
     assert torch.allclose(result.means["0"], net[1](net[0](images)).mean((0, 2, 3)).detach(), atol=1e-6)
     loaded = Subnetwork.load(result.save(tmp_path / "r"))
     assert loaded.ablation == "mean" and torch.equal(loaded.means["3"], result.means["3"])
