@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hookchains.attach import Chains
 from hookchains.data import validate_images
+from hookchains.dataflow import DataflowError, find_dead_filters
 from hookchains.metrics import fidelity
 from hookchains.subnetwork import Subnetwork
 
@@ -389,6 +390,12 @@ def _fit(chains: Chains, tasks: List[torch.Tensor], config: Optional[FitConfig],
 def _result(chains: Chains, task: int, track: _Track, teacher: torch.Tensor, student: torch.Tensor,
             cfg: FitConfig) -> Subnetwork:
     scores, gates = chains.task_state(task)
-    return Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
-                      fidelity(teacher.cpu(), student.cpu()),
-                      {**dataclasses.asdict(cfg), "steps_run": len(track.history["loss"])}, track.history)
+    sub = Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
+                     fidelity(teacher.cpu(), student.cpu()),
+                     {**dataclasses.asdict(cfg), "steps_run": len(track.history["loss"])}, track.history)
+    with chains.using("off"):  # the fit's own hooks must not act twice
+        try:
+            sub.dead_filters = find_dead_filters(sub, chains.model)
+        except DataflowError:
+            pass  # connections unknown: dead_filters stays None ("not determined")
+    return sub

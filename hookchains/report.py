@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import to_tensor
 
 from hookchains.chains import Chain, extract_chains
+from hookchains.dataflow import DataflowError
 from hookchains.data import ImageSet
 from hookchains.featvis import FeatureVisCache
 from hookchains.heatmap import capture_featuremaps, eval_mode, featuremap_heatmap
@@ -94,6 +95,7 @@ class _Study(_Predictions):
     """Predictions and chains of the task images."""
 
     chains: List[List[Chain]] = field(default_factory=list)
+    no_chains: str = "No path from the image to the logit among the kept filters."
 
 
 @dataclass
@@ -152,8 +154,12 @@ def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
            class_indices: Optional[Mapping[str, int]]) -> _Study:
     """Original-model predictions and the ``k`` chains of every image."""
     p = _predictions(sub, model, image_set, class_indices)
-    return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
-                  chains=extract_chains(sub, model, image_set.images, k=k))
+    try:
+        return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
+                      chains=extract_chains(sub, model, image_set.images, k=k))
+    except DataflowError as error:
+        return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
+                      chains=[[] for _ in p.predicted], no_chains=f"No chains: {error}")
 
 
 def _shared_views(study: _Study, k: int) -> List[Tuple[int, str, List[Tuple[Chain, int]]]]:
@@ -316,10 +322,8 @@ class _Page:
 
     def chain(self, number: int, chain: Chain, images: Sequence[Tuple[int, str]]) -> str:
         """A chain as a titled row of steps."""
-        fallback = sum(1 for linked in chain.linked if not linked)
-        note = f"; {fallback} step(s) without a direct weight (co-activation)" if fallback else ""
         title = (f"Chain {number}: strength {chain.strength:.4g}, ending in the logit of "
-                 f"{self.study.output_names[chain.target]} (the sub-network's prediction){note}")
+                 f"{self.study.output_names[chain.target]} (the sub-network's prediction)")
         steps = "".join(self.step(f, images) for f in chain.filters)
         return f'<div class="chain"><p>{html.escape(title)}</p><ol class="steps">{steps}</ol></div>'
 
@@ -342,7 +346,7 @@ class _Page:
             rows = "".join(self.chain(n + 1, c, [(i, "")]) for n, c in enumerate(chains))
             caption = self.study.caption(i)
             parts.append(f'<article><h3 id="image-{i + 1}">{html.escape(caption)}</h3>'
-                         f'{self.sprites.show(self.pics.images[i], caption)}{rows or "<p>No kept layer.</p>"}'
+                         f'{self.sprites.show(self.pics.images[i], caption)}{rows or f"<p>{html.escape(self.study.no_chains)}</p>"}'
                          "</article>")
         return "".join(parts)
 

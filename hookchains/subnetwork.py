@@ -37,6 +37,9 @@ class Subnetwork:
         fidelity: figures of the thresholded network on the fitting images (see ``metrics.fidelity``).
         config: the fit options used; history: per-step figures; model_ref: how to rebuild the model;
         task: class names, image paths and labels of the fitting images, when known.
+        dead_filters: site -> kept filters with no live input (input-independent constants, found by
+            :func:`hookchains.dataflow.find_dead_filters` at the end of a fit); None when not determined.
+            Recompute it after changing ``scores``.
     """
 
     sites: SiteMap
@@ -50,6 +53,7 @@ class Subnetwork:
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
     physical: Dict[str, Any] = field(default_factory=dict)
+    dead_filters: Optional[Dict[str, List[int]]] = None
 
     # ------------------------------------------------------------------ thresholding
     def gate_open(self, name: str) -> bool:
@@ -78,7 +82,8 @@ class Subnetwork:
         return kept
 
     def counts(self) -> Dict[str, int]:
-        """The paper's counts: filters and layers kept / total, gates kept / total."""
+        """The paper's counts: filters and layers kept / total, gates kept / total; ``dead_filters``: kept
+        filters with no live input (included in ``filters_kept``; None when not determined)."""
         kept = self.kept_filters()
         totals = self.sites.totals()
         return {
@@ -88,6 +93,7 @@ class Subnetwork:
             "layers_total": len(self.sites.filters),
             "gates_kept": len(self.sites.gates) - len(self.removed_gates),
             "gates_total": len(self.sites.gates),
+            "dead_filters": None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values()),
         }
 
     def summary(self) -> str:
@@ -133,7 +139,8 @@ class Subnetwork:
             "tau": self.tau, "temperature": self.temperature, "fidelity": self.fidelity,
             "removed_gates": self.removed_gates, "kept_filters": self.kept_filters(),
             "config": self.config, "history": self.history, "model_ref": self.model_ref,
-            "task": self.task, "physical": self.physical, "sites": self.sites.to_json()})
+            "task": self.task, "physical": self.physical, "dead_filters": self.dead_filters,
+            "sites": self.sites.to_json()})
         return directory
 
     @classmethod
@@ -159,4 +166,4 @@ class Subnetwork:
                              f"(missing {missing[:3]}, wrong size {wrong[:3]}): the files were mixed up")
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
                    meta["history"], meta["model_ref"], meta.get("task", {}),
-                   meta.get("physical", {}))
+                   meta.get("physical", {}), meta.get("dead_filters"))
