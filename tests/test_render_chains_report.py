@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import re
+from collections import Counter
 import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -240,7 +241,8 @@ def test_kbest_paths_rejects_k_below_one():
 
 # ------------------------------------------------------------------------------------- ResNet-18
 KEPT_LAYERS = ("conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer2.0.conv1",
-               "layer2.0.downsample.0", "layer2.1.conv1", "layer4.1.conv2")
+               "layer2.0.downsample.0", "layer2.1.conv1", "layer3.0.downsample.0", "layer4.0.downsample.0",
+               "layer4.1.conv2")
 
 
 @pytest.fixture(scope="module")
@@ -306,24 +308,39 @@ def _visible_edges(source: str) -> List[Tuple[str, str]]:
     return re.findall(r"(n\d+_\d+) -> (n\d+_\d+) \[penwidth", source)
 
 
-def test_edges_follow_links_and_the_readability_rule(resnet):
+def test_edges_are_real_connections_including_residual_skips(resnet):
     model, sub = resnet
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    trace = trace_layers(sub, model, images)
-    labels = [s.label for s in trace.sites]
-    # L1B2C1 -> L2B1C1 match in width (64) but L2B1C1 reads L1B2's output, where L1B2C1's branch ends in
-    # the removed layer L1B2C2; L1B1C2 -> L1B2C1 is linked through L1B1's residual sum.
-    assert dict(zip(zip(labels, labels[1:]), trace.linked)) == {
-        ("L0C1", "L1B1C1"): True, ("L1B1C1", "L1B1C2"): True, ("L1B1C2", "L1B2C1"): True,
-        ("L1B2C1", "L2B1C1"): False, ("L2B1C1", "L2B1SC"): False, ("L2B1SC", "L2B2C1"): True,
-        ("L2B2C1", "L4B2C2"): False}
+    flow = trace_dataflow(sub, model, images)
+    label = {s.name: s.label for s in sub.sites.filters}
+    pairs = {(label[p], label[c]) for p, c in flow.pairs()}
+    # By the architecture: L1B1C2 and the stem reach L1B2C1 through L1B1's residual sum; L2B1C1 and the
+    # shortcut L2B1SC both read layer1's output, where L1B2C1's branch ends in removed L1B2C2 (no edge),
+    # but the stem and L1B1C2 arrive through the identities; L2B2C1 reads the sum of L2B1SC and
+    # (removed) L2B1C2; the shortcuts L3B1SC and L4B1SC read the stream of the shortcut before them
+    # (L3B2 is a removed gate: an identity). L4B2C2 reads only the removed L4B2C1: it is dead.
+    assert pairs == {("L0C1", "L1B1C1"), ("L1B1C1", "L1B1C2"), ("L0C1", "L1B2C1"), ("L1B1C2", "L1B2C1"),
+                     ("L0C1", "L2B1C1"), ("L1B1C2", "L2B1C1"), ("L0C1", "L2B1SC"), ("L1B1C2", "L2B1SC"),
+                     ("L2B1SC", "L2B2C1"), ("L2B1SC", "L3B1SC"), ("L3B1SC", "L4B1SC")}
+    assert flow.dead == {"layer4.1.conv2": sub.kept_filters()["layer4.1.conv2"]}
+    assert flow.feeds["fc"] == ["layer4.0.downsample.0", "layer4.1.conv2"]
+    for producer, consumer in flow.pairs():  # an edge is a nonzero weight at the same channel
+        weight = model.get_submodule(consumer).weight
+        kept_p, kept_c = flow.kept[flow.position(producer)], flow.kept[flow.position(consumer)]
+        expected = torch.tensor([[bool(weight[v, u].ne(0).any()) for v in kept_c] for u in kept_p])
+        assert torch.equal(flow.connected[(producer, consumer)], expected)
     for per_node in (1, 3):
         source = build_graph(sub, model, images=images, max_edges_per_node=per_node).source
         nodes = _dot_nodes(source)
-        edges = [(nodes[a].rsplit("_", 1)[0], nodes[b]) for a, b in _visible_edges(source)]
-        assert {(a, b.rsplit("_", 1)[0]) for a, b in edges} == {p for p, ok in zip(zip(labels, labels[1:]),
-                                                                                    trace.linked) if ok}
-        incoming = {b: sum(1 for _, x in edges if x == b) for _, b in edges}
+        edges = [(nodes[a], nodes[b]) for a, b in _visible_edges(source)]
+        assert {(a.rsplit("_", 1)[0], b.rsplit("_", 1)[0]) for a, b in edges} <= pairs
+        assert ("L0C1", "L2B1C1") in {(a.rsplit("_", 1)[0], b.rsplit("_", 1)[0]) for a, b in edges}
+        for a, b in edges:
+            site_a, site_b = (next(s.name for s in sub.sites.filters if s.label == x.rsplit("_", 1)[0]) for x in (a, b))
+            u, v = int(a.rsplit("_", 1)[1]), int(b.rsplit("_", 1)[1])
+            assert bool(flow.connected[(site_a, site_b)][flow.kept[flow.position(site_a)].index(u),
+                                                           flow.kept[flow.position(site_b)].index(v)])
+        incoming = Counter((b, a.rsplit("_", 1)[0]) for a, b in edges)
         assert max(incoming.values()) <= per_node
 
 
@@ -387,22 +404,24 @@ def test_missing_dot_is_one_clear_error_and_dot_source_still_works(resnet, tmp_p
         graph_bytes(build_graph(sub), "jpeg")
 
 
-def test_resnet_chains_are_sorted_paths_through_the_kept_layers(resnet):
+def test_resnet_chains_are_sorted_paths_along_edges(resnet):
     model, sub = resnet
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     chains = extract_chains(sub, model, images, k=2)
-    kept = sub.kept_filters()
+    flow = trace_dataflow(sub, model, images)
     with torch.no_grad(), thresholded(sub, model):
         predicted = model(images).argmax(-1).tolist()
     assert [len(c) for c in chains] == [2, 2, 2]
     for n, (first, second) in enumerate(chains):
         assert first.strength >= second.strength and first.key != second.key
         for chain in (first, second):
-            assert [f.site for f in chain.filters] == list(KEPT_LAYERS)
-            assert all(f.index in kept[f.site] and f.label == f"{sub.sites.filter(f.site).label}_{f.index}"
-                       for f in chain.filters)
+            assert chain.filters[0].site == "conv1" and chain.target == predicted[n]
+            assert all(f.label == f"{sub.sites.filter(f.site).label}_{f.index}" for f in chain.filters)
+            for a, b in zip(chain.filters, chain.filters[1:]):
+                pa, pb = flow.position(a.site), flow.position(b.site)
+                assert pa < pb and bool(flow.connected[(a.site, b.site)][flow.kept[pa].index(a.index),
+                                                                         flow.kept[pb].index(b.index)])
             assert chain.strength == pytest.approx(sum(chain.contributions))
-            assert chain.linked == [True, True, True, False, False, True, False] and chain.target == predicted[n]
 
 
 # ---------------------------------------------------------------------------------------- report
