@@ -1,8 +1,9 @@
 """Adapters find sites (filters, gates, tokens) in a model; they never run the optimisation.
 
-``discover(model)`` picks the first family adapter that recognises the model (ResNet, VGG,
-MobileNet/EfficientNet, ViT/DeiT) and falls back to the generic adapter, which works on any model
-through torch.fx or, when the model does not trace, one probe forward pass.
+``discover(model)`` picks the first registered family adapter that recognises the model (ResNet,
+VGG, MobileNet/EfficientNet, ViT/DeiT, then any added with :func:`register_adapter`) and falls back
+to the generic adapter, which works on any model through torch.fx or, when the model does not trace,
+one probe forward pass.
 
 Example:
     >>> import timm, hookchains.adapters as ad
@@ -18,16 +19,47 @@ from typing import Dict, Optional, Sequence, Type
 import torch
 from torch import nn
 
-from hookchains.sites import SiteMap
+from hookchains.core.sites import SiteMap
 
 from .base import Adapter
 from .families import MobileNetAdapter, ResNetAdapter, VGGAdapter, ViTAdapter
 
-__all__ = ["Adapter", "ADAPTERS", "discover", "get_adapter"]
+__all__ = ["Adapter", "ADAPTERS", "discover", "get_adapter", "register_adapter"]
 
 ADAPTERS: Dict[str, Type[Adapter]] = {
     cls.name: cls for cls in (ResNetAdapter, VGGAdapter, MobileNetAdapter, ViTAdapter, Adapter)
-}
+}  # tried in this order by "auto"; the generic adapter (it matches everything) stays last
+
+
+def register_adapter(cls: Type[Adapter]) -> Type[Adapter]:
+    """Register a family adapter (usable as a class decorator), as ``timm.models.register_model`` does.
+
+    ``auto`` tries it after the built-in families and before the generic fallback; ``--adapter NAME``
+    selects it by its ``name``.
+
+    Raises:
+        TypeError: ``cls`` is not an :class:`Adapter` subclass.
+        ValueError: its ``name`` is already registered.
+
+    Example:
+        >>> @register_adapter
+        ... class TinyAdapter(Adapter):
+        ...     name = "tiny"
+        ...     @classmethod
+        ...     def matches(cls, model):
+        ...         return type(model).__name__ == "Tiny"
+        >>> list(ADAPTERS)[-2:]
+        ['tiny', 'generic']
+        >>> del ADAPTERS["tiny"]
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)) or cls is Adapter:
+        raise TypeError(f"register_adapter needs a subclass of hookchains.adapters.Adapter, got {cls!r}")
+    if cls.name in ADAPTERS:
+        raise ValueError(f"an adapter named {cls.name!r} is already registered; give yours another `name`")
+    generic = ADAPTERS.pop(Adapter.name)
+    ADAPTERS[cls.name] = cls
+    ADAPTERS[Adapter.name] = generic
+    return cls
 
 
 def get_adapter(model: nn.Module, adapter: str = "auto") -> Adapter:

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from hookchains.sites import FilterSite, GateSite, SiteMap, TokenSite
+from hookchains.core.sites import FilterSite, GateSite, SiteMap, TokenSite
 
 from .graph import ModelGraph, is_container, read_graph
 

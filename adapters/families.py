@@ -17,7 +17,7 @@ from typing import List
 
 from torch import nn
 
-from hookchains.sites import TokenSite
+from hookchains.core.sites import TokenSite
 
 from .base import Adapter
 from .graph import ModelGraph

@@ -1,6 +1,6 @@
 """Graph facts about a model, read once: which module runs, with what shapes, feeding what.
 
-Two sources, as DESIGN.md prescribes:
+Two sources, as docs/design.md prescribes:
 
 * ``torch.fx`` (with timm's registered leaf modules and functions) gives the true users of every
   module output, so "the norm that follows a conv" means the conv's *only* consumer;

@@ -6,8 +6,8 @@ Compared, on the same model, images and number of steps:
 * **baseline** -- what a first implementation of section 3.2 does: the same score hooks and loss,
   Adam on the scores, but the model's weights left trainable (autograd also computes every weight
   gradient) and tasks run one after another;
-* **hookchains** -- :func:`hookchains.fit.fit`: weights frozen, teacher logits computed once;
-* **batched** -- :func:`hookchains.fit.fit_tasks` with ``--tasks T`` tasks in one forward pass
+* **hookchains** -- :func:`hookchains.core.fit.fit`: weights frozen, teacher logits computed once;
+* **batched** -- :func:`hookchains.core.fit.fit_tasks` with ``--tasks T`` tasks in one forward pass
   (on a GPU this is what keeps the device full).
 
 FLOP/s are counted with ``torch.utils.flop_counter`` for one step (forward + backward) and set
@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hookchains
 from hookchains.adapters import default_input_shape, discover
-from hookchains.extract import resolve_device
-from hookchains.fit import FitConfig, fit_tasks
-from hookchains.models import create_model
+from hookchains.core.fit import FitConfig, fit_tasks
+from hookchains.inputs.models import create_model
+from hookchains.workflow.extract import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -95,7 +95,7 @@ def step_flops(model: torch.nn.Module, images: torch.Tensor, sites) -> int:
 def _task_images(model: torch.nn.Module, args: argparse.Namespace, device) -> Tuple[torch.Tensor, ...]:
     """The demo's real photos (embedded MobileNetV2) or seeded random batches shaped for ``model``."""
     if args.model == "hookchains:mobilenet_v2":
-        from hookchains.demo import demo_task
+        from hookchains.workflow.demo import demo_task
         images = demo_task(args.image_size)[2].images.to(device)
         return tuple(images[:args.images] for _ in range(args.tasks))
     generator, channels = torch.Generator().manual_seed(0), default_input_shape(model)[1]
@@ -137,7 +137,7 @@ def main() -> None:
 
     def ours(steps: int, **options):
         with hookchains.attach(model, sites=sites) as chains:
-            return chains.fit(tasks[0], **{"steps": steps, "min_steps": steps, "progress": False, **options})
+            return hookchains.fit(chains, tasks[0], **{"steps": steps, "min_steps": steps, "progress": False, **options})
 
     def batched(steps: int) -> None:
         with hookchains.attach(model, sites=sites, tasks=len(tasks)) as chains:
@@ -163,7 +163,7 @@ def main() -> None:
     full = time.perf_counter() - begin
     print(f"per extraction: hookchains {full:.1f} s ({sub.config['steps_run']} steps, its stop rule; "
           f"{sub.summary()}); baseline {base * args.steps:.1f} s ({args.steps} steps: the paper's stop rule "
-          f"|d loss| < 0.05 does not fire, DESIGN.md) -> {base * args.steps / full:.2f}x")
+          f"|d loss| < 0.05 does not fire, docs/design.md) -> {base * args.steps / full:.2f}x")
 
 if __name__ == "__main__":
     main()

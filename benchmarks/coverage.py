@@ -24,7 +24,7 @@ import warnings
 import timm
 import torch
 
-from hookchains.coverage import check_model, input_for
+from hookchains.core.testing import check_model, input_for
 
 TOO_BIG = re.compile(r"(giant|gigantic|so400m|huge|large|xxl|xlarge|_g_|_l2|enormous|_1b|_7b|448|512|384)")
 

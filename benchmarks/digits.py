@@ -9,7 +9,7 @@ this script makes the smallest honest stand-in that fits in a minute of CPU:
   draws every task's fitting and held-out images from them;
 * the model: :class:`DigitsCNN`, a miniature VGG/ResNet (304 conv filters, two max-pools, one
   residual block) trained on *every other* digit, fed through the same path as the sweep (PIL
-  image -> ``hookchains.models.preprocessing(model)``), so it never sees the sweep's images;
+  image -> ``hookchains.inputs.models.preprocessing(model)``), so it never sees the sweep's images;
 * the checkpoint ``DIR/digits_cnn.safetensors``, loaded by ``--model benchmarks.digits:build``.
 
 Run from the repository root (the model spec imports ``benchmarks.digits`` from the working
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from hookchains.io import atomic_write_bytes, write_tensors
-from hookchains.models import preprocessing
+from hookchains.core.io import atomic_write_bytes, write_tensors
+from hookchains.inputs.models import preprocessing
 
 __all__ = ["DigitsCNN", "build", "digit_image", "write_images", "train"]
 
@@ -90,7 +90,7 @@ class DigitsCNN(nn.Module):
 
 def build(num_classes: int = 10) -> DigitsCNN:
     """The model factory of the spec ``benchmarks.digits:build``: a :class:`DigitsCNN` in eval mode
-    with a timm-style ``pretrained_cfg``, so ``hookchains.models.preprocessing(model)`` (timm's
+    with a timm-style ``pretrained_cfg``, so ``hookchains.inputs.models.preprocessing(model)`` (timm's
     ``resolve_data_config``) resizes the 8x8 PNGs to 32x32 (bilinear, no crop) and normalises them
     with the digits' own pixel statistics.
 

@@ -15,9 +15,9 @@ import torch
 
 import hookchains
 from hookchains.assets import demo_photos
-from hookchains.data import augmented_views
-from hookchains.fit import preset_for
-from hookchains.models import create_model, preprocessing
+from hookchains.core.fit import preset_for
+from hookchains.inputs.data import augmented_views
+from hookchains.inputs.models import create_model, preprocessing
 
 SETTINGS = [
     ("paper recipe", {"recipe": "paper", "lr": 0.005}),
@@ -47,7 +47,7 @@ def main() -> None:
         config = preset_for("mobilenet", **{"steps": args.steps, "lr": args.lr, "progress": False, **options})
         start = time.perf_counter()
         with hookchains.attach(model, example=task.images[:1]) as chains:
-            sub = chains.fit(task.images, config)
+            sub = hookchains.fit(chains, task.images, config)
         c, f = sub.counts(), sub.fidelity
         print(f"{label:38} {c['filters_kept']:>6}/{c['filters_total']} {100 * c['filters_kept'] / c['filters_total']:4.1f}%"
               f" {c['gates_kept']:>3}/{c['gates_total']:<2} {f['agree']:>3}/{f['images']:<2} {f['kl']:6.3f}"

@@ -1,7 +1,7 @@
 """``hookchains`` command: inspect, extract, demo, sweep, export, render, report.
 
 Every command is a thin layer over the public API (``hookchains.adapters.discover``,
-``hookchains.extract.extract``, ``hookchains.run``, ``hookchains.export``); errors that a user can fix
+``hookchains.workflow.extract.extract``, ``hookchains.workflow.runs``, ``hookchains.workflow.export``); errors that a user can fix
 are printed as one line (``Error: ...``) with exit status 1.
 """
 from __future__ import annotations
@@ -14,7 +14,10 @@ from typing import Optional
 
 import click
 
-from hookchains.cli.options import fit_options, config_from_options, run_error
+from hookchains.cli.options import config_from_options, fit_options, run_error
+from hookchains.viz.graph import GRAPH_FORMATS
+from hookchains.workflow.export import EXPORT_FORMATS
+from hookchains.workflow.extract import EXTRACT_MODES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,8 +42,9 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
     MODEL is a timm name (resnet50), torchvision:NAME, module:factory, or hookchains:mobilenet_v2.
     """
     import torch
+
     from hookchains.adapters import default_input_shape, discover
-    from hookchains.models import create_model
+    from hookchains.inputs.models import create_model
     net, _ = create_model(model, checkpoint=checkpoint)
     shape = list(default_input_shape(net))
     if image_size:
@@ -48,7 +52,7 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
     sites = discover(net, adapter, example=torch.zeros(shape), use_fx=not no_fx)
     extra = {}
     if sites.tokens:  # a ViT: the paper's Table 1 also counts attention and feed-forward parameters
-        from hookchains.tokens import vit_parameter_counts
+        from hookchains.tokens.hooks import vit_parameter_counts
         extra = vit_parameter_counts(net)
     if as_json:
         data = sites.to_json()
@@ -68,7 +72,7 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 @click.option("--per-class", default=10, show_default=True, type=int, help="images per class")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
-@click.option("--mode", type=click.Choice(["auto", "filters", "tokens"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(EXTRACT_MODES), default="auto", show_default=True,
               help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT (section 4.5); "
                    "auto: tokens for a timm ViT/DeiT with class-token pooling, else filters")
 @fit_options
@@ -79,8 +83,8 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
     For a ViT/DeiT (mode tokens) every image gets its own token scores; the run folder holds them,
     the token-dropping module's logits and a report with Fig. 7 (no graph).
     """
-    from hookchains.data import load_image_folder
-    from hookchains.models import create_model, preprocessing
+    from hookchains.inputs.data import load_image_folder
+    from hookchains.inputs.models import create_model, preprocessing
     net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
     names = [c.strip() for c in classes.split(",") if c.strip()]
     task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
@@ -95,7 +99,7 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
 @run_error
 def demo(out_dir, **opts) -> None:
     """Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs espresso)."""
-    from hookchains.demo import demo_task
+    from hookchains.workflow.demo import demo_task
     net, ref, task = demo_task(opts["image_size"], seed=opts["seed"])
     if not opts["quiet"]:
         click.echo(f"demo: MobileNetV2 (embedded ImageNet weights), 2 classes x 10 augmented views of one photo "
@@ -104,7 +108,8 @@ def demo(out_dir, **opts) -> None:
 
 
 def _run_extraction(net, ref, task, out: Path, opts) -> None:
-    from hookchains.extract import extract as run_extract
+    from hookchains.workflow.extract import extract as run_extract
+    from hookchains.workflow.runs import load_run
     start = time.perf_counter()
     config = config_from_options(net, opts)
     sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
@@ -112,7 +117,7 @@ def _run_extraction(net, ref, task, out: Path, opts) -> None:
                       graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"],
                       mode=opts.get("mode", "auto"))
     seconds = time.perf_counter() - start
-    physical = getattr(sub, "physical", None)  # filter runs only: a token run keeps the model's weights
+    physical = load_run(out).physical  # filter runs only: a token run keeps the model's weights
     if opts["as_json"]:
         click.echo(json.dumps({"out": str(out), "summary": sub.summary(), "counts": sub.counts(),
                                "fidelity": sub.fidelity, "physical": physical, "seconds": round(seconds, 1)}))
@@ -162,8 +167,8 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
     same command resumes. Under `torchrun --nproc-per-node=K` the tasks are shared across the
     processes (GPUs when present). Ends with OUT/report.html and the plots in OUT/plots/.
     """
-    from hookchains.evaluate import EvalOptions
-    from hookchains.sweep import SweepConfig, run_sweep
+    from hookchains.evaluation.evaluate import EvalOptions
+    from hookchains.workflow.sweep import SweepConfig, run_sweep
     fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed") if opts[k] is not None}
     evaluation = EvalOptions(faithfulness=not no_faithfulness, baselines=not no_baselines, baseline_steps=baseline_steps,
                              allocation=allocation, robustness=robustness, eps=eps, pgd_steps=pgd_steps, seed=opts["seed"])
@@ -182,7 +187,7 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript", "onnx", "pt"]), default="safetensors",
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)), default="safetensors",
               show_default=True)
 @click.option("--out", "out_path", type=click.Path(), help="output file (default: RUN_DIR/pruned.<ext>)")
 @click.option("--unsafe-pickle", is_flag=True, help="allow --format pt (a pickled module; loading it runs code)")
@@ -191,20 +196,20 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
 @run_error
 def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint, overwrite) -> None:
     """Export the pruned module of RUN_DIR (safe default: base reference + sub-network, no pickle)."""
-    from hookchains.export import export_run
+    from hookchains.workflow.export import export_run
     click.echo(str(export_run(run_dir, fmt, out_path, unsafe_pickle=unsafe_pickle, checkpoint=checkpoint,
                               overwrite=overwrite)))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["pdf", "svg", "png", "dot"]), default="pdf", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(GRAPH_FORMATS), default="pdf", show_default=True)
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
 @run_error
 def render(run_dir, fmt, checkpoint) -> None:
     """Draw the sub-network graph of RUN_DIR with graphviz."""
-    from hookchains.render import render_graph
-    from hookchains.run import load_run
+    from hookchains.viz.graph import render_graph
+    from hookchains.workflow.runs import load_run
     run = load_run(run_dir)
     if run.is_token_run:
         raise ValueError(f"{run_dir} is a token run (ViT): it has no filter graph; `hookchains report {run_dir}` "
@@ -222,14 +227,15 @@ def render(run_dir, fmt, checkpoint) -> None:
 def report(run_dir, checkpoint, figure, overwrite) -> None:
     """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations;
     for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7)."""
-    from hookchains.io import check_new_file
-    from hookchains.report import write_chains_figure, write_report
-    from hookchains.run import load_run
+    from hookchains.core.io import check_new_file
+    from hookchains.viz.report import write_chains_figure
+    from hookchains.workflow.extract import write_run_report
+    from hookchains.workflow.runs import load_run
     if figure:
         check_new_file(figure, overwrite, "--figure")
     run = load_run(run_dir)
     model = run.base_model(checkpoint)
-    click.echo(str(write_report(run_dir, run.sub, model, run.task)))
+    click.echo(str(write_run_report(run_dir, run.sub, model, run.task)))
     if figure:
         click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task)))
 

@@ -8,11 +8,11 @@ from typing import Callable, Dict
 
 import click
 
-from hookchains.fit import FitConfig
+from hookchains.core.fit import FitConfig
+from hookchains.viz.graph import GRAPH_FORMATS
+from hookchains.workflow.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 
-from hookchains.demo import DEMO_FIT, DEMO_IMAGE_SIZE
-
-DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.demo for why
+DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.workflow.demo for why
 
 
 def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = True):
@@ -37,7 +37,7 @@ def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = Tr
         click.option("--quiet", "-q", is_flag=True, help="no progress bars; print only the result's location"),
     ]
     run_folder = [
-        click.option("--format", type=click.Choice(["pdf", "svg", "png", "dot"]), default="pdf", show_default=True,
+        click.option("--format", type=click.Choice(GRAPH_FORMATS), default="pdf", show_default=True,
                      help="graph format"),
         click.option("--no-graph", is_flag=True, help="skip the graph"),
         click.option("--no-report", is_flag=True, help="skip the HTML report"),
@@ -54,7 +54,7 @@ def config_from_options(model, opts: Dict) -> FitConfig:
     preset for filters, ``TOKEN_DEFAULTS`` for a ViT's tokens) with the options the user gave.
 
     Example: ``config_from_options(deit, {"mode": "auto", "steps": 5, ...}).steps == 5``."""
-    from hookchains.extract import fit_config
+    from hookchains.workflow.extract import fit_config
     return fit_config(model, opts.get("mode", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
                       lam_gate=opts["lam_gate"], recipe=opts["recipe"], kl_target=opts["kl_target"],
                       seed=opts["seed"], progress=not opts["quiet"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from hookchains.sites import SiteMap
+from hookchains.core.sites import SiteMap
 
 _LABELS = {"mha_params": "MHA params", "ffn_params": "FFN params"}  # as in the paper's Table 1
 
@@ -33,7 +33,7 @@ def sweep_headline(records) -> str:
     """The sweep's headline figures as a few lines, next to the paper's (``hookchains sweep``).
 
     Example: ``sweep_headline(records)`` starts with ``45 tasks; filters kept 31.2 ± 8.0 (9.75 %)``."""
-    from hookchains.sweep_report import PAPER, headline
+    from hookchains.viz.sweep_report import PAPER, headline
     h = headline(records)
     lines = [f"{h['tasks']} tasks"]
     if "size" in h:

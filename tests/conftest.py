@@ -1,5 +1,10 @@
-"""Shared fixtures: a tiny CNN trained here on scikit-learn's real digits (fast, real weights)."""
+"""Shared fixtures (a tiny CNN trained here on scikit-learn's real digits: fast, real weights) and the
+test tiers: ``unit`` (hand-set networks, docstring examples), ``integration`` (one small model per test),
+``acceptance`` (CLI, subprocesses, real-weight fits, browser, sweeps), marked ``slow``:
+``pytest tests -m "not slow"`` runs the fast tiers."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,14 @@ class DigitsNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/acceptance/ is ``slow``."""
+    acceptance = Path(__file__).parent / "acceptance"
+    for item in items:
+        if acceptance in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

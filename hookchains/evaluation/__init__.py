@@ -1,0 +1,1 @@
+"""How good a sub-network is: faithfulness, pruning baselines, robustness, held-out generalisation."""

@@ -1,0 +1,110 @@
+"""Faithfulness: does a filter's score say how much the sub-network needs it? (section 4.2, A.5)
+
+For each filter a sub-network keeps, remove it (its score set to 0) and measure on the fitting images
+
+* ``degradation`` -- paper Fig. 2: "the decrease of the sub-network's probability on the
+  original-DNN predicted class after removing a filter", averaged over the images;
+* ``negative_share`` -- paper Fig. 11 right: the share of images whose quotient ``Q(p, q)`` (Eq. 9,
+  ``p`` the original model, ``q`` the sub-network without the filter) is negative, i.e. whose
+  predicted class changed.
+
+Scores are faithful when both grow with the score; :func:`hookchains.core.metrics.spearman` condenses each
+scatter into one number per sub-network.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from hookchains.core.attach import ScoreHooks
+from hookchains.core.fit import logits_of
+from hookchains.core.metrics import quotient, spearman
+from hookchains.core.subnetwork import Subnetwork
+from hookchains.evaluation.sandbox import sandbox
+
+__all__ = ["Faithfulness", "faithfulness"]
+
+
+def _json_float(value: float) -> Optional[float]:
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass
+class Faithfulness:
+    """Per kept filter: its label, score and the damage its removal does (Fig. 2, Fig. 11 right).
+
+    Attributes:
+        filters: paper labels ``f"{site.label}_{index}"``, in the order of ``Subnetwork.kept_filters()``.
+        scores: the filters' learned scores ``S``.
+        degradation: mean decrease of the sub-network's probability of the original's predicted class.
+        negative_share: share of images with ``Q(p, q) < 0`` once the filter is removed.
+        spearman: rank correlation of ``scores`` and ``degradation`` (nan when undefined).
+        spearman_negative: rank correlation of ``scores`` and ``negative_share``.
+    """
+
+    filters: List[str]
+    scores: List[float]
+    degradation: List[float]
+    negative_share: List[float]
+    spearman: float
+    spearman_negative: float
+
+    def to_json(self) -> Dict[str, Any]:
+        """Plain JSON (NaN becomes ``None``).
+
+        Example:
+            >>> json.dumps(faithfulness(chains, sub, images).to_json())
+        """
+        return {"spearman": _json_float(self.spearman), "spearman_negative": _json_float(self.spearman_negative),
+                "filters": list(self.filters), "scores": [_json_float(v) for v in self.scores],
+                "degradation": [_json_float(v) for v in self.degradation],
+                "negative_share": [_json_float(v) for v in self.negative_share]}
+
+
+def _class_prob(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits, -1).gather(-1, classes[:, None]).squeeze(-1)
+
+
+def faithfulness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, *,
+                 teacher: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> Faithfulness:
+    """Remove each kept filter of ``sub`` in turn and measure what the thresholded network loses.
+
+    Args:
+        chains: hooks on the model ``sub`` was fitted on (their scores are restored afterwards).
+        sub: the sub-network to test.
+        images: the images to average over (the paper: the 20 fitting images).
+        teacher: the original model's logits on ``images`` (default: computed with the hooks off).
+        batch_size: images per forward pass (default: all at once).
+
+    Returns:
+        a :class:`Faithfulness`; one forward pass over the images per kept filter.
+
+    Example:
+        >>> result = faithfulness(chains, sub, images)
+        >>> result.spearman          # > 0: higher-scored filters matter more (Fig. 2)
+    """
+    images = images.to(next(chains.model.parameters()).device)
+    with sandbox(chains, sub), torch.no_grad():
+        if teacher is None:
+            teacher = logits_of(chains, images, "off", batch_size)
+        teacher = teacher.to(images.device).float()
+        predicted = teacher.argmax(-1)
+        base = _class_prob(logits_of(chains, images, "hard", batch_size), predicted)
+        labels, scores, degradation, negative = [], [], [], []
+        for name, indices in sub.kept_filters().items():
+            score = chains.scores[name]
+            for index in indices:
+                kept_value = score[index].clone()
+                score[index] = 0.0
+                removed = logits_of(chains, images, "hard", batch_size)
+                score[index] = kept_value
+                labels.append(f"{sub.sites.filter(name).label}_{index}")
+                scores.append(float(kept_value))
+                degradation.append(float((base - _class_prob(removed, predicted)).mean()))
+                negative.append(float((quotient(teacher, removed) < 0).float().mean()))
+    return Faithfulness(labels, scores, degradation, negative, spearman(scores, degradation),
+                        spearman(scores, negative))

@@ -1,0 +1,55 @@
+"""``sandbox(chains)``: change a hooked model's scores freely, leave no trace.
+
+The evaluations of section 4.2 and appendix A.5 (faithfulness, Fig. 2 / 11; robustness, Fig. 12;
+pruning baselines, Fig. 3) all load some scores into the hooks, zero or fine-tune a few of them and
+differentiate through the network. NeuroChains never changes a weight (section 3.1), and neither may
+an evaluation: inside the sandbox every model parameter has ``requires_grad=False`` (no weight
+gradient is ever formed) and the model is in eval mode; on exit -- also on an error -- the chains'
+scores, gate logits and their ``.grad`` are put back, as are the model's flags.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+from hookchains.core.attach import ScoreHooks
+from hookchains.core.subnetwork import Subnetwork
+
+__all__ = ["sandbox"]
+
+
+def _check_matches(chains: ScoreHooks, sub: Subnetwork) -> None:
+    if set(sub.scores) != set(chains.scores) or set(sub.gate_logits) != set(chains.gate_logits):
+        raise ValueError("the sub-network's sites are not these chains' sites: was it fitted on another "
+                         "model, or with other sites?")
+
+
+@contextmanager
+def sandbox(chains: ScoreHooks, sub: Optional[Subnetwork] = None) -> Iterator[ScoreHooks]:
+    """Frozen weights, eval mode and, when given, ``sub``'s scores and gates loaded into ``chains``;
+    everything restored on exit.
+
+    Example:
+        >>> with sandbox(chains, sub) as c, c.using("hard"), torch.no_grad():
+        ...     logits = c.model(images)          # the thresholded sub-network
+    """
+    if sub is not None:
+        _check_matches(chains, sub)
+    model = chains.model
+    saved = [(p, p.detach().clone(), p.grad) for p in chains.parameters()]
+    flags, was_training = [(p, p.requires_grad) for p in model.parameters()], model.training
+    model.eval().requires_grad_(False)
+    try:
+        if sub is not None:
+            chains.load_state(sub.scores, sub.gate_logits)
+        yield chains
+    finally:
+        with torch.no_grad():
+            for param, value, grad in saved:
+                param.copy_(value)
+                param.grad = grad
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)

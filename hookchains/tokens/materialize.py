@@ -1,0 +1,140 @@
+"""Physically drop each image's pruned tokens (paper section 4.5): the token twin of
+:mod:`hookchains.core.materialize`, checked against the masked network in the same way."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from hookchains.core.materialize import TOLERANCE, MaterializeError
+from hookchains.core.state import eval_mode
+from hookchains.inputs.data import validate_images
+from hookchains.tokens.hooks import TINY, TokenChains, check_token_model, mark_hook, token_hooks_on
+from hookchains.tokens.result import TokenSubnetwork
+
+__all__ = ["TokenDroppedViT", "materialize_tokens"]
+
+
+class TokenDroppedViT(nn.Module):
+    """A ViT that physically drops, before each block, the tokens a :class:`TokenSubnetwork` pruned.
+
+    Every image has its own kept set, so a batch is run image by image: for image ``n`` a forward
+    pre-hook on block ``i`` gathers the tokens kept in block ``i`` (a subset of those of block
+    ``i-1``, so the sequence only shrinks) and the model's own, unmodified blocks run on that shorter
+    sequence; in ``hard`` mode the kept tokens' weights ``log m`` go in as ``attn_mask`` on the gathered
+    keys. The class token stays first, so the head's class-token pooling is unchanged. The hooks exist
+    only during :meth:`forward`; the wrapped model is borrowed, not copied.
+
+    ``forward(images, rows=None)``: row ``j`` of ``images`` is fitting image ``rows[j]`` (default: all
+    fitting images, in order) -- the masks are per image and apply to those images only.
+
+    Example:
+        >>> small = materialize_tokens(result, model, images)
+        >>> small(images[2:4], rows=[2, 3]).shape
+        torch.Size([2, 1000])
+    """
+
+    def __init__(self, model: nn.Module, tsub: TokenSubnetwork, mode: str = "hard") -> None:
+        super().__init__()
+        if mode not in ("hard", "mask"):
+            raise ValueError(f"mode must be 'hard' (kept tokens weighted by their scores) or 'mask', got {mode!r}")
+        self.model, self.mode, self.tsub = model, mode, tsub
+        self.block_names = [site.name for site in tsub.sites]
+        self.gather: List[List[torch.Tensor]] = []
+        self.bias: List[List[Optional[torch.Tensor]]] = []
+        presence, masks = tsub.presence, tsub.masks
+        for n in range(masks.shape[0]):
+            previous, gathers, biases = torch.arange(masks.shape[2]), [], []
+            for i in range(masks.shape[1]):
+                kept = torch.nonzero(masks[n, i]).flatten()
+                gathers.append(torch.searchsorted(previous, kept))
+                weights = torch.log(presence[n, i, kept].clamp_min(TINY))[None, None, None]
+                biases.append(weights if mode == "hard" else None)
+                previous = kept
+            self.gather.append(gathers)
+            self.bias.append(biases)
+        self.max_abs_diff: Optional[float] = None
+
+    def tokens_per_block(self) -> torch.Tensor:
+        """``N x blocks`` sequence lengths the blocks actually process.
+
+        Example: ``small.tokens_per_block()[0]`` -- image 0's sequence length in each block."""
+        return torch.tensor([[len(g) for g in gathers] for gathers in self.gather])
+
+    def _hook(self, block: int, current: Dict[str, int]):
+        def hook(module, args, kwargs):
+            x, n = args[0], current["n"]
+            x = x.index_select(1, self.gather[n][block].to(x.device))
+            bias = self.bias[n][block]
+            kwargs = {**kwargs, "attn_mask": None if bias is None else bias.to(device=x.device, dtype=x.dtype)}
+            return (x, *args[1:]), kwargs
+        return mark_hook(hook)
+
+    def forward(self, images: torch.Tensor, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        rows = list(range(len(self.gather))) if rows is None else [int(r) for r in rows]
+        if len(rows) != images.shape[0] or not all(0 <= r < len(self.gather) for r in rows):
+            raise ValueError(f"got {images.shape[0]} images for rows {rows[:8]}: this module holds the kept "
+                             f"tokens of {len(self.gather)} fitting images; pass rows=[indices] for a subset")
+        if token_hooks_on(self.model):
+            raise RuntimeError("TokenChains hooks are attached to the wrapped model; detach them first")
+        current = {"n": 0}
+        handles = [self.model.get_submodule(name).register_forward_pre_hook(self._hook(i, current), with_kwargs=True)
+                   for i, name in enumerate(self.block_names)]
+        try:
+            outs = []
+            for j, n in enumerate(rows):
+                current["n"] = n
+                outs.append(self.model(images[j:j + 1]))
+            return torch.cat(outs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def check(self, images: torch.Tensor, rows: Optional[Sequence[int]] = None,
+              tolerance: float = TOLERANCE) -> float:
+        """Raise :class:`~hookchains.core.materialize.MaterializeError` unless the logits equal the masked
+        (hooked) model's within ``tolerance * max|logit|``; returns the max abs difference.
+
+        Example: ``small.check(images)``."""
+        rows_t = torch.arange(len(self.gather)) if rows is None else torch.as_tensor(list(rows))
+        with eval_mode(self.model), TokenChains(self.model, len(self.gather), tau=self.tsub.tau,
+                                                sites=self.tsub.sites) as chains:
+            chains.load_scores(self.tsub.scores.to(chains.scores.device))
+            with chains.using(self.mode), chains.select(rows_t):
+                reference = self.model(images).float()
+        with eval_mode(self.model):
+            got = self(images, rows_t.tolist()).float()
+        diff, scale = float((got - reference).abs().max()), max(float(reference.abs().max()), 1e-12)
+        self.max_abs_diff = diff
+        if diff > tolerance * scale:
+            raise MaterializeError(f"token-dropping module differs from the masked network by {diff:.3g} "
+                                   f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g})")
+        return diff
+
+
+def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images: Optional[torch.Tensor] = None, *,
+                       mode: str = "hard", check: bool = True) -> TokenDroppedViT:
+    """Build the module that physically drops each fitting image's pruned tokens before every block.
+
+    Args:
+        tsub: a :class:`TokenSubnetwork` fitted on ``model``.
+        model: the original ViT (borrowed by the returned module, never modified).
+        images: the fitting images (``N x 3 x H x W``, same order); with ``check`` the module's logits
+            are compared with the hooked masked network's (:meth:`TokenDroppedViT.check`).
+        mode: ``"hard"`` (default; kept tokens weighted by their scores: the network ``fit_tokens``
+            measured) or ``"mask"`` (kept tokens at weight 1: the binary sub-network).
+
+    Example:
+        >>> small = materialize_tokens(result, model, images)   # raises MaterializeError if not exact
+        >>> small.tokens_per_block()[0]                         # sequence lengths of image 0
+    """
+    check_token_model(model)
+    if len(tsub.sites) != len(model.blocks):
+        raise ValueError(f"the result has {len(tsub.sites)} blocks, {type(model).__name__} has {len(model.blocks)}")
+    module = TokenDroppedViT(model, tsub, mode)
+    if images is not None and check:
+        validate_images(images)
+        module.check(images.to(next(model.parameters()).device))
+    return module

@@ -1,0 +1,133 @@
+"""``TokenSubnetwork``: per-image token scores of a ViT and what they keep (paper section 4.5), as plain
+data that saves as safetensors + JSON. The token twin of :class:`hookchains.core.subnetwork.Subnetwork`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from hookchains.core.io import read_json, read_tensors, write_json, write_tensors
+from hookchains.core.sites import TokenSite
+from hookchains.tokens.hooks import token_presence
+
+__all__ = ["TokenSubnetwork", "TOKEN_FORMAT_VERSION", "TOKEN_FILES"]
+
+TOKEN_FORMAT_VERSION = 1
+_SCORES_FILE, _META_FILE = "token_scores.safetensors", "tokens.json"
+TOKEN_FILES = (_META_FILE, _SCORES_FILE)  # what TokenSubnetwork.save writes (run folders list them)
+
+
+@dataclass
+class TokenSubnetwork:
+    """Learned per-image token scores and what they keep (section 4.5), as plain data.
+
+    Attributes:
+        scores: ``N x blocks x T`` scores, prefix columns 1.
+        sites: one :class:`~hookchains.core.sites.TokenSite` per block (``blocks.{i}``, label ``B{i+1}``).
+        tau: threshold: token ``t`` is kept in block ``i`` when ``min_{j<=i} s[n, j, t] >= tau``.
+        fidelity: figures of the ``hard`` network on the fitting images (:func:`hookchains.core.metrics.fidelity`).
+        config: fit options; history: per-step figures; model_ref / task: as in ``Subnetwork``.
+    """
+
+    scores: torch.Tensor
+    sites: List[TokenSite]
+    tau: float = 0.1
+    fidelity: Dict[str, float] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)
+    history: Dict[str, List[float]] = field(default_factory=dict)
+    model_ref: Optional[Dict[str, Any]] = None
+    task: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_masks(cls, masks: torch.Tensor, sites: Sequence[TokenSite]) -> TokenSubnetwork:
+        """A result whose scores are the binary ``masks`` (``N x blocks x T`` bool; made cumulative).
+
+        Example: ``TokenSubnetwork.from_masks(torch.rand(2, 12, 197) > 0.3, sites)``."""
+        scores = masks.float().clone()
+        scores[..., :sites[0].prefix_tokens] = 1.0
+        return cls(scores, list(sites), tau=0.5)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Leading class/register tokens (never pruned). Example: ``result.prefix_tokens == 1`` for DeiT."""
+        return self.sites[0].prefix_tokens
+
+    @property
+    def presence(self) -> torch.Tensor:
+        """``min_{j<=i} s[n, j, t]`` per image, block and token (see :func:`token_presence`).
+
+        Example: ``result.presence[0, :, 50]`` -- how present token 50 of image 0 is, block by block."""
+        return token_presence(self.scores, self.prefix_tokens)
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """Cumulative kept masks, ``N x blocks x T`` bool (prefix tokens always True).
+
+        Example: ``kept_patches_figure(image, result.masks[0])``."""
+        return self.presence >= self.tau
+
+    def counts(self) -> Dict[str, Any]:
+        """Kept token slots per image (prefix slots included, as in the paper's 197 x 12 = 2364).
+
+        Example: ``result.counts()["slots_kept"]`` -- e.g. ``[212, 187]`` for two images."""
+        masks = self.masks
+        per_image = masks.sum((1, 2))
+        return {
+            "slots_total": int(masks.shape[1] * masks.shape[2]),
+            "slots_kept": per_image.tolist(),
+            "slots_kept_mean": float(per_image.float().mean()),
+            "tokens_per_block_mean": masks.sum(2).float().mean(0).tolist(),
+            "patches_in_last_block": (masks[:, -1, self.prefix_tokens:].sum(1)).tolist(),
+            "images": int(masks.shape[0]),
+        }
+
+    def summary(self) -> str:
+        """One line: 'keeps K/2364 token slots per image (P %, mean of N); last block keeps ...; KL ...'.
+
+        Example: ``print(result.summary())``."""
+        c, f = self.counts(), self.fidelity
+        line = (f"keeps {c['slots_kept_mean']:.0f}/{c['slots_total']} token slots per image "
+                f"({100.0 * c['slots_kept_mean'] / c['slots_total']:.1f} %, mean of {c['images']}); "
+                f"last block keeps {sum(c['patches_in_last_block']) / c['images']:.1f} patch tokens per image")
+        if f:
+            line += f"; top-1 agreement {f['agree']}/{f['images']}; KL {f['kl']:.3f}; Q mean {f['quotient_mean']:.2f}"
+        return line
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory) -> Path:
+        """Write ``token_scores.safetensors`` and ``tokens.json`` into ``directory`` (each atomically).
+
+        Example: ``result.save("runs/deit-cat")``; ``TokenSubnetwork.load("runs/deit-cat")``."""
+        directory = Path(directory)
+        write_tensors(directory / _SCORES_FILE, {"scores": self.scores, "kept": self.masks},
+                      metadata={"format": "hookchains-tokens"})
+        write_json(directory / _META_FILE, {
+            "format_version": TOKEN_FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
+            "tau": self.tau, "fidelity": self.fidelity, "config": self.config, "history": self.history,
+            "model_ref": self.model_ref, "task": self.task, "sites": [dataclasses.asdict(s) for s in self.sites]})
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> TokenSubnetwork:
+        """Read what :meth:`save` wrote; missing, truncated or mismatched files are clear errors.
+
+        Example: ``result = TokenSubnetwork.load("runs/deit-cat")``."""
+        directory = Path(directory)
+        for name in TOKEN_FILES:
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: {directory} holds no token result "
+                                        f"(it needs {_META_FILE} and {_SCORES_FILE})")
+        meta, tensors = read_json(directory / _META_FILE), read_tensors(directory / _SCORES_FILE)
+        if meta.get("format_version") != TOKEN_FORMAT_VERSION:
+            raise ValueError(f"{directory} has token format version {meta.get('format_version')}, this "
+                             f"hookchains reads version {TOKEN_FORMAT_VERSION}")
+        result = cls(tensors["scores"], [TokenSite(**s) for s in meta["sites"]], meta["tau"], meta["fidelity"],
+                     meta["config"], meta["history"], meta["model_ref"], meta.get("task", {}))
+        shape = (len(result.sites), result.sites[0].tokens)
+        if (tuple(result.scores.shape[1:]) != shape or not torch.equal(result.masks, tensors["kept"])
+                or meta.get("counts", {}).get("slots_kept") != result.counts()["slots_kept"]):
+            raise ValueError(f"{directory}/{_SCORES_FILE} does not match its {_META_FILE}: the files were mixed up")
+        return result

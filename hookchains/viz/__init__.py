@@ -1,0 +1,1 @@
+"""Pictures and pages: heatmaps, the sub-network graph (graphviz), the HTML reports."""

@@ -1,0 +1,1 @@
+"""End to end: run folders, extract, sweeps of many tasks, export, the offline demo."""

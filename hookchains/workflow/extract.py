@@ -1,0 +1,173 @@
+"""One extraction from model to run folder: fit, threshold, materialise, save, draw.
+
+This is what ``hookchains extract`` and ``hookchains demo`` run; it is public so a notebook can run
+the same pipeline. Two methods, picked by ``mode``:
+
+* ``filters`` -- Eq. 8 on filter scores and layer gates (sections 3-4.4): the pruned module is saved
+  and, when asked, the sub-network graph is drawn;
+* ``tokens`` -- per-image token scores on a timm ViT/DeiT (section 4.5, :mod:`hookchains.tokens`):
+  the token-dropping module is checked against the masked network and its logits saved; there is no
+  filter graph (the report shows Fig. 7 instead).
+
+``auto`` (default) picks ``tokens`` for a timm ViT/DeiT with class-token pooling and ``filters`` for
+everything else (an average-pooled ViT included: a pruned token would still reach its output).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from hookchains.adapters import get_adapter
+from hookchains.core.attach import attach
+from hookchains.core.fit import FitConfig, fit, preset_for
+from hookchains.core.materialize import materialize
+from hookchains.core.state import eval_mode
+from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.data import ImageSet
+from hookchains.inputs.models import ModelRef
+from hookchains.tokens.fit import TOKEN_DEFAULTS, fit_tokens
+from hookchains.tokens.hooks import check_token_model, is_token_model
+from hookchains.tokens.materialize import materialize_tokens
+from hookchains.tokens.result import TokenSubnetwork
+from hookchains.viz.graph import render_graph
+from hookchains.viz.report import write_report
+from hookchains.viz.token_report import write_token_report
+from hookchains.workflow.runs import Result, discard_staging, finish_run_dir, prepare_run_dir, save_run
+
+__all__ = ["extract", "extraction_mode", "fit_config", "resolve_device", "write_run_report", "EXTRACT_MODES"]
+
+EXTRACT_MODES = ("auto", "filters", "tokens")
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as torch understands it."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def extraction_mode(model: nn.Module, mode: str = "auto") -> str:
+    """Resolve ``mode`` (one of :data:`EXTRACT_MODES`) to ``"filters"`` or ``"tokens"`` for ``model``.
+
+    ``tokens`` on a model that cannot drop tokens raises :func:`~hookchains.tokens.check_token_model`'s
+    error, so the user learns why (e.g. average pooling) instead of silently getting filters.
+
+    Example:
+        >>> extraction_mode(timm.create_model("deit_tiny_patch16_224")), extraction_mode(resnet18)
+        ('tokens', 'filters')
+    """
+    if mode not in EXTRACT_MODES:
+        raise ValueError(f"unknown extraction mode {mode!r}; choose one of {EXTRACT_MODES}")
+    if mode == "tokens":
+        check_token_model(model)
+        return mode
+    if mode == "filters":
+        return mode
+    return "tokens" if is_token_model(model) else "filters"
+
+
+def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
+    """Default fit options of ``mode`` for ``model`` with the ``overrides`` that are not ``None``.
+
+    ``filters``: the adapter family's preset (:func:`hookchains.core.fit.preset_for`); ``tokens``:
+    :data:`hookchains.tokens.TOKEN_DEFAULTS`.
+
+    Example:
+        >>> fit_config(deit, "tokens", steps=20).steps
+        20
+    """
+    if extraction_mode(model, mode) == "tokens":
+        return dataclasses.replace(TOKEN_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None})
+    return preset_for(get_adapter(model).name, **overrides)
+
+
+def _filter_run(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor, staging: Path,
+                config: FitConfig, tau: float, temperature: float, graph_format: Optional[str]) -> Subnetwork:
+    """Eq. 8 on filters and gates; saves the pruned module and, when asked, the graph."""
+    with attach(model, example=images[:1], tau=tau, temperature=temperature) as hooks:
+        sub = fit(hooks, images, config)
+    pruned, report = materialize(sub, model, images)
+    save_run(staging, sub, model_ref, task, pruned=pruned, physical=dataclasses.asdict(report))
+    if graph_format:
+        render_graph(sub, model, staging / f"subnetwork.{graph_format}", format=graph_format, images=images)
+    return sub
+
+
+def _token_run(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor, staging: Path,
+               config: FitConfig, tau: float) -> TokenSubnetwork:
+    """Per-image token scores; the token-dropping module must equal the masked network (else
+    :class:`~hookchains.core.materialize.MaterializeError`), and its logits are saved for :func:`load`."""
+    tsub = fit_tokens(model, images, tau=tau, config=config)
+    dropped = materialize_tokens(tsub, model, images, check=True)
+    with torch.no_grad(), eval_mode(model):
+        logits = dropped(images).float().cpu()
+    save_run(staging, tsub, model_ref, task, logits=logits)
+    return tsub
+
+
+def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, **options) -> Path:
+    """Write ``run_dir/report.html`` for a filter run (:func:`hookchains.viz.report.write_report`) or a
+    token run (:func:`hookchains.viz.token_report.write_token_report`, Fig. 7 per image).
+
+    ``options`` go to the page writer (e.g. ``out=``, ``class_indices=``).
+
+    Example:
+        >>> write_run_report("runs/cat-espresso", sub, model, task)
+        PosixPath('runs/cat-espresso/report.html')
+    """
+    writer = write_token_report if isinstance(sub, TokenSubnetwork) else write_report
+    return writer(run_dir, sub, model, task, **options)
+
+
+def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, config: Optional[FitConfig] = None,
+            tau: float = 0.1, temperature: float = 0.2, device: Optional[str] = None, overwrite: bool = False,
+            graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto") -> Result:
+    """Fit a sub-network of ``model`` on ``task`` and write the run folder ``out``.
+
+    Writes (atomically, see :mod:`hookchains.workflow.runs`) the result files, then for filter runs the pruned
+    module's weights and, when asked, the graph (``subnetwork.<graph_format>``), for token runs the
+    token-dropping module's logits; and the HTML report when ``report``.
+
+    Args:
+        config: fit options (default: :func:`fit_config` for the resolved mode).
+        tau: score threshold; temperature: gate temperature (filters only).
+        mode: ``auto``, ``filters`` or ``tokens`` (see the module docstring).
+
+    Returns:
+        a :class:`~hookchains.core.subnetwork.Subnetwork` (filters) or a
+        :class:`~hookchains.tokens.TokenSubnetwork` (tokens).
+
+    Example:
+        >>> model, ref = create_model("hookchains:mobilenet_v2")
+        >>> sub = extract(model, ref, task, "runs/demo", config=preset_for("mobilenet"))
+        >>> deit, ref = create_model("deit_small_patch16_224", pretrained=True)
+        >>> tsub = extract(deit, ref, task, "runs/deit")          # mode auto -> tokens
+    """
+    resolved = extraction_mode(model, mode)
+    config = config or fit_config(model, resolved)
+    dev = resolve_device(device)
+    staging = prepare_run_dir(Path(out), overwrite)
+    model = model.to(dev).eval()
+    images = task.images.to(dev)
+    try:
+        if resolved == "tokens":
+            sub = _token_run(model, model_ref, task, images, staging, config, tau)
+        else:
+            sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format)
+        if report:
+            write_run_report(staging, sub, model, task)
+    except BaseException:  # an error or Ctrl-C: leave no half-written folder behind
+        discard_staging(staging)
+        raise
+    finish_run_dir(staging, Path(out))
+    return sub

@@ -1,0 +1,153 @@
+"""The sweep summary (hookchains.viz.sweep_report): headline numbers checked by hand on synthetic records,
+plots skipped where data is missing, and the HTML page opened in real headless Chromium."""
+from __future__ import annotations
+
+import base64
+import math
+import statistics
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from PIL import Image
+
+from hookchains.core.io import read_json
+from hookchains.viz.sweep_report import (
+    PAPER,
+    headline,
+    plot_baselines,
+    plot_faithfulness,
+    plot_fidelity,
+    plot_held_out,
+    plot_quotients,
+    plot_robustness,
+    plot_sign,
+    plot_size,
+    write_sweep_report,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+META = {"model": "benchmarks.digits:build", "data": "/tmp/digits/images", "classes_per_task": 2, "seed": 0}
+
+
+def _record(i: int, kl: float, agree: int, negative: int, kept: int, **extra) -> Dict:
+    """A task record of the sweep's schema with 20 images and the given fidelity and size."""
+    quotients = [-0.5] * negative + [1.0] * (20 - negative)
+    return {"task": f"{i:04d}", "index": i, "classes": [str(i), str(i + 1)], "kind": "pairs", "images": 20,
+            "size": {"filters_kept": kept, "filters_total": 100, "layers_kept": 3, "layers_total": 6},
+            "fidelity": {"kl": kl, "agree": agree, "images": 20, "negative_quotients": negative,
+                         "quotients": quotients},
+            **extra}
+
+
+def _faith(spearman: float) -> Dict:
+    return {"spearman": spearman, "filters": ["L0_1", "L0_2", "L3_0"], "scores": [0.2, 0.5, 0.9],
+            "degradation": [0.01, 0.1, 0.3], "negative_share": [0.0, 0.05, 0.2]}
+
+
+def _robust(clean: float) -> Dict:
+    side = {"clean": [clean, clean], "fgsm": [0.5, 0.3], "pgd": [0.1, 0.1]}
+    return {"eps": 0.1, "pgd_steps": 10, "original": side, "subnetwork": side,
+            "transfer": {"fgsm": [0.6], "pgd": [0.2]}}
+
+
+RECORDS = [
+    _record(0, 0.5, 20, 0, 10, faithfulness=_faith(0.5), robustness=_robust(1.0),
+            baselines={"magnitude": {"filters_kept": 30, "kl": 1.0}, "random": {"filters_kept": 30, "kl": 2.0}},
+            held_out={"kl": 0.3, "accuracy_original": 1.0, "accuracy_subnetwork": 0.9}),
+    _record(1, 0.8, 19, 1, 20, faithfulness=_faith(-0.2), robustness=_robust(0.8),
+            baselines={"magnitude": {"filters_kept": 30, "kl": 0.7}, "random": {"filters_kept": 30, "kl": 1.5}}),
+    _record(2, 1.5, 20, 0, 30, faithfulness=_faith(0.9),
+            baselines={"magnitude": {"filters_kept": 30, "kl": 0.1}, "random": {"filters_kept": 30, "kl": 0.9}}),
+    _record(3, 2.0, 18, 3, 40),  # baselines, faithfulness, robustness and held-out evaluation switched off
+]
+PLOTS = [plot_size, plot_fidelity, plot_baselines, plot_faithfulness, plot_quotients, plot_sign, plot_robustness,
+         plot_held_out]
+
+
+def test_headline_numbers_match_a_hand_count():
+    h = headline(RECORDS)
+    assert h["tasks"] == 4
+    size = h["size"]
+    assert (size["filters_kept_mean"], size["filters_kept_min"], size["filters_kept_max"]) == (25, 10, 40)
+    assert math.isclose(size["filters_kept_std"], statistics.pstdev([10, 20, 30, 40]))
+    assert math.isclose(size["filters_kept_percent"], 25.0) and size["layers_kept_mean"] == 3
+    fid = h["fidelity"]  # KL 0.5, 0.8, 1.5, 2.0: the marks are inclusive
+    assert (fid["kl_le_0.8"], fid["kl_ge_1.5"], fid["all_agree"]) == (0.5, 0.5, 0.5)
+    assert math.isclose(fid["kl_mean"], 1.2) and math.isclose(fid["negative_q_images"], 4 / 80)
+    magnitude, random = h["baselines"]["magnitude"], h["baselines"]["random"]  # over the 3 tasks that ran them
+    assert (magnitude["kl_le_0.8"], magnitude["kl_ge_1.5"]) == (2 / 3, 0.0) and magnitude["tasks"] == 3
+    assert (random["kl_le_0.8"], random["kl_ge_1.5"]) == (0.0, 2 / 3) and random["filters_kept_mean"] == 30
+    faith = h["faithfulness"]
+    assert math.isclose(faith["spearman_mean"], 0.4) and faith["spearman_median"] == 0.5
+    assert faith["spearman_positive"] == 2 / 3
+    assert h["held_out"] == {"tasks": 1, "accuracy_original": 1.0, "accuracy_subnetwork": 0.9}
+    assert h["robustness"]["original"] == pytest.approx({"clean": 0.9, "fgsm": 0.4, "pgd": 0.1})
+    assert h["robustness"]["transfer"] == pytest.approx({"fgsm": 0.6, "pgd": 0.2})
+    assert PAPER["vgg19"]["kl_le_0.8"] == {"neurochains": 0.543, "magnitude": 0.388, "random": 0.211}
+
+
+def test_missing_evaluations_skip_their_plots_and_numbers(tmp_path):
+    bare = [RECORDS[3]]
+    made = {plot.__name__: plot(bare, tmp_path / f"{plot.__name__}.png") for plot in PLOTS}
+    assert sorted(name for name, path in made.items() if path) == ["plot_fidelity", "plot_quotients", "plot_size"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot_fidelity.png", "plot_quotients.png", "plot_size.png"]
+    assert set(headline(bare)) == {"tasks", "size", "fidelity"}
+    page = write_sweep_report(tmp_path / "sweep", bare, META).read_text()
+    assert sorted(p.stem for p in (tmp_path / "sweep" / "plots").iterdir()) == ["fidelity", "quotients", "size"]
+    assert page.count("<img ") == 3 and "Magnitude pruning" not in page
+    assert headline([]) == {"tasks": 0} and plot_size([], tmp_path / "none.png") is None
+
+
+class _Images(HTMLParser):
+    """Collects the attributes of every ``<img>`` and whether the page has a script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: List[Dict[str, str]] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.images += [dict(attrs)] if tag == "img" else []
+        self.scripts += tag == "script"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return write_sweep_report(tmp_path_factory.mktemp("sweep"), RECORDS, META)
+
+
+def test_report_embeds_every_plot_with_alt_text_and_the_headline(sweep):
+    out = sweep.parent
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(["size", "fidelity", "baselines", "faithfulness", "quotients", "sign",
+                                             "robustness", "held_out"])
+    page = sweep.read_text()
+    parser = _Images()
+    parser.feed(page)
+    assert parser.scripts == 0 and "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert len(parser.images) == len(pngs) and all(img["alt"].strip() for img in parser.images)
+    sources = {img["src"] for img in parser.images}
+    assert sources == {"data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in pngs}
+    for text in ("benchmarks.digits:build", "25.0 ± 11.2 of 100 (25.0 %)", "NeuroChains: tasks with KL ≤ 0.8",
+                 "50.0 %", "54.3 % (VGG-19)", "Random pruning: tasks with KL ≥ 1.5", "66.7 %", "38.8 % (VGG-19)",
+                 "0.40 / 0.50", "100.0 % / 90.0 %", "0.90 / 0.40 / 0.10", "157 ± 43"):
+        assert text in page, text
+    assert page.count('<th scope="row">000') == 4  # the task table; the last task has no baselines or Spearman
+    assert "<td>2.000</td><td>18/20</td><td>—</td><td>—</td><td>—</td>" in page
+    assert read_json(out / "headline.json") == headline(RECORDS)
+
+
+def test_report_renders_in_headless_chromium(sweep, tmp_path):
+    shot = tmp_path / "sweep.png"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+               "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,3000", sweep.as_uri()]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert not [line for line in run.stderr.splitlines() if ":CONSOLE" in line]  # no CSP violation, no error
+    with Image.open(shot) as image:
+        pixels = image.convert("RGB")
+        assert image.format == "PNG" and image.size == (1280, 3000)
+        assert len(pixels.getcolors(1 << 20)) > 100 and pixels.getextrema() != ((255, 255),) * 3

@@ -1,0 +1,545 @@
+"""Chains (exact, on hand-computable networks), the sub-network drawing (DOT structure and real
+``dot`` renders) and the HTML report (opened in real headless Chromium).
+
+Small real models only: hand-set conv nets whose chains are computed by hand below, and a
+randomly initialised torchvision ResNet-18 at 64 px with hand-set scores for drawing and reporting.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import re
+from collections import Counter
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor, nn
+
+import hookchains
+from hookchains.analysis.chains import extract_chains, kbest_paths
+from hookchains.assets import demo_photos
+from hookchains.core.dataflow import DataflowError, thresholded, trace_dataflow
+from hookchains.core.metrics import fidelity
+from hookchains.core.sites import FilterSite, SiteMap
+from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.data import augmented_views
+from hookchains.inputs.models import preprocessing
+from hookchains.viz.graph import build_graph, graph_bytes, render_graph
+from hookchains.viz.report import write_chains_figure, write_report
+
+CHROMIUM = "/usr/bin/chromium"
+ONES = torch.ones(1, 1, 2, 2)  # a spatially constant image: every mean is the per-pixel value
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _sub(model: nn.Module, layers: Sequence[Tuple[str, str]], scores: Dict[str, Tensor],
+         classifier: str = "fc") -> Subnetwork:
+    """A Subnetwork over hand-listed (conv, hooked module) sites, no gates."""
+    sites = [FilterSite(name, name.upper().replace(".", ""), hook, hook, model.get_submodule(name).out_channels)
+             for name, hook in layers]
+    return Subnetwork(SiteMap(sites, [], [], "generic", "probe", classifier, (1, 1, 2, 2)), scores, {})
+
+
+def _set(conv: nn.Module, rows: List[List[float]]) -> None:
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(rows).view(conv.weight.shape))
+
+
+class ChainNet(nn.Module):
+    """1 -> 2 -> 3 -> 2 channels of 1x1 convs with ReLU, global average pool, linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 2, 1, bias=False), nn.Conv2d(2, 3, 1, bias=False)
+        self.c3, self.fc = nn.Conv2d(3, 2, 1, bias=False), nn.Linear(2, 2, bias=False)
+        _set(self.c1, [[1], [2]])
+        _set(self.c2, [[1, 0], [0, 1], [1, -1]])
+        _set(self.c3, [[1, 1, 0], [0, 1, 1]])
+        _set(self.fc, [[1, 0], [0, 2]])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+class BranchNet(nn.Module):
+    """c1 feeds two parallel 2-channel convs c2 and c3; the head reads both. c3 does not read c2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(i, 2, 1, bias=False) for i in (1, 2, 2))
+        self.fc = nn.Linear(4, 2, bias=False)
+        _set(self.c1, [[1], [2]])
+        _set(self.c2, [[1, 1], [0, -1]])
+        _set(self.c3, [[2, 0], [1, 1]])
+        _set(self.fc, [[0, 0, 1, 0], [0, 0, 0, 1]])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h1 = torch.relu(self.c1(x))
+        both = torch.cat([torch.relu(self.c2(h1)), torch.relu(self.c3(h1))], 1)
+        return self.fc(both.mean((2, 3)))
+
+
+def _chain_net_sub(c2_scores=(1.0, 1.0, 1.0)) -> Tuple[ChainNet, Subnetwork]:
+    net = ChainNet()
+    scores = {"c1": torch.ones(2), "c2": torch.tensor(c2_scores), "c3": torch.ones(2)}
+    return net, _sub(net, [("c1", "c1"), ("c2", "c2"), ("c3", "c3")], scores)
+
+
+def _summary(chains) -> List[Tuple[float, List[str], List[float]]]:
+    return [(c.strength, [f.label for f in c.filters], c.contributions) for c in chains]
+
+
+# ------------------------------------------------------------------------------------------ chains
+def test_chains_use_real_edges_and_skip_silent_filters_by_hand():
+    # a1 = [1, 2]; a2 = W2 relu(a1) = [1, 2, -1] -> after ReLU [1, 2, 0]: C2_2 is silent; a3 = [3, 2];
+    # logits [3, 4] -> class 1, whose fc row [0, 2] has no weight from C3_0. Edges c = W[v, u] * r[u]
+    # exist where W != 0 only: C1_0 -> C2_1 (W = 0) is no edge, so the one chain left is
+    # C1_1 -> C2_1 -> C3_1: 1 * 2 + 1 * 2 + logit share 2 * 2.
+    net, sub = _chain_net_sub()
+    chains = extract_chains(sub, net, ONES, k=6)[0]
+    assert _summary(chains) == [(8.0, ["C1_1", "C2_1", "C3_1"], [2.0, 2.0, 4.0])]
+    assert chains[0].target == 1 and chains[0].image == 0
+    assert [f.site for f in chains[0].filters] == ["c1", "c2", "c3"]
+
+
+def test_chains_run_on_the_thresholded_network():
+    # Filter C2_1 scored 0.05 < tau is removed: relu(a2) = [1, 0, 0], a3 = [1, 0], logits [1, 0] -> class 0,
+    # whose fc row [1, 0] reaches C3_0 only; C2_0 is the only live filter feeding it.
+    net, sub = _chain_net_sub((1.0, 0.05, 1.0))
+    chains = extract_chains(sub, net, ONES, k=2)[0]
+    assert _summary(chains) == [(3.0, ["C1_0", "C2_0", "C3_0"], [1.0, 1.0, 1.0])]
+    assert chains[0].target == 0
+
+
+def test_a_concatenation_is_refused_in_one_line_and_drawn_without_edges():
+    # BranchNet's head reads torch.cat of two branches: channels move, so connections are not guessed.
+    net = BranchNet()
+    sub = _sub(net, [("c1", "c1"), ("c2", "c2"), ("c3", "c3")], {n: torch.ones(2) for n in ("c1", "c2", "c3")})
+    with pytest.raises(DataflowError, match="CatBackward0") as info:
+        extract_chains(sub, net, ONES)
+    assert "\n" not in str(info.value)
+    source = build_graph(sub, net, images=ONES).source
+    assert "no edges drawn: chains: the input of fc passes through CatBackward0" in source
+    assert not _visible_edges(source)
+
+
+class BNNet(nn.Module):
+    """Three 3x3 conv + BatchNorm + ReLU layers (random weights and running statistics), linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1, bias=False) for i, o in ((3, 4), (4, 3), (3, 4)))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(o) for o in (4, 3, 4))
+        self.fc = nn.Linear(4, 3)
+        for bn in self.bns:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.2, 3.0)
+            nn.init.uniform_(bn.weight, -1.5, 1.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _expected_paths(net: BNNet, sub: Subnetwork, image: Tensor, k: int) -> List[Tuple[float, Tuple[int, ...]]]:
+    """The definition, computed directly: a plain forward, every path enumerated. Edge u -> v is
+    E[v, u] * mean(relu(y_u)) (3x3 convs read as kernel sums), the end W_fc[c, u] * mean(relu(y_u));
+    a filter that is 0 after its ReLU everywhere is in no chain."""
+    kept, acts, weights, x = [], [], [], image
+    with torch.no_grad():
+        for l, (conv, bn) in enumerate(zip(net.convs, net.bns)):
+            score = sub.scores[f"convs.{l}"]
+            hard = score * (score >= sub.tau)
+            y = bn(conv(x)) * hard.view(1, -1, 1, 1)
+            x = torch.relu(y)
+            acts.append(x.mean((2, 3))[0].double())
+            kept.append([i for i in torch.nonzero(hard).flatten().tolist()])
+            gain = hard * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            weights.append((gain[:, None] * conv.weight.sum((2, 3))).double())
+        logits = net.fc(x.mean((2, 3)))[0]
+        out = (net.fc.weight[int(logits.argmax())] * x.mean((2, 3))[0]).double()
+    paths = []
+    for path in itertools.product(*kept):
+        if any(acts[l][i] == 0 for l, i in enumerate(path)):
+            continue
+        parts = [float(weights[l + 1][path[l + 1], path[l]] * acts[l][path[l]]) for l in range(len(path) - 1)]
+        paths.append((sum(parts) + float(out[path[-1]]), path))
+    return sorted(paths, key=lambda p: (-p[0], p[1]))[:k]
+
+
+def test_chain_strengths_equal_an_independent_computation_with_batchnorm_folding():
+    torch.manual_seed(3)
+    net = BNNet().eval()
+    scores = {f"convs.{l}": torch.rand(c) * 0.9 + 0.1 for l, c in enumerate((4, 3, 4))}
+    scores["convs.1"][1] = 0.0  # one removed filter
+    sub = _sub(net, [(f"convs.{l}", f"bns.{l}") for l in range(3)], scores)
+    images = torch.randn(3, 3, 8, 8)
+    found = extract_chains(sub, net, images, k=5)
+    for n, chains in enumerate(found):
+        expected = _expected_paths(net, sub, images[n:n + 1], k=5)
+        assert [tuple(f.index for f in c.filters) for c in chains] == [p for _, p in expected]
+        assert [c.strength for c in chains] == pytest.approx([s for s, _ in expected], rel=1e-5, abs=1e-6)
+    assert all(f.index != 1 or f.site != "convs.1" for chains in found for c in chains for f in c.filters)
+
+
+def _all_paths(sizes, edges, starts, ends) -> List[Tuple[float, tuple]]:
+    """Every path of a layered graph with finite strength, enumerated by depth-first search."""
+    paths = []
+
+    def extend(path, value):
+        layer, node = path[-1]
+        if layer in ends and ends[layer][node] > float("-inf"):
+            paths.append((value + float(ends[layer][node]), tuple(path)))
+        for (a, b), matrix in edges.items():
+            if a == layer:
+                for v in range(sizes[b]):
+                    if matrix[node, v] > float("-inf"):
+                        extend(path + [(b, v)], value + float(matrix[node, v]))
+
+    for layer, values in starts.items():
+        for node in range(sizes[layer]):
+            if values[node] > float("-inf"):
+                extend([(layer, node)], float(values[node]))
+    return sorted(paths, key=lambda p: -p[0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kbest_paths_equal_brute_force_on_a_graph_with_skips_and_non_edges(seed):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [3, 2, 4, 3]
+    edges = {}
+    for a, b in [(0, 1), (1, 2), (0, 2), (2, 3), (1, 3)]:  # (0, 2) and (1, 3) skip a layer
+        matrix = torch.randn(sizes[a], sizes[b], generator=generator, dtype=torch.float64)
+        edges[(a, b)] = matrix.masked_fill(torch.rand(matrix.shape, generator=generator) < 0.3, float("-inf"))
+    starts = {0: torch.zeros(3, dtype=torch.float64), 1: torch.tensor([0.0, float("-inf")], dtype=torch.float64)}
+    ends = {3: torch.randn(3, generator=generator, dtype=torch.float64),
+            2: torch.randn(4, generator=generator, dtype=torch.float64)}
+    expected = _all_paths(sizes, edges, starts, ends)
+    for k in (1, 4, 50):
+        found = kbest_paths(sizes, edges, starts, ends, k)
+        assert [p for _, p in found] == [p for _, p in expected[:k]]
+        assert [s for s, _ in found] == pytest.approx([s for s, _ in expected[:k]])
+
+
+def test_kbest_paths_rejects_k_below_one():
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        kbest_paths([2], {}, {0: torch.zeros(2)}, {0: torch.zeros(2)}, k=0)
+
+
+# ------------------------------------------------------------------------------------- ResNet-18
+KEPT_LAYERS = ("conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer2.0.conv1",
+               "layer2.0.downsample.0", "layer2.1.conv1", "layer3.0.downsample.0", "layer4.0.downsample.0",
+               "layer4.1.conv2")
+
+
+@pytest.fixture(scope="module")
+def resnet() -> Tuple[nn.Module, Subnetwork]:
+    """Random-weight ResNet-18 (10 classes) with 3 hand-picked filters per kept layer and gate L3B2 closed."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with hookchains.attach(model, example=torch.zeros(1, 3, 64, 64)) as chains:
+        sites = chains.sites
+    generator = torch.Generator().manual_seed(0)
+    scores = {}
+    for site in sites.filters:
+        scores[site.name] = torch.zeros(site.channels)
+        if site.name in KEPT_LAYERS:
+            picked = torch.randperm(site.channels, generator=generator)[:3]
+            scores[site.name][picked] = torch.tensor([0.3, 0.6, 0.9])
+    gates = {g.name: torch.tensor(1.0 if g.label != "L3B2" else -1.0) for g in sites.gates}
+    return model, Subnetwork(sites, scores, gates)
+
+
+def _dot_nodes(source: str) -> Dict[str, str]:
+    return dict(re.findall(r"^\s*(n\d+_\d+) \[label=(\S+)", source, re.M))
+
+
+def test_large_subnetworks_draw_only_the_highest_scoring_filters(resnet):
+    model, sub = resnet
+    kept = sub.kept_filters()
+    source = build_graph(sub, model, max_nodes=len(KEPT_LAYERS) + 2).source
+    drawn = set(_dot_nodes(source).values())
+    assert len(drawn) == len(KEPT_LAYERS) + 2 and "(drawn: the" in source
+    for name in kept:  # every kept layer keeps its best filter
+        site = sub.sites.filter(name)
+        best = max(kept[name], key=lambda j: float(sub.scores[name][j]))
+        assert f"{site.label}_{best}" in drawn
+    assert "(drawn: the" not in build_graph(sub, model).source  # under the cap: everything
+
+
+def test_dot_source_has_one_ranked_column_per_kept_layer_and_a_skipped_marker(resnet):
+    model, sub = resnet
+    source = build_graph(sub).source
+    kept = sub.kept_filters()
+    labels = {f"{s.label}_{i}" for s in sub.sites.filters for i in kept.get(s.name, [])}
+    assert set(_dot_nodes(source).values()) == labels and len(labels) == 3 * len(KEPT_LAYERS)
+    clusters = re.findall(r"subgraph cluster_\d+ \{\s*(.*)", source)
+    assert len(clusters) == len(KEPT_LAYERS) and all("rank=same" in c for c in clusters)
+    order = [re.search(r"label=(\S+)", c).group(1) for c in clusters]
+    assert order == [sub.sites.filter(name).label for name in KEPT_LAYERS]
+    assert "style=\"rounded,dashed\"" in clusters[order.index("L2B1SC")]
+    marker = re.search(r"skip(\d+) \[label=\"skipped\s+L3B2\"", source)
+    assert marker, "removed gate L3B2 has no marker"
+    column = {label.rsplit("_", 1)[0]: int(node[1:].split("_")[0]) for node, label in _dot_nodes(source).items()}
+    assert column["L2B2C1"] < int(marker.group(1)) < column["L4B2C2"]
+    invisible = re.findall(r"(\w+) -> \w+ \[style=invis\]", source)
+    ranks = [int(re.sub(r"\D*(\d+).*", r"\1", node)) for node in invisible]
+    assert ranks == list(range(len(KEPT_LAYERS)))  # invisible edges chain every column, in order
+    counts = sub.counts()
+    assert f"{counts['layers_kept']}/{counts['layers_total']} layers, " \
+           f"{counts['filters_kept']}/{counts['filters_total']} filters" in source
+    assert not _visible_edges(source)  # no model: no weight edges
+
+
+def _visible_edges(source: str) -> List[Tuple[str, str]]:
+    return re.findall(r"(n\d+_\d+) -> (n\d+_\d+) \[penwidth", source)
+
+
+def test_edges_are_real_connections_including_residual_skips(resnet):
+    model, sub = resnet
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    flow = trace_dataflow(sub, model, images)
+    label = {s.name: s.label for s in sub.sites.filters}
+    pairs = {(label[p], label[c]) for p, c in flow.pairs()}
+    # By the architecture: L1B1C2 and the stem reach L1B2C1 through L1B1's residual sum; L2B1C1 and the
+    # shortcut L2B1SC both read layer1's output, where L1B2C1's branch ends in removed L1B2C2 (no edge),
+    # but the stem and L1B1C2 arrive through the identities; L2B2C1 reads the sum of L2B1SC and
+    # (removed) L2B1C2; the shortcuts L3B1SC and L4B1SC read the stream of the shortcut before them
+    # (L3B2 is a removed gate: an identity). L4B2C2 reads only the removed L4B2C1: it is dead.
+    assert pairs == {("L0C1", "L1B1C1"), ("L1B1C1", "L1B1C2"), ("L0C1", "L1B2C1"), ("L1B1C2", "L1B2C1"),
+                     ("L0C1", "L2B1C1"), ("L1B1C2", "L2B1C1"), ("L0C1", "L2B1SC"), ("L1B1C2", "L2B1SC"),
+                     ("L2B1SC", "L2B2C1"), ("L2B1SC", "L3B1SC"), ("L3B1SC", "L4B1SC")}
+    assert flow.dead == {"layer4.1.conv2": sub.kept_filters()["layer4.1.conv2"]}
+    assert flow.feeds["fc"] == ["layer4.0.downsample.0", "layer4.1.conv2"]
+    for producer, consumer in flow.pairs():  # an edge is a nonzero weight at the same channel
+        weight = model.get_submodule(consumer).weight
+        kept_p, kept_c = flow.kept[flow.position(producer)], flow.kept[flow.position(consumer)]
+        expected = torch.tensor([[bool(weight[v, u].ne(0).any()) for v in kept_c] for u in kept_p])
+        assert torch.equal(flow.connected[(producer, consumer)], expected)
+    for per_node in (1, 3):
+        source = build_graph(sub, model, images=images, max_edges_per_node=per_node).source
+        nodes = _dot_nodes(source)
+        edges = [(nodes[a], nodes[b]) for a, b in _visible_edges(source)]
+        assert {(a.rsplit("_", 1)[0], b.rsplit("_", 1)[0]) for a, b in edges} <= pairs
+        assert ("L0C1", "L2B1C1") in {(a.rsplit("_", 1)[0], b.rsplit("_", 1)[0]) for a, b in edges}
+        for a, b in edges:
+            site_a, site_b = (next(s.name for s in sub.sites.filters if s.label == x.rsplit("_", 1)[0]) for x in (a, b))
+            u, v = int(a.rsplit("_", 1)[1]), int(b.rsplit("_", 1)[1])
+            assert bool(flow.connected[(site_a, site_b)][flow.kept[flow.position(site_a)].index(u),
+                                                           flow.kept[flow.position(site_b)].index(v)])
+        incoming = Counter((b, a.rsplit("_", 1)[0]) for a, b in edges)
+        assert max(incoming.values()) <= per_node
+
+
+class EdgeNet(nn.Module):
+    """c1: three unit channels; c2: two hand-set channels, then a BatchNorm that flips channel 0's sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 3, 1, bias=False), nn.Conv2d(3, 2, 1, bias=False), nn.Linear(2, 2)
+        self.bn = nn.BatchNorm2d(2, eps=0.0).eval()  # running mean 0, var 1: scale = gamma exactly
+        _set(self.c1, [[1], [1], [1]])
+        _set(self.c2, [[10, 0.5, 2], [0.05, 1, 3]])
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.tensor([-1.0, 1.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.bn(self.c2(torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("per_node, expected", [
+    (1, {("C1_0", "C2_0"): "4.00", ("C1_2", "C2_1"): "1.48"}),
+    (2, {("C1_0", "C2_0"): "4.00", ("C1_2", "C2_0"): "1.12", ("C1_2", "C2_1"): "1.48", ("C1_1", "C2_1"): "0.76"}),
+    (3, {("C1_0", "C2_0"): "4.00", ("C1_2", "C2_0"): "1.12", ("C1_2", "C2_1"): "1.48", ("C1_1", "C2_1"): "0.76"}),
+])
+def test_edge_rule_keeps_the_strongest_incoming_edges_above_a_tenth(per_node, expected):
+    # Strengths |gamma[v] W[v, u]| * |a1[u]| with a1 = 1: v0 <- [10, 0.5, 2], v1 <- [0.05, 1, 3]. The
+    # strongest is 10, so 0.5 and 0.05 fall under the 10 % floor whatever per_node allows; pen width
+    # 0.4 + 3.6 * s / 10. Without |gamma| channel 0 would lose its edges.
+    net = EdgeNet()
+    sub = _sub(net, [("c1", "c1"), ("c2", "bn")], {"c1": torch.ones(3), "c2": torch.ones(2)})
+    source = build_graph(sub, net, images=ONES, max_edges_per_node=per_node).source
+    nodes = _dot_nodes(source)
+    edges = re.findall(r"(n\d+_\d+) -> (n\d+_\d+) \[penwidth=([\d.]+)", source)
+    assert {(nodes[a], nodes[b]): width for a, b, width in edges} == expected
+
+
+def test_dot_renders_real_pdf_svg_and_png(resnet, tmp_path):
+    model, sub = resnet
+    pdf = render_graph(sub, model, tmp_path / "sub.pdf")
+    assert pdf.read_bytes().startswith(b"%PDF-") and b"%%EOF" in pdf.read_bytes()[-1024:]
+    svg = render_graph(sub, model, tmp_path / "sub.svg", "svg")
+    root = ET.parse(svg).getroot()
+    texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and {"L2B1SC", "skipped", "L3B2"} <= texts
+    assert any(t and t.startswith("L4B2C2_") for t in texts)
+    with Image.open(render_graph(sub, model, tmp_path / "sub.png", "png")) as png:
+        assert png.format == "PNG" and png.width > 600
+
+
+def test_missing_dot_is_one_clear_error_and_dot_source_still_works(resnet, tmp_path, monkeypatch):
+    model, sub = resnet
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(RuntimeError, match=r"apt-get install graphviz.*brew install graphviz.*conda") as info:
+        render_graph(sub, None, tmp_path / "sub.pdf")
+    assert "\n" not in str(info.value) and not (tmp_path / "sub.pdf").exists()
+    source = render_graph(sub, None, tmp_path / "sub.dot", "dot").read_text()
+    assert source == build_graph(sub).source and source.startswith("digraph subnetwork {")
+    with pytest.raises(ValueError, match="unknown format"):
+        graph_bytes(build_graph(sub), "jpeg")
+
+
+def test_resnet_chains_are_sorted_paths_along_edges(resnet):
+    model, sub = resnet
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    chains = extract_chains(sub, model, images, k=2)
+    flow = trace_dataflow(sub, model, images)
+    with torch.no_grad(), thresholded(sub, model):
+        predicted = model(images).argmax(-1).tolist()
+    assert [len(c) for c in chains] == [2, 2, 2]
+    for n, (first, second) in enumerate(chains):
+        assert first.strength >= second.strength and first.key != second.key
+        for chain in (first, second):
+            assert chain.filters[0].site == "conv1" and chain.target == predicted[n]
+            assert all(f.label == f"{sub.sites.filter(f.site).label}_{f.index}" for f in chain.filters)
+            for a, b in zip(chain.filters, chain.filters[1:]):
+                pa, pb = flow.position(a.site), flow.position(b.site)
+                assert pa < pb and bool(flow.connected[(a.site, b.site)][flow.kept[pa].index(a.index),
+                                                                         flow.kept[pb].index(b.index)])
+            assert chain.strength == pytest.approx(sum(chain.contributions))
+
+
+# ---------------------------------------------------------------------------------------- report
+class _Tags(HTMLParser):
+    """Every start tag with its attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: List[Tuple[str, Dict[str, str]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+@pytest.fixture(scope="module")
+def report(resnet, tmp_path_factory):
+    """The report of the ResNet-18 sub-network on 2 cat + 2 espresso views (64 px), one class wrong."""
+    model, sub = resnet
+    photos = {k: v for k, v in demo_photos().items() if k in ("Egyptian cat", "espresso")}
+    views = augmented_views(photos, per_class=2, transform=preprocessing(model, 64))
+    with torch.no_grad():
+        teacher = model(views.images)
+        with thresholded(sub, model):
+            student = model(views.images)
+    sub.fidelity = fidelity(teacher, student)
+    predicted = teacher.argmax(-1).tolist()
+    classes = {"Egyptian cat": predicted[0], "espresso": (predicted[2] + 1) % 10}  # espresso views are wrong
+    run = tmp_path_factory.mktemp("run")
+    path = write_report(run, sub, model, views, featvis_steps=2, featvis_size=32, class_indices=classes)
+    return path, views, classes, run
+
+
+def test_report_is_one_offline_file_with_labelled_decodable_pictures(report, resnet):
+    path, views, _, run = report
+    page = path.read_text()
+    assert path == run / "report.html" and any((run / "featvis").rglob("*.png"))
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    refs = re.findall(r'(?:src|href)="([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
+    tags = _Tags()
+    tags.feed(page)
+    pictures = [a for t, a in tags.tags if a.get("role") == "img"]
+    assert len(pictures) > 4 * 2 * len(KEPT_LAYERS) and all(a.get("aria-label", "").strip() for a in pictures)
+    assert all(a.get("alt", "").strip() for t, a in tags.tags if t == "img")
+    assert [t for t, _ in tags.tags if t in ("h1", "h2")] == ["h1"] + ["h2"] * 5
+    encoded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    for data in encoded:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    assert len(encoded) == len(set(encoded))  # each picture embedded once
+
+
+def test_report_shows_summary_images_chains_and_the_shared_filter_view(report, resnet):
+    path, views, classes, _ = report
+    _, sub = resnet
+    page = path.read_text()
+    counts = sub.counts()
+    assert f"{counts['filters_kept']}/{counts['filters_total']}" in page and "Top-1 agreement" in page
+    for i in range(4):
+        assert re.search(rf"Image {i + 1}: true (Egyptian cat|espresso), predicted", page)
+    assert page.count("(misclassified)</h3>") == 2 and "Shared filters on misclassified images" in page
+    assert re.search(r"Image 3: true espresso, predicted (?!espresso)", page)
+    assert "chains of Egyptian cat" in page and "chains of espresso</h3>" not in page
+    assert re.search(r"Heatmap of filter L2B1SC_\d+ on image 3 \(misclassified\)", page)
+    assert page.count("Chain 1: strength") == 4 + 2 and "step(s) without a direct weight" in page
+
+
+def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+               "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+_DECODE_SCRIPT = """<script>window.addEventListener('load', async () => {
+  const hrefs = [...document.querySelectorAll('symbol image')].map(e => e.getAttribute('href'));
+  const widths = await Promise.all(hrefs.map(h => new Promise(done => { const im = new Image();
+    im.onload = () => done(im.naturalWidth); im.onerror = () => done(0); im.src = h; })));
+  const out = document.createElement('pre'); out.id = 'decoded'; out.textContent = JSON.stringify(widths);
+  document.body.append(out); });</script>"""
+
+
+def _decoded_widths(profile: Path, page: Path) -> List[int]:
+    """Chromium's natural width of every embedded picture (0: failed), via an instrumented copy."""
+    result = _chromium(profile, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
+    return json.loads(re.search(r'<pre id="decoded">(.*?)</pre>', result.stdout).group(1))
+
+
+def test_report_in_headless_chromium(report, tmp_path):
+    path = report[0]
+    shot = tmp_path / "report.png"
+    run = _chromium(tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", path.as_uri())
+    assert not [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2000)
+        pixels = image.convert("RGB")
+        assert len(pixels.getcolors(1 << 20)) > 100 and pixels.getextrema() != ((255, 255), (255, 255), (255, 255))
+    page = path.read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src "
+                                  "'unsafe-inline'").replace("</body>", _DECODE_SCRIPT + "</body>"))
+    widths = _decoded_widths(tmp_path / "profile", probe)
+    assert len(widths) == page.count("<symbol ") and all(w > 0 for w in widths)
+    broken = tmp_path / "broken.html"  # the same checks see a broken picture and a blocked request
+    broken.write_text(probe.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
+                      .replace("<main>", '<main><img alt="remote" src="http://example.invalid/x.png">'))
+    assert 0 in _decoded_widths(tmp_path / "profile", broken)
+    run = _chromium(tmp_path / "profile", f"--screenshot={tmp_path / 'broken.png'}", broken.as_uri())
+    assert any(":CONSOLE" in line and "Content Security Policy" in line for line in run.stderr.splitlines())
+
+
+def test_chains_figure_png_and_pdf(report, resnet):
+    _, views, classes, run = report
+    model, sub = resnet
+    png = write_chains_figure(run / "fig.png", run, sub, model, views, images=[0, 2], featvis_steps=2,
+                              featvis_size=32, class_indices=classes)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.height > 4 * 2 * 128 and image.width > (len(KEPT_LAYERS) + 1) * 128
+    pdf = write_chains_figure(run / "fig.pdf", run, sub, model, views, featvis_steps=2, featvis_size=32)
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    with pytest.raises(ValueError, match=r"\.png or \.pdf"):
+        write_chains_figure(run / "fig.jpg", run, sub, model, views)
