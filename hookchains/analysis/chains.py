@@ -78,7 +78,7 @@ class Chain:
         """The chain's filters as ``((site, index), ...)``: equal for the same path on any image."""
         return tuple((f.site, f.index) for f in self.filters)
 
-    def difference(self, other: "Chain") -> float:
+    def difference(self, other: Chain) -> float:
         """Share of filters not in common: ``1 - |shared| / max(len(self), len(other))``, in [0, 1]."""
         shared = len(set(self.key) & set(other.key))
         return 1.0 - shared / max(len(self.filters), len(other.filters))
@@ -213,11 +213,10 @@ def _starts(flow: Dataflow) -> Dict[int, Tensor]:
     return starts
 
 
-def _select(paths: List[Tuple[float, Path]], to_chain, k: int, diversity: float) -> List[Chain]:
+def _select(candidates: List[Chain], k: int, diversity: float) -> List[Chain]:
     """Greedy: strongest first, each differing from every chosen one in at least ``diversity``."""
     chosen: List[Chain] = []
-    for strength, path in paths:
-        chain = to_chain(strength, path)
+    for chain in candidates:
         if all(chain.difference(c) >= diversity for c in chosen):
             chosen.append(chain)
         if len(chosen) == k:
@@ -257,27 +256,46 @@ def extract_chains(sub: Subnetwork, model: nn.Module, images: Tensor, k: int = 2
     edges = {(flow.position(p), flow.position(c)): flow.edge_values(p, c) for p, c in flow.pairs()}
     ends = {i: flow.end_values(s.name) for i, s in enumerate(flow.sites)}
     silent = {i: flow.silent(s.name) for i, s in enumerate(flow.sites)}
-    starts, sizes = _starts(flow), [len(idx) for idx in flow.kept]
-    result = []
-    for n in range(images.shape[0]):
-        image_edges, image_ends = _image_graph(edges, ends, silent, n, set())
+    graph = _Graph(flow, edges, ends, silent, _starts(flow), [len(idx) for idx in flow.kept])
+    return [graph.chains(n, k, diversity, pool or 10 * k) for n in range(images.shape[0])]
 
-        def to_chain(strength: float, path: Path) -> Chain:
-            parts = [float(image_edges[(a, b)][u, v]) for (a, u), (b, v) in zip(path, path[1:])]
-            parts.append(float(image_ends[path[-1][0]][path[-1][1]]))
-            filters = [ChainFilter(flow.sites[l].name, flow.kept[l][i], f"{flow.sites[l].label}_{flow.kept[l][i]}")
-                       for l, i in path]
-            return Chain(filters, strength, parts, n, int(flow.predictions[n]))
 
-        searched = k if diversity == 0 else (pool or 10 * k)
-        chains = _select(kbest_paths(sizes, image_edges, starts, image_ends, searched), to_chain, k, diversity)
-        while diversity > 0 and len(chains) < k:
-            banned = {(flow.position(f.site), flow.kept[flow.position(f.site)].index(f.index))
-                      for c in chains for f in c.filters}
-            fresh_edges, fresh_ends = _image_graph(edges, ends, silent, n, banned)
-            found = kbest_paths(sizes, fresh_edges, starts, fresh_ends, 1)
+@dataclass
+class _Graph:
+    """The chain graph of a batch: edge and end values per image, silent nodes, starts."""
+
+    flow: Dataflow
+    edges: Dict[Tuple[int, int], Tensor]
+    ends: Dict[int, Tensor]
+    silent: Dict[int, Tensor]
+    starts: Dict[int, Tensor]
+    sizes: List[int]
+
+    def chain(self, n: int, strength: float, path: Path, image: Tuple[Dict, Dict]) -> Chain:
+        """A path of image ``n`` as a :class:`Chain`, its values read back from ``image`` (edges, ends)."""
+        image_edges, image_ends = image
+        parts = [float(image_edges[(a, b)][u, v]) for (a, u), (b, v) in zip(path, path[1:])]
+        parts.append(float(image_ends[path[-1][0]][path[-1][1]]))
+        sites, kept = self.flow.sites, self.flow.kept
+        filters = [ChainFilter(sites[l].name, kept[l][i], f"{sites[l].label}_{kept[l][i]}") for l, i in path]
+        return Chain(filters, strength, parts, n, int(self.flow.predictions[n]))
+
+    def best(self, n: int, k: int, banned: Set[Tuple[int, int]]) -> List[Tuple[float, Path]]:
+        """The ``k`` strongest paths of image ``n`` through none of the ``banned`` (layer, node)s."""
+        image_edges, image_ends = _image_graph(self.edges, self.ends, self.silent, n, banned)
+        return kbest_paths(self.sizes, image_edges, self.starts, image_ends, k)
+
+    def chains(self, n: int, k: int, diversity: float, pool: int) -> List[Chain]:
+        """The chains of image ``n`` (module docstring: strongest, or diverse from a pool, then disjoint)."""
+        image = _image_graph(self.edges, self.ends, self.silent, n, set())
+        paths = kbest_paths(self.sizes, image[0], self.starts, image[1], k if diversity == 0 else pool)
+        chosen = _select([self.chain(n, s, p, image) for s, p in paths], k, diversity)
+        while diversity > 0 and len(chosen) < k:
+            position = self.flow.position
+            banned = {(position(f.site), self.flow.kept[position(f.site)].index(f.index))
+                      for c in chosen for f in c.filters}
+            found = self.best(n, 1, banned)
             if not found:
                 break
-            chains.append(to_chain(*found[0]))
-        result.append(chains)
-    return result
+            chosen.append(self.chain(n, *found[0], image))
+        return chosen

@@ -267,11 +267,12 @@ def _check_node(node, consumer: str) -> None:
         raise DataflowError(f"chains: the input of {consumer} passes through {kind}, an operation that may mix "
                             "channels outside a filter site, so its connections cannot be determined; chains "
                             "and drawings support convs/linears joined by activations, additions and pooling")
-    if kind in ("MeanBackward1", "SumBackward1"):
+    if kind in ("MeanBackward1", "SumBackward1"):  # only a spatial reduction of an (N, C, ...) map
         ndim = len(node._saved_self_sym_sizes)
-        if any(d % ndim == 1 for d in node._saved_dim) and ndim > 2:
-            raise DataflowError(f"chains: the input of {consumer} averages over channels ({kind}), so its "
-                                "connections cannot be determined")
+        dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in node._saved_dim]  # negative dims come back unsigned
+        if ndim < 4 or any(d % ndim < 2 for d in dims):
+            raise DataflowError(f"chains: the input of {consumer} passes through a reduction ({kind}) that may "
+                                "average over channels, so its connections cannot be determined")
 
 
 def _sources(start, leaves: Dict[int, str], consumer: str) -> List[str]:

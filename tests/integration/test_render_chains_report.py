@@ -11,9 +11,9 @@ import io
 import itertools
 import json
 import re
-from collections import Counter
 import subprocess
 import xml.etree.ElementTree as ET
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple

@@ -209,3 +209,28 @@ def test_a_channel_mixing_operation_outside_the_sites_is_refused_in_one_line():
     with pytest.raises(DataflowError, match=r"input of c2 passes through ConvolutionBackward0") as info:
         extract_chains(sub, net, torch.randn(1, 3, 8, 8))
     assert "\n" not in str(info.value)
+
+
+class ChannelMeanNet(nn.Module):
+    """A scored conv, then ``x - mean`` over channels (every channel mixes) or over positions (none does)."""
+
+    def __init__(self, dims: Tuple[int, ...]) -> None:
+        super().__init__()
+        self.dims = dims
+        _conv_bn(self, "c1", 3, 4)
+        _conv_bn(self, "c2", 4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.c1_bn(self.c1(x)))
+        x = x - x.mean(self.dims, keepdim=True)
+        return self.fc(torch.relu(self.c2_bn(self.c2(x))).mean((-2, -1)))
+
+
+def test_a_mean_over_channels_is_refused_and_a_spatial_mean_is_not():
+    net = ChannelMeanNet((-3,)).eval()
+    sub = _sub(net, ("c1", "c2"), _ones(net, ("c1", "c2")))
+    with pytest.raises(DataflowError, match=r"input of c2 passes through a reduction \(MeanBackward1\)"):
+        trace_dataflow(sub, net)
+    spatial = ChannelMeanNet((-2, -1)).eval()
+    assert trace_dataflow(sub, spatial).feeds == {"c1": ["<input>"], "c2": ["c1"], "fc": ["c2"]}
