@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from hookchains.analysis.chains import extract_chains
-from hookchains.core.dataflow import DataflowError, find_dead_filters, trace_dataflow
+from hookchains.core.dataflow import DataflowError, find_dead_filters, thresholded, trace_dataflow
 from hookchains.core.sites import FilterSite, SiteMap
 from hookchains.core.subnetwork import Subnetwork
 
@@ -155,7 +155,15 @@ def test_depthwise_steps_are_diagonal_and_dead_filters_are_found():
     scores["expand"][4] = 0.0  # removed: dw_4, which reads only expand_4, is left without input
     sub = _sub(net, names, scores)
     assert find_dead_filters(sub, net) == {"dw": [2, 4]}
-    chains = extract_chains(sub, net, torch.randn(3, 3, 8, 8), k=10)
+    images = torch.randn(3, 3, 8, 8)
+    outputs: List[Tensor] = []
+    handle = net.dw_bn.register_forward_hook(lambda m, a, out: outputs.append(out))
+    with torch.no_grad(), thresholded(sub, net):
+        net(images)
+    handle.remove()
+    for j in range(6):  # dead: the same output whatever the image; live: not
+        assert torch.equal(outputs[0][:, j], outputs[0][:1, j].expand_as(outputs[0][:, j])) == (j in (2, 4))
+    chains = extract_chains(sub, net, images, k=10)
     assert all(len(c) == 10 for c in chains)
     _assert_every_step_is_an_edge(net, chains)
     for chain in itertools.chain.from_iterable(chains):
