@@ -48,6 +48,7 @@ producer's channel count (a flatten of a spatial map).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple
@@ -167,6 +168,10 @@ class Dataflow:
         logit_shares: producer -> ``(N, n_P)`` gradient x activation of the predicted logit; None without images.
         predictions: ``(N,)`` top-1 classes of the thresholded network; None without images.
         classifier: the classifier's module path.
+        blocks: ``(producer, consumer)`` -> ``(n_S, n_P, k)`` effective weights of a linear consumer that
+            reads the producer's map flattened, ``k`` features per channel (the pair's :attr:`weights`
+            sum them); its edge values are exact, not read off a kernel sum.
+        exact: ``(producer, consumer)`` -> ``(N, n_P, n_S)`` edge values of those pairs; empty without images.
     """
 
     sites: List[FilterSite]
@@ -176,6 +181,8 @@ class Dataflow:
     weights: Dict[Tuple[str, str], Tensor]
     dead: Dict[str, List[int]]
     classifier: str
+    blocks: Dict[Tuple[str, str], Tensor] = field(default_factory=dict)
+    exact: Dict[Tuple[str, str], Tensor] = field(default_factory=dict)
     shares: Optional[Dict[Tuple[str, str], Tensor]] = None
     logit_shares: Optional[Dict[str, Tensor]] = None
     predictions: Optional[Tensor] = None
@@ -204,7 +211,8 @@ class Dataflow:
         if self.shares is None:
             raise ValueError("edge values need images: call trace_dataflow(sub, model, images)")
         key = (producer, consumer)
-        values = self.shares[key].double()[:, :, None] * self.weights[key].double()[None]
+        values = self.exact[key] if key in self.exact else \
+            self.shares[key].double()[:, :, None] * self.weights[key].double()[None]
         mask = self.connected[key] & self.live(producer)[:, None]
         return values.masked_fill(~mask[None], float("-inf"))
 
@@ -275,9 +283,14 @@ def _check_node(node, consumer: str) -> None:
                                 "average over channels, so its connections cannot be determined")
 
 
-def _sources(start, leaves: Dict[int, str], consumer: str) -> List[str]:
-    """Names of the leaves (sites, :data:`INPUT`) that reach autograd node ``start`` without mixing channels."""
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+
+def _sources(start, leaves: Dict[int, str], consumer: str) -> Tuple[List[str], Set[Tuple[int, ...]]]:
+    """Names of the leaves (sites, :data:`INPUT`) that reach autograd node ``start`` without mixing
+    channels, and the input sizes of the views on the way (a flatten of an ``(N, C, h, w)`` map)."""
     found: Set[str] = set()
+    views: Set[Tuple[int, ...]] = set()
     seen, todo = set(), [start]
     while todo:
         node = todo.pop()
@@ -288,9 +301,11 @@ def _sources(start, leaves: Dict[int, str], consumer: str) -> List[str]:
             found.add(leaves[id(node.variable)])
             continue
         _check_node(node, consumer)
+        if type(node).__name__ in _VIEWS:
+            views.add(tuple(int(d) for d in node._saved_self_sym_sizes))
         if not _zero_product(node):
             todo.extend(next_node for next_node, _ in node.next_functions)
-    return sorted(found)
+    return sorted(found), views
 
 
 @dataclass
@@ -302,6 +317,7 @@ class _Probe:
     starts: Dict[str, object] = field(default_factory=dict)    # consumer -> autograd node of its input
     totals: Dict[str, Tensor] = field(default_factory=dict)    # consumer -> sum of its input (in the graph)
     widths: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # consumer -> (channels, positions)
+    flat: Dict[str, Tensor] = field(default_factory=dict)      # linear consumer -> its (N, F) input
     logits: Optional[Tensor] = None
 
 
@@ -328,6 +344,8 @@ def _cut_forward(model: nn.Module, sites: List[FilterSite], consumers: Dict[str,
             probe.starts[name] = x.grad_fn if x.grad_fn is not None else x
             probe.totals[name] = x.float().sum()
             probe.widths[name] = (x.shape[channel_dim], x[0].numel() // x.shape[channel_dim])
+            if x.ndim == 2:
+                probe.flat[name] = x
         return hook
 
     handles = [get(s.hook_module).register_forward_hook(cut(s)) for s in sites]
@@ -341,27 +359,32 @@ def _cut_forward(model: nn.Module, sites: List[FilterSite], consumers: Dict[str,
     return probe
 
 
-def _feeds(probe: _Probe, consumers: Dict[str, int], channels: Dict[str, int]) -> Dict[str, List[str]]:
-    """Consumer -> producers it reads directly (checked: the same channel count)."""
+def _feeds(probe: _Probe, consumers: Dict[str, int], channels: Dict[str, int]):
+    """Consumer -> producers it reads directly, and ``(producer, consumer) -> k`` for a linear consumer that
+    reads a producer's ``(N, C, h, w)`` map flattened (input feature ``j`` is channel ``j // k``)."""
     leaves = {id(t): name for name, t in probe.leaves.items()}
     order = {name: i for i, name in enumerate([INPUT] + probe.order)}
-    feeds = {}
+    feeds, blocks = {}, {}
     for name in consumers:
         if name not in probe.starts:
             continue
-        start = probe.starts[name]
+        start, views = probe.starts[name], set()
         if isinstance(start, Tensor):  # reads a tensor without history: the image itself, or a constant
             found = [INPUT] if start is probe.leaves[INPUT] else []
         else:
-            found = _sources(start, leaves, name)
+            found, views = _sources(start, leaves, name)
+        width = probe.widths[name][0]
         for producer in found:
-            width = probe.widths[name][0]
-            if producer != INPUT and width != channels[producer]:
+            if producer == INPUT or width == channels[producer]:
+                continue
+            flatten = [v for v in views if len(v) > 2 and v[1] == channels[producer] and math.prod(v[1:]) == width]
+            if name not in probe.flat or len(views) != 1 or not flatten:
                 raise DataflowError(f"chains: {name} reads {width} input channels from {producer}, which has "
-                                    f"{channels[producer]} (a flatten of a spatial map or a concatenation), so "
-                                    "its connections cannot be mapped to channels")
+                                    f"{channels[producer]} (a concatenation or a reshape), so its connections "
+                                    "cannot be mapped to channels")
+            blocks[(producer, name)] = width // channels[producer]
         feeds[name] = sorted(found, key=order.__getitem__)
-    return feeds
+    return feeds, blocks
 
 
 def _dead(flow_sites: List[FilterSite], kept: List[List[int]], feeds, connected, input_reach) -> Dict[str, List[int]]:
@@ -390,6 +413,19 @@ def _per_channel(probe: _Probe, site: FilterSite, grad: Optional[Tensor], kept: 
     return summed[:, kept].double().cpu()
 
 
+def _exact(probe: _Probe, flow: Dataflow, producer: str, consumer: str, kept: List[int]) -> None:
+    """Exact edge values into a linear consumer reading a flattened map: per input feature ``j``, the
+    producer's share ``J h`` (a Jacobian-vector product by double backward) times ``E[v, j]``, summed
+    over the channel's features."""
+    flat, leaf = probe.flat[consumer], probe.leaves[producer]
+    probe_vector = torch.zeros_like(flat, requires_grad=True)
+    (vjp,) = torch.autograd.grad(flat, leaf, grad_outputs=probe_vector, create_graph=True)
+    (jvp,) = torch.autograd.grad(vjp, probe_vector, grad_outputs=leaf.detach(), retain_graph=True)
+    block = flow.blocks[(producer, consumer)]
+    features = jvp.reshape(jvp.shape[0], -1, block.shape[-1])[:, kept].double().cpu()
+    flow.exact[(producer, consumer)] = torch.einsum("npk,spk->nps", features, block.double())
+
+
 def _shares(probe: _Probe, flow: Dataflow, by_name: Dict[str, FilterSite]) -> None:
     """Fill ``flow.shares``, ``flow.logit_shares`` and ``flow.predictions`` (module docstring)."""
     kept = {s.name: idx for s, idx in zip(flow.sites, flow.kept)}
@@ -403,6 +439,8 @@ def _shares(probe: _Probe, flow: Dataflow, by_name: Dict[str, FilterSite]) -> No
         for producer, grad in zip(producers, grads):
             share = _per_channel(probe, by_name[producer], grad, kept[producer])
             flow.shares[(producer, consumer)] = share / probe.widths[consumer][1]
+            if (producer, consumer) in flow.blocks:
+                _exact(probe, flow, producer, consumer, kept[producer])
     flow.predictions = probe.logits.argmax(-1).cpu()
     producers = [p for p in flow.feeds.get(flow.classifier, []) if p != INPUT]
     picked = probe.logits.gather(1, flow.predictions.to(probe.logits.device)[:, None]).sum()
@@ -417,32 +455,38 @@ def _nonzero(weight: Tensor) -> Tensor:
     return (weight != 0).flatten(2).any(-1) if weight.ndim > 2 else weight != 0
 
 
+def _by_channel(matrix: Tensor, k: int) -> Tensor:
+    """``(rows, C * k)`` -> ``(rows, C, k)``: input features grouped by the channel they flatten."""
+    return matrix.reshape(matrix.shape[0], -1, k)
+
+
 def _structure(sub: Subnetwork, model: nn.Module, probe: _Probe, consumers: Dict[str, int]) -> Dataflow:
     """The edges and dead filters of a probe (no values)."""
     by_name = {s.name: s for s in sub.sites.filters}
     kept_map = sub.kept_filters()
     sites = [by_name[n] for n in probe.order if n in kept_map]
-    kept = [kept_map[s.name] for s in sites]
-    feeds = _feeds(probe, consumers, {s.name: s.channels for s in sub.sites.filters})
+    feeds, flattened = _feeds(probe, consumers, {s.name: s.channels for s in sub.sites.filters})
     feeds = {c: [p for p in ps if p == INPUT or p in kept_map] for c, ps in feeds.items()}
-    connected, weights, reach = {}, {}, {}
-    head = _nonzero(model.get_submodule(sub.sites.classifier).weight)
+    connected, weights, reach, blocks = {}, {}, {}, {}
     for consumer, producers in feeds.items():
         if consumer == sub.sites.classifier:
-            for p in producers:
-                if p != INPUT:
-                    connected[(p, consumer)] = head.T[kept_map[p]]
-            continue
-        site, rows = by_name[consumer], kept_map[consumer]
-        links, values = _connections(model, site)[rows], channel_weights(sub, model, site)[rows]
+            links, values = _nonzero(model.get_submodule(consumer).weight), None
+        else:
+            rows = kept_map[consumer]
+            links, values = _connections(model, by_name[consumer])[rows], channel_weights(sub, model, by_name[consumer])[rows]
         for p in producers:
             if p == INPUT:
                 reach[consumer] = links.any(1)
-            else:
-                connected[(p, consumer)] = links[:, kept_map[p]].T
-                weights[(p, consumer)] = values[:, kept_map[p]].T
-    dead = _dead(sites, kept, feeds, connected, reach)
-    return Dataflow(sites, kept, feeds, connected, weights, dead, sub.sites.classifier)
+                continue
+            k = flattened.get((p, consumer), 1)
+            connected[(p, consumer)] = _by_channel(links, k).any(-1)[:, kept_map[p]].T
+            if values is not None:
+                weights[(p, consumer)] = _by_channel(values, k).sum(-1)[:, kept_map[p]].T
+                if k > 1:
+                    blocks[(p, consumer)] = _by_channel(values, k)[:, kept_map[p]]
+    dead = _dead(sites, [kept_map[s.name] for s in sites], feeds, connected, reach)
+    return Dataflow(sites, [kept_map[s.name] for s in sites], feeds, connected, weights, dead,
+                    sub.sites.classifier, blocks)
 
 
 def trace_dataflow(sub: Subnetwork, model: nn.Module, images: Optional[Tensor] = None) -> Dataflow:

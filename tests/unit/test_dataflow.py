@@ -19,10 +19,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sub(model: nn.Module, names: Sequence[str], scores: Dict[str, Tensor], classifier: str = "fc") -> Subnetwork:
-    """Sites ``name`` (a conv) scored on ``name_bn``, no gates."""
-    sites = [FilterSite(n, n.upper(), f"{n}_bn", f"{n}_bn", model.get_submodule(n).out_channels,
-                        groups=model.get_submodule(n).groups) for n in names]
+    """Sites ``name`` (a conv or a linear) scored on ``name_bn``, no gates."""
+    sites = []
+    for n in names:
+        module = model.get_submodule(n)
+        linear = isinstance(module, nn.Linear)
+        sites.append(FilterSite(n, n.upper(), f"{n}_bn", f"{n}_bn", _width(model, n), channel_dim=-1 if linear else 1,
+                                kind="linear" if linear else "conv", groups=getattr(module, "groups", 1)))
     return Subnetwork(SiteMap(sites, [], [], "generic", "probe", classifier, (1, 3, 8, 8)), scores, {})
+
+
+def _width(model: nn.Module, name: str) -> int:
+    module = model.get_submodule(name)
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def _conv_bn(module: nn.Module, name: str, cin: int, cout: int, kernel: int = 1, stride: int = 1,
@@ -87,6 +96,9 @@ def _is_edge(net: nn.Module, producer: str, u: int, consumer: str, v: int) -> bo
         return False
     module = net.get_submodule(consumer)
     weight, groups = module.weight, getattr(module, "groups", 1)
+    if weight.ndim == 2 and weight.shape[1] != _width(net, producer):  # reads a flattened map
+        k = weight.shape[1] // _width(net, producer)
+        return bool(weight[v, u * k:(u + 1) * k].ne(0).any())
     per_in, group = weight.shape[1], v // (weight.shape[0] // groups)
     if not group * per_in <= u < (group + 1) * per_in:
         return False
@@ -94,7 +106,7 @@ def _is_edge(net: nn.Module, producer: str, u: int, consumer: str, v: int) -> bo
 
 
 def _ones(net: nn.Module, names: Sequence[str]) -> Dict[str, Tensor]:
-    return {n: torch.ones(net.get_submodule(n).out_channels) for n in names}
+    return {n: torch.ones(_width(net, n)) for n in names}
 
 
 RESIDUAL = ("stem", "a1", "a2", "b1", "b2", "sc")
@@ -242,3 +254,40 @@ def test_a_mean_over_channels_is_refused_and_a_spatial_mean_is_not():
         trace_dataflow(sub, net)
     spatial = ChannelMeanNet((-2, -1)).eval()
     assert trace_dataflow(sub, spatial).feeds == {"c1": ["<input>"], "c2": ["c1"], "fc": ["c2"]}
+
+
+class FlattenNet(nn.Module):
+    """VGG-style head: conv + ReLU + 2x2 max pool, flatten (3 channels x 4 positions), a scored linear
+    layer with a BatchNorm1d, ReLU, the classifier. fc1_0 reads none of channel 1's features."""
+
+    READS = {"fc1": ["c1"], "fc": ["fc1"]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        _conv_bn(self, "c1", 3, 3)
+        self.fc1, self.fc1_bn, self.fc = nn.Linear(12, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)
+        with torch.no_grad():
+            self.fc1.weight[0, 4:8] = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.c1_bn(self.c1(x))), 2).flatten(1)
+        return self.fc(torch.relu(self.fc1_bn(self.fc1(x))))
+
+
+def test_a_linear_layer_reading_a_flattened_map_gets_exact_edges_per_channel():
+    torch.manual_seed(2)
+    net = FlattenNet().eval()
+    sub = _sub(net, ("c1", "fc1"), _ones(net, ("c1", "fc1")))
+    images = torch.randn(3, 3, 4, 4)
+    flow = trace_dataflow(sub, net, images)
+    assert flow.feeds["fc1"] == ["c1"]
+    assert flow.connected[("c1", "fc1")].tolist() == [[True] * 5, [False] + [True] * 4, [True] * 5]
+    with torch.no_grad():  # edge c1_u -> fc1_v: sum over u's 4 flattened features of E[v, j] * x_j
+        x = nn.functional.max_pool2d(torch.relu(net.c1_bn(net.c1(images))), 2).flatten(1)
+        gain = net.fc1_bn.weight / torch.sqrt(net.fc1_bn.running_var + net.fc1_bn.eps)
+        expected = torch.einsum("nuk,vuk->nuv", x.view(3, 3, 4), (gain[:, None] * net.fc1.weight).view(5, 3, 4))
+    values = flow.edge_values("c1", "fc1")
+    assert torch.isinf(values[:, 1, 0]).all()
+    finite = torch.isfinite(values)
+    assert torch.allclose(values[finite], expected.double()[finite], atol=1e-6)
+    _assert_every_step_is_an_edge(net, extract_chains(sub, net, images, k=6))
