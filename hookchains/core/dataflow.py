@@ -7,15 +7,16 @@ from each kept consumer's input (the tensor its conv/linear reads) back to those
 **Edges.** A kept filter ``u`` of site ``P`` *feeds* a kept filter ``v`` of site ``S`` when
 
 * ``S``'s conv/linear reads ``P``'s hooked output through channel-preserving operations only
-  (activations, residual additions and identity shortcuts, pooling, flatten of a 1x1 map,
-  BatchNorm-style per-channel affines, multiplication by a constant that is not zero) -- the same
-  channel ``u`` arrives as input channel ``u``; and
+  (activations, residual additions and identity shortcuts, pooling, BatchNorm-style per-channel
+  affines, multiplication by a constant that is not zero) -- the same channel ``u`` arrives as input
+  channel ``u`` (a linear layer reading the ``(N, C, h, w)`` map flattened: as features
+  ``u * h * w .. (u + 1) * h * w - 1``); and
 * ``S``'s weight connects input channel ``u`` to output channel ``v``: some ``W[v, u, ...] != 0``
   (grouped convs: only inside ``v``'s group, so depthwise convs connect ``u == v`` only) and the norm
   scale of ``v`` is not zero.
 
-Everything else is *no* edge (``-inf`` in :func:`hookchains.analysis.chains.kbest_paths`), not an edge of
-value 0. A path may skip a kept layer through an identity: when a residual addition carries ``P``'s
+Everything else is *no* edge (``-inf`` in :func:`hookchains.analysis.chains.kbest_paths`), not an
+edge of value 0. A path may skip a kept layer through an identity: when a residual addition carries ``P``'s
 channel past a kept block, ``P`` feeds the first kept consumer after it directly. A removed
 gated block is a pass-through (its branch is multiplied by a gate of 0: no edge through it).
 
@@ -31,7 +32,9 @@ mean), ``c[u, v] = E[v, u] * r[u]`` with
   ReLU/ReLU6 at every position has ``r = 0``; in a residual sum each addend gets its own share.
 
 The linear reading ``mean(conv(x)) = sum_kernel W * mean(x)`` is exact for 1x1 convs and linear
-layers; for larger kernels it ignores padding borders and stride. The end of a chain is the same
+layers; for larger kernels it ignores padding borders and stride. A linear layer reading a flattened
+map gets exact values: per feature ``j`` the producer's share ``(J h)_j`` times ``E[v, j]``, summed
+over the channel's features. The end of a chain is the same
 rule at the classifier, taken exactly: gradient x activation of the predicted logit w.r.t. ``P``'s
 hooked output, through direct connections only (an edge when the classifier's weight row of the
 class is nonzero at ``u``).
@@ -42,9 +45,9 @@ can be folded into a bias). Dead filters belong in no chain and are counted apar
 (:func:`find_dead_filters`, ``Subnetwork.counts()["dead_filters"]``).
 
 **Refusals.** When the connections cannot be determined, :class:`DataflowError` says why in one
-line: an operation that mixes channels outside a filter site (a conv that is not a site, a
-LayerNorm, a concatenation, attention), a module that runs twice, or an input whose width is not the
-producer's channel count (a flatten of a spatial map).
+line: an operation that may mix channels outside a filter site (a conv that is not a site, a
+LayerNorm, a reduction over channels, a concatenation, attention), a module that runs twice, or an
+input whose width is neither the producer's channel count nor its flattened map.
 """
 from __future__ import annotations
 
