@@ -157,6 +157,7 @@ def read_graph(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> 
     """Probe ``model`` once on ``example`` and, when it traces, read conv->norm pairs from fx.
 
     Example:
+        >>> import torchvision
         >>> g = read_graph(torchvision.models.resnet18().eval(), torch.zeros(1, 3, 224, 224))
         >>> g.follower["layer1.0.conv1"]
         'layer1.0.bn1'

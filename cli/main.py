@@ -14,8 +14,10 @@ from typing import Optional
 
 import click
 
-from hookchains.cli.options import config_from_options, fit_options, run_error
+from hookchains.cli.options import check_image_size, config_from_options, fit_options, run_error
+from hookchains.inputs.data import count
 from hookchains.viz.graph import GRAPH_FORMATS
+from hookchains.workflow.demo import DEMO_DURATION
 from hookchains.workflow.export import EXPORT_FORMATS
 from hookchains.workflow.extract import EXTRACT_MODES
 
@@ -83,50 +85,70 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
     For a ViT/DeiT (mode tokens) every image gets its own token scores; the run folder holds them,
     the token-dropping module's logits and a report with Fig. 7 (no graph).
     """
+    from hookchains.core.progress import Progress
     from hookchains.inputs.data import load_image_folder
     from hookchains.inputs.models import create_model, preprocessing
-    net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
+    start, progress = time.perf_counter(), Progress(enabled=not opts["quiet"])
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
-                             seed=opts["seed"], skip_bad_images=skip_bad_images)
+    if len(names) < 2:
+        raise ValueError(f"--classes {classes!r} names {count(len(names), 'class')}; a task needs at least 2 "
+                         "(e.g. --classes cat,dog): the sub-network explains how the model tells them apart")
+    with progress.stage("load", f"model {model_spec} and {count(per_class, 'image')} per class"):
+        net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
+        check_image_size(net, opts["image_size"])
+        task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
+                                 seed=opts["seed"], skip_bad_images=skip_bad_images)
+    for entry in task.skipped:
+        click.echo(f"skipped unreadable image {entry}", err=True)
+    if task.skipped:
+        click.echo(f"skipped {count(len(task.skipped), 'unreadable image')}; using {len(task)}", err=True)
     out = Path(out_dir or Path("runs") / "-".join(n.replace(" ", "_") for n in names)).absolute()
-    _run_extraction(net, ref, task, out, opts)
+    _run_extraction(net, ref, task, out, opts, progress, start)
 
 
-@main.command()
+@main.command(help="Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs "
+                   f"espresso): fit, materialise, graph and HTML report. {DEMO_DURATION}")
 @click.option("--out", "out_dir", default="hookchains-demo", show_default=True, type=click.Path(file_okay=False))
 @fit_options(demo=True)
 @run_error
 def demo(out_dir, **opts) -> None:
-    """Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs espresso)."""
+    from hookchains.core.progress import Progress
     from hookchains.workflow.demo import demo_task
-    net, ref, task = demo_task(opts["image_size"], seed=opts["seed"])
+    start, progress = time.perf_counter(), Progress(enabled=not opts["quiet"])
     if not opts["quiet"]:
         click.echo(f"demo: MobileNetV2 (embedded ImageNet weights), 2 classes x 10 augmented views of one photo "
-                   f"each, {opts['image_size']} px, up to {opts['steps']} steps", err=True)
-    _run_extraction(net, ref, task, Path(out_dir).absolute(), opts)
+                   f"each, {opts['image_size']} px, up to {opts['steps']} steps; {DEMO_DURATION}", err=True)
+    with progress.stage("load", "embedded MobileNetV2 and the demo photos"):
+        net, ref, task = demo_task(opts["image_size"], seed=opts["seed"])
+        check_image_size(net, opts["image_size"])
+    _run_extraction(net, ref, task, Path(out_dir).absolute(), opts, progress, start)
 
 
-def _run_extraction(net, ref, task, out: Path, opts) -> None:
+def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> None:
     from hookchains.workflow.extract import extract as run_extract
     from hookchains.workflow.runs import load_run
-    start = time.perf_counter()
     config = config_from_options(net, opts)
     sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
                       device=opts["device"], overwrite=opts["overwrite"],
                       graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"],
-                      mode=opts.get("mode", "auto"))
+                      mode=opts.get("mode", "auto"), progress=progress)
     seconds = time.perf_counter() - start
     physical = load_run(out).physical  # filter runs only: a token run keeps the model's weights
+    warnings = sub.task.get("warnings", [])
     if opts["as_json"]:
         click.echo(json.dumps({"out": str(out), "summary": sub.summary(), "counts": sub.counts(),
-                               "fidelity": sub.fidelity, "physical": physical, "seconds": round(seconds, 1)}))
+                               "fidelity": sub.fidelity, "physical": physical, "warnings": warnings,
+                               "predictions": sub.task.get("predictions"), "seconds": round(seconds, 1),
+                               "seconds_by_stage": {k: round(v, 1) for k, v in progress.seconds.items()}}))
     elif not opts["quiet"]:
         click.echo(sub.summary())
+        for line in warnings:  # said before the fit too; repeated where the result is read
+            click.echo(f"warning: {line}")
         if physical:
             click.echo(f"physical: {physical['params_after']:,}/{physical['params_before']:,} parameters, "
                        f"{physical['channels_after']:,}/{physical['channels_before']:,} channels")
-        click.echo(f"wrote {out} in {seconds:.0f} s")
+        click.echo(f"wrote {out}")
+        click.echo(progress.breakdown(total=seconds))
     else:
         click.echo(str(out))
 
@@ -195,7 +217,14 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @run_error
 def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint, overwrite) -> None:
-    """Export the pruned module of RUN_DIR (safe default: base reference + sub-network, no pickle)."""
+    """Export the pruned module of RUN_DIR (safe default: base reference + sub-network, no pickle).
+
+    \b
+    safetensors  weights next to the run's model reference; hookchains.load(RUN_DIR) rebuilds the module
+    torchscript  torch.jit.trace of the module (torch.jit.load, no pickle)
+    onnx         any batch size (dynamic batch axis); needs pip install 'hookchains[onnx]'
+    pt           a pickled module, only with --unsafe-pickle
+    """
     from hookchains.workflow.export import export_run
     click.echo(str(export_run(run_dir, fmt, out_path, unsafe_pickle=unsafe_pickle, checkpoint=checkpoint,
                               overwrite=overwrite)))
@@ -223,11 +252,14 @@ def render(run_dir, fmt, checkpoint) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
 @click.option("--figure", type=click.Path(dir_okay=False), help="also write the chains figure (.png or .pdf) for papers")
 @click.option("--overwrite", is_flag=True, help="replace an existing --figure file")
+@click.option("--quiet", "-q", is_flag=True, help="no status lines or progress bars")
 @run_error
-def report(run_dir, checkpoint, figure, overwrite) -> None:
+def report(run_dir, checkpoint, figure, overwrite, quiet) -> None:
     """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations;
-    for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7)."""
+    for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7).
+    Each stage prints a status line and the end where the time went (on stderr; stdout: the files)."""
     from hookchains.core.io import check_new_file
+    from hookchains.core.progress import Progress
     from hookchains.viz.report import write_chains_figure
     from hookchains.workflow.extract import write_run_report
     from hookchains.workflow.runs import load_run
@@ -235,9 +267,12 @@ def report(run_dir, checkpoint, figure, overwrite) -> None:
         check_new_file(figure, overwrite, "--figure")
     run = load_run(run_dir)
     model = run.base_model(checkpoint)
-    click.echo(str(write_run_report(run_dir, run.sub, model, run.task)))
+    progress = Progress(enabled=not quiet)
+    click.echo(str(write_run_report(run_dir, run.sub, model, run.task, progress=progress)))
     if figure:
-        click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task)))
+        click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task, progress=progress)))
+    if not quiet:
+        click.echo(progress.breakdown(), err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

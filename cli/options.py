@@ -60,6 +60,22 @@ def config_from_options(model, opts: Dict) -> FitConfig:
                       seed=opts["seed"], progress=not opts["quiet"])
 
 
+def check_image_size(model, image_size) -> None:
+    """Refuse an ``--image-size`` below an eighth of the model's own resolution (at least 8 px): a
+    224-px ImageNet model then sees at least 28 px, enough for its final feature map to be 1 x 1;
+    below that the features and so the sub-network mean nothing.
+
+    Example: ``check_image_size(resnet18, 4)`` raises ``ValueError: --image-size 4 is too small ...``."""
+    if image_size is None:
+        return
+    from hookchains.inputs.models import preprocessing
+    own = min(preprocessing(model).input_size)
+    minimum = max(8, -(-own // 8))
+    if image_size < minimum:
+        raise ValueError(f"--image-size {image_size} is too small for this model (made for {own} px): use at least "
+                         f"{minimum} px, or leave the option out for {own} px")
+
+
 def run_error(func: Callable) -> Callable:
     """Turn the errors a user can fix into ``Error: <one line>`` and exit status 1."""
     @functools.wraps(func)

@@ -84,8 +84,10 @@ class ScoreHooks(HookOwner):
     each exactly as if it ran alone, which keeps a GPU busy.
 
     Example:
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
         >>> with hookchains.attach(model) as hooks:
-        ...     result = hookchains.fit(hooks, images)
+        ...     result = hookchains.fit(hooks, images, steps=2, progress=False)
         >>> small, report = hookchains.materialize(result, model, images)
     """
 
@@ -288,9 +290,10 @@ def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.T
             (:func:`hookchains.core.fit.fit_tasks`); ``None``: one task.
 
     Example:
+        >>> import timm
         >>> hooks = attach(timm.create_model("resnet18"), example=torch.zeros(1, 3, 64, 64))
-        >>> len(hooks.scores), len(hooks.gate_logits)
-        (20, 8)
+        >>> len(hooks.scores), len(hooks.gate_logits)        # gates: the 5 shape-preserving blocks
+        (20, 5)
         >>> hooks.detach().__class__.__name__
         'ResNet'
     """

@@ -200,6 +200,10 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
         tolerance: relative tolerance of the exactness check.
 
     Example:
+        >>> import timm, torch
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> result = random_subnetwork(model, images[:1], keep=0.5)     # or hookchains.fit(...)
         >>> small, report = materialize(result, model, images)
         >>> report.params_after < report.params_before
         True

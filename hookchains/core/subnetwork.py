@@ -118,7 +118,12 @@ class Subnetwork:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory) -> Path:
-        """Write ``scores.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically)."""
+        """Write ``scores.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically).
+
+        Read it back with :meth:`load` (``hookchains.Subnetwork.load(directory)``); ``hookchains.load``
+        reads run folders (``hookchains extract``), which also hold the model reference and images.
+
+        Example: ``result.save("run/")``; ``result = hookchains.Subnetwork.load("run/")``."""
         directory = Path(directory)
         tensors = {_SCORE + k: v for k, v in self.scores.items()}
         tensors.update({_GATE + k: v.reshape(()) for k, v in self.gate_logits.items()})

@@ -45,8 +45,12 @@ def featuremap_norms(chains: ScoreHooks, images: torch.Tensor) -> Dict[FilterSit
     scores act) of the original model (hooks off); ``site.channel_dim`` indexes its channels.
 
     Example:
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> chains = hookchains.attach(model)
         >>> norms = featuremap_norms(chains, images)
         >>> norms[chains.sites.filters[0]].shape       # one value per channel
+        torch.Size([16])
     """
     images = images.to(next(chains.model.parameters()).device)
     totals: Dict[FilterSite, torch.Tensor] = {}
@@ -153,9 +157,13 @@ def baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: st
         a :class:`Subnetwork` whose fidelity is that of the thresholded network after fine-tuning.
 
     Example:
-        >>> nc = fit(chains, images)
-        >>> mag = baseline(chains, images, nc, "magnitude")
-        >>> nc.fidelity["kl"], mag.fidelity["kl"]
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> chains = hookchains.attach(model)
+        >>> nc = hookchains.fit(chains, images, steps=3, progress=False)
+        >>> mag = baseline(chains, images, nc, "magnitude", steps=2)
+        >>> mag.counts()["filters_kept"] == nc.counts()["filters_kept"]   # the same budget
+        True
     """
     if kind not in KINDS or allocation not in ALLOCATIONS:
         raise ValueError(f"kind must be one of {KINDS} and allocation one of {ALLOCATIONS}, "

@@ -72,10 +72,19 @@ def evaluate(chains: ScoreHooks, sub: Subnetwork, data: TaskImages, options: Eva
         seed_offset: added to ``options.seed`` (e.g. the task index), so tasks draw different randoms.
 
     Example:
-        >>> with hookchains.attach(model, sites=sites) as chains:
-        ...     sub = fit(chains, data.images)
-        ...     record = evaluate(chains, sub, data, EvalOptions(robustness=True))
-        >>> record["fidelity"]["kl"], record["faithfulness"]["spearman"]
+        >>> import hookchains, torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 16, 16)
+        >>> data = TaskImages(images, torch.tensor([0, 0, 1, 1]), images[:2], torch.tensor([0, 1]),
+        ...                   ["a", "b"], list("aabb"), ["a", "b"])
+        >>> with hookchains.attach(model) as chains:
+        ...     sub = hookchains.fit(chains, data.images, steps=3, progress=False)
+        ...     options = EvalOptions(baseline_steps=2, robustness=True, pgd_steps=2)
+        ...     record = evaluate(chains, sub, data, options)
+        >>> record["fidelity"]["kl"] >= 0, -1 <= record["faithfulness"]["spearman"] <= 1
+        (True, True)
     """
     chains.load_state(sub.scores, sub.gate_logits)
     device = next(chains.model.parameters()).device

@@ -51,7 +51,12 @@ def fgsm(forward: Forward, images: torch.Tensor, labels: torch.Tensor, eps: floa
         eps: L-inf radius.
 
     Example:
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> labels = torch.tensor([0, 1, 0, 1])
         >>> adversarial = fgsm(model, images, labels, eps=0.1)
+        >>> bool((adversarial - images).abs().max() <= 0.1 + 1e-6)
+        True
     """
     _check_eps(eps)
     return (images + eps * _input_gradient(forward, images, labels).sign()).detach()
@@ -66,7 +71,12 @@ def pgd(forward: Forward, images: torch.Tensor, labels: torch.Tensor, eps: float
     cross-entropy, and projects back onto the ball after each. Units as in :func:`fgsm`; no clipping.
 
     Example:
-        >>> adversarial = pgd(model, images, labels, eps=0.1, steps=20)
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> labels = torch.tensor([0, 1, 0, 1])
+        >>> adversarial = pgd(model, images, labels, eps=0.1, steps=3)
+        >>> bool((adversarial - images).abs().max() <= 0.1 + 1e-6)
+        True
     """
     _check_eps(eps)
     if steps < 1:
@@ -110,8 +120,14 @@ def robustness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, labels
         "transfer": {"fgsm", "pgd"}}``, each list holding one probability per image (Fig. 12).
 
     Example:
-        >>> r = robustness(chains, sub, images, labels, eps=0.1)
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> labels = torch.tensor([0, 1, 0, 1])
+        >>> chains = hookchains.attach(model)
+        >>> sub = hookchains.fit(chains, images, steps=3, progress=False)
+        >>> r = robustness(chains, sub, images, labels, eps=0.1, pgd_steps=2)
         >>> sum(r["subnetwork"]["pgd"]) / len(images), sum(r["original"]["pgd"]) / len(images)
+        (..., ...)
     """
     device = next(chains.model.parameters()).device
     images, labels = images.to(device), labels.to(device)

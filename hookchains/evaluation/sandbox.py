@@ -32,8 +32,14 @@ def sandbox(chains: ScoreHooks, sub: Optional[Subnetwork] = None) -> Iterator[Sc
     everything restored on exit.
 
     Example:
+        >>> import hookchains, timm, torch
+        >>> model, images = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(4, 3, 32, 32)
+        >>> chains = hookchains.attach(model)
+        >>> sub = hookchains.fit(chains, images, steps=3, progress=False)
         >>> with sandbox(chains, sub) as c, c.using("hard"), torch.no_grad():
         ...     logits = c.model(images)          # the thresholded sub-network
+        >>> logits.shape
+        torch.Size([4, 2])
     """
     if sub is not None:
         _check_matches(chains, sub)

@@ -21,7 +21,6 @@ import dataclasses
 import difflib
 import hashlib
 import random
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from torchvision.transforms import InterpolationMode
 
 from hookchains.inputs.models import Preprocess
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "augmented_views", "class_folders", "load_image_folder", "validate_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "augmented_views", "class_folders", "count", "load_image_folder",
+           "validate_images"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 """File suffixes read as images (compared case-insensitively)."""
@@ -77,7 +77,8 @@ class ImageSet:
         class_names: the class of each label index.
         paths: the file each image came from (repeated for augmented views of one photo).
         raw: the same N pictures as RGB PIL images at the model's resolution, not normalised.
-        skipped: unreadable files left out because ``skip_bad_images`` was set.
+        skipped: unreadable files left out because ``skip_bad_images`` was set, each as
+            ``"path (reason)"``.
     """
 
     images: torch.Tensor
@@ -116,7 +117,9 @@ def load_image_folder(
     Images are chosen by a seeded shuffle of the sorted listing (``IMAGE_EXTENSIONS``, searched
     recursively), per class, so the same seed always picks the same files and adding a class does
     not change another's picks. ``classes=None`` takes every sub-folder, sorted; otherwise labels
-    follow the order given. Each error is a one-line ``ValueError`` that names the fix.
+    follow the order given. Each error is a one-line ``ValueError`` that names the fix; an unreadable
+    file is replaced by the next one in seeded order, and unless ``skip_bad_images`` every unreadable
+    file met is named in the error (with it, they are listed in ``ImageSet.skipped``).
 
     Example:
         >>> from hookchains.inputs.models import create_model, preprocessing
@@ -129,16 +132,40 @@ def load_image_folder(
         raise ValueError(f"per_class must be at least 1, got {per_class}")
     root = Path(root)
     class_names = class_folders(root, classes)
-    skipped: list[str] = []
-    images, raw, labels, paths = [], [], [], []
+    bad: list[str] = []
+    images, raw, labels, paths, short = [], [], [], [], []
     for label, name in enumerate(class_names):
-        for path, picture in _pick_images(root / name, per_class, seed, skip_bad_images, skipped):
+        unreadable = len(bad)
+        picked = _pick_images(root / name, per_class, seed, bad)
+        if len(picked) < per_class:
+            short.append((root / name, len(picked), len(bad) - unreadable))
+        for path, picture in picked:
             view = transform.geometry(picture)
             raw.append(view)
             images.append(transform.normalize(view))
             labels.append(label)
             paths.append(str(path))
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names, paths, raw, skipped)
+    if bad and not skip_bad_images:
+        them = "it" if len(bad) == 1 else "them"
+        raise ValueError(f"cannot read {count(len(bad), 'image')}: {'; '.join(bad)}: fix or remove {them}, or pass "
+                         f"--skip-bad-images (skip_bad_images=True) to leave {them} out")
+    if short:
+        folder, found, unreadable = short[0]
+        raise ValueError(f"class folder {folder} has {count(found, 'readable image')} ({unreadable} unreadable "
+                         f"skipped), fewer than the {per_class} asked for: add images or ask for fewer per class")
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names, paths, raw, bad)
+
+
+def count(number: int, noun: str) -> str:
+    """``number`` and ``noun``, plural (``-s``, or ``-es`` after s, x, ch, sh) unless the number is 1.
+
+    Example:
+        >>> count(1, "image"), count(3, "image"), count(0, "class")
+        ('1 image', '3 images', '0 classes')
+    """
+    if number == 1:
+        return f"1 {noun}"
+    return f"{number} {noun}{'es' if noun.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
 
 
 def class_folders(root: str | Path, classes: Sequence[str] | None = None) -> list[str]:
@@ -168,50 +195,42 @@ def class_folders(root: str | Path, classes: Sequence[str] | None = None) -> lis
     return list(classes)
 
 
-def _pick_images(
-    folder: Path, per_class: int, seed: int, skip_bad_images: bool, skipped: list[str]
-) -> list[tuple[Path, Image.Image]]:
-    """Read ``per_class`` images of one class folder in seeded order, in listing order on return."""
+def _pick_images(folder: Path, per_class: int, seed: int, bad: list[str]) -> list[tuple[Path, Image.Image]]:
+    """Read up to ``per_class`` readable images of one class folder in seeded order (listing order on
+    return); each unreadable file read on the way is added to ``bad`` as ``"path (reason)"``."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if len(files) < per_class:
         raise ValueError(
-            f"class folder {folder} has {len(files)} images, fewer than the {per_class} asked for: "
+            f"class folder {folder} has {count(len(files), 'image')}, fewer than the {per_class} asked for: "
             "add images or ask for fewer per class"
         )
     rank = {path: i for i, path in enumerate(files)}
     picked: list[tuple[Path, Image.Image]] = []
-    bad = 0
     for path in random.Random(_derived_seed(seed, folder.name)).sample(files, len(files)):
         if len(picked) == per_class:
             break
-        picture = _read_image(path, skip_bad_images)
-        if picture is None:
-            skipped.append(str(path))
-            bad += 1
-        else:
-            picked.append((path, picture))
-    if len(picked) < per_class:
-        raise ValueError(
-            f"class folder {folder} has {len(picked)} readable images ({bad} unreadable skipped), fewer than "
-            f"the {per_class} asked for: add images or ask for fewer per class"
-        )
+        try:
+            picked.append((path, _read_image(path)))
+        except ValueError as err:
+            bad.append(f"{path} ({err})")
     return sorted(picked, key=lambda item: rank[item[0]])
 
 
-def _read_image(path: Path, skip_bad_images: bool) -> Image.Image | None:
-    """Decode ``path`` fully as RGB; on failure raise, or warn and return None when skipping."""
+def _read_image(path: Path) -> Image.Image:
+    """Decode ``path`` fully as RGB; ``ValueError`` with the decoder's reason when it cannot."""
     try:
         with Image.open(path) as picture:
             return picture.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        reason = " ".join(str(err).split())
-        if not skip_bad_images:
-            raise ValueError(
-                f"cannot read image {path} ({reason}): fix or remove it, or pass --skip-bad-images "
-                "(skip_bad_images=True) to leave it out"
-            ) from None
-        warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=4)
-        return None
+        raise ValueError(" ".join(str(err).split())) from None
+
+
+def _read_photo(path: Path) -> Image.Image:
+    """A photo the views are made from: unreadable is a one-line ``ValueError`` naming it."""
+    try:
+        return _read_image(path)
+    except ValueError as err:
+        raise ValueError(f"cannot read image {path} ({err}): fix or replace it") from None
 
 
 def _derived_seed(seed: int, name: str) -> int:
@@ -259,7 +278,7 @@ def augmented_views(
         for label, (name, class_paths) in enumerate(photo_paths_by_class.items()):
             if not class_paths:
                 raise ValueError(f"class {name!r} has no photos to make views from")
-            photos = [_read_image(Path(p), skip_bad_images=False) for p in class_paths]
+            photos = [_read_photo(Path(p)) for p in class_paths]
             torch.manual_seed(_derived_seed(seed, name))
             for i in range(per_class):
                 view = augment(photos[i % len(photos)])

@@ -34,7 +34,10 @@ import json
 import os
 import pickle
 import re
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -106,6 +109,21 @@ class ModelRef:
             raise ValueError(f"not a hookchains ModelRef (expected a JSON object with keys {sorted(names)}): {text!r}")
         return cls(**data)
 
+    @property
+    def random_init(self) -> bool:
+        """Whether the weights are random: a timm/torchvision model built without ``pretrained`` or a
+        checkpoint (``module:factory`` and ``hookchains:`` models decide their own weights).
+
+        Such a model's predictions mean nothing, so neither does a sub-network explaining them.
+
+        Example:
+            >>> ModelRef("torchvision:resnet18").random_init, ModelRef("resnet18", pretrained=True).random_init
+            (True, False)
+        """
+        prefix, colon, _ = self.spec.partition(":")
+        return (not self.pretrained and self.checkpoint is None
+                and (not colon or prefix in ("timm", "torchvision")))
+
     def build(self, checkpoint: str | Path | None = None) -> nn.Module:
         """Rebuild the model; ``checkpoint`` relocates the weights file, whose sha256 must still match.
 
@@ -176,7 +194,11 @@ def _timm_model(spec: str, name: str, pretrained: bool, num_classes: int | None)
         else:
             candidates = [*(f"hookchains:{n}" for n in EMBEDDED_MODELS), *timm.list_models(), *_torchvision_specs()]
         raise ValueError(_unknown_model_message(spec, name, candidates))
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if pretrained:
+        cached = _timm_weights_offline(spec, name)
+        if cached is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": cached}
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as err:
@@ -188,6 +210,11 @@ def _torchvision_model(spec: str, name: str, pretrained: bool, num_classes: int 
     if name not in torchvision.models.list_models():
         raise ValueError(_unknown_model_message(spec, name, _torchvision_specs()))
     kwargs: dict[str, Any] = {"weights": "DEFAULT" if pretrained else None}
+    default = getattr(torchvision.models.get_model_weights(name), "DEFAULT", None) if pretrained else None
+    if default is not None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(default.url).path)
+        if not cached.is_file():
+            _require_network(spec, default.url)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
@@ -291,6 +318,44 @@ def _unknown_model_message(spec: str, name: str, candidates: Iterable[str]) -> s
         f"unknown model {spec!r}; {hint} (list names with timm.list_models() or "
         "torchvision.models.list_models(); use 'module:factory' for your own code)"
     )
+
+
+def _require_network(spec: str, url: str, timeout: float = 3.0) -> None:
+    """Raise at once, in one line, when the host of ``url`` cannot be reached (no network), instead of
+    letting the hub client retry for about a minute. Behind a proxy (``HTTPS_PROXY`` ...) nothing is
+    probed: only the hub client knows how to get through."""
+    parts = urllib.parse.urlparse(url)
+    if parts.scheme in urllib.request.getproxies():
+        return
+    host, port = parts.hostname or url, parts.port or (80 if parts.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise RuntimeError(
+            f"the pretrained weights of {spec!r} are not in the local cache and {host} cannot be reached "
+            f"(no network? {' '.join(str(err).split())[:80]}); pass --checkpoint FILE with the weights, run once "
+            "with network to fill the cache, or use 'hookchains:mobilenet_v2' (shipped weights)"
+        ) from None
+
+
+def _timm_weights_offline(spec: str, name: str) -> str | None:
+    """For a timm model whose weights live on the Hugging Face hub: ``None`` when the hub answers (timm
+    then downloads or uses its cache as usual), the cached weight file when it does not (loaded without
+    asking the hub), and a one-line ``RuntimeError`` when neither the hub nor a cached file is there."""
+    import huggingface_hub
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id or huggingface_hub.constants.HF_HUB_OFFLINE:
+        return None  # weights from a URL (torch.hub cache), or the user chose hub offline mode: timm decides
+    try:
+        _require_network(spec, huggingface_hub.constants.ENDPOINT)
+        return None
+    except RuntimeError:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return found
+        raise
 
 
 def _download_error(spec: str, err: OSError) -> RuntimeError:

@@ -117,6 +117,7 @@ class TaskImages:
         class_names: label names (``task.class_names``).
         true_classes, held_true_classes: each image's own class folder (differs from the label name
             on the 'rest' side of one-vs-rest tasks).
+        skipped: unreadable files left out (``skip_bad_images``), each as ``"path (reason)"``.
     """
 
     images: torch.Tensor
@@ -126,6 +127,7 @@ class TaskImages:
     class_names: List[str]
     true_classes: List[str]
     held_true_classes: List[str]
+    skipped: List[str] = dataclasses.field(default_factory=list)
 
 
 def load_task(root: str | Path, task: SweepTask, per_class: int, held_out: int, transform: Preprocess, *,
@@ -148,10 +150,12 @@ def load_task(root: str | Path, task: SweepTask, per_class: int, held_out: int, 
     if task.one_vs_rest:
         sides.append(_rest_draw(task.classes[0], all_classes, per_class, held_out, seed + task.index))
     parts = {"fit": ([], [], []), "held": ([], [], [])}
+    skipped: List[str] = []
     for label, side in enumerate(sides):
         for name, n_fit, n_held in side:
             loaded = load_image_folder(root, [name], n_fit + n_held, transform, seed=seed + task.index,
                                        skip_bad_images=skip_bad_images)
+            skipped += loaded.skipped
             for key, rows in (("fit", slice(0, n_fit)), ("held", slice(n_fit, n_fit + n_held))):
                 images, labels, names = parts[key]
                 images.append(loaded.images[rows])
@@ -159,7 +163,7 @@ def load_task(root: str | Path, task: SweepTask, per_class: int, held_out: int, 
                 names += [name] * images[-1].shape[0]
     (fit_x, fit_y, fit_names), (held_x, held_y, held_names) = parts["fit"], parts["held"]
     return TaskImages(torch.cat(fit_x), torch.tensor(fit_y), torch.cat(held_x), torch.tensor(held_y, dtype=torch.int64),
-                      task.class_names, fit_names, held_names)
+                      task.class_names, fit_names, held_names, skipped)
 
 
 def _rest_draw(positive: str, all_classes: Sequence[str], per_class: int, held_out: int,

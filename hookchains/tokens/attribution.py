@@ -30,9 +30,16 @@ Choices made here (and why):
   this equals the probabilities timm computes (tested).
 
 Example:
-    >>> result = fit_tokens(model, images)
-    >>> attr = token_attribution(model, images, result)            # N x 12 x 197 x 197
-    >>> cls_maps = class_token_heatmaps(model, images, result, attribution=attr).maps  # N x 12 x 14 x 14
+    >>> import timm, torch
+    >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+    >>> images = torch.randn(4, 3, 64, 64)
+    >>> from hookchains.tokens.fit import fit_tokens
+    >>> result = fit_tokens(model, images, steps=2, progress=False)
+    >>> attr = token_attribution(model, images, result)            # N x blocks x T x T
+    >>> attr.shape                                                  # deit_small at 224 px: N x 12 x 197 x 197
+    torch.Size([4, 6, 17, 17])
+    >>> cls_maps = class_token_heatmaps(model, images, result, attribution=attr).maps  # N x 6 x 4 x 4
+    >>> raw_image_0 = torch.rand(3, 64, 64)                         # the unnormalised picture, in [0, 1]
     >>> kept_patches_figure(raw_image_0, result.masks[0]).save("kept.png")
 """
 from __future__ import annotations
@@ -141,6 +148,9 @@ def attention_maps(model: nn.Module, images: Tensor, masks: Masks = None, *,
     With ``masks`` the (pruned) network's attention, pruned keys excluded, rows of absent tokens 0.
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
         >>> attention_maps(model, images[:2]).sum(-1)[0, 0, :3]     # rows sum to 1
         tensor([1.0000, 1.0000, 1.0000])
     """
@@ -190,8 +200,14 @@ def token_attribution(model: nn.Module, images: Tensor, masks: Masks = None, *, 
         normalize: divide block ``l`` by ``2^l`` so kept rows sum to 1 (``False``: Eq. 10 as written).
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> result = fit_tokens(model, images, steps=2, progress=False)
         >>> attr = token_attribution(model, images, result)
-        >>> attr[0, -1, 0, 1:].reshape(14, 14)      # what the class token draws on, last block
+        >>> attr[0, -1, 0, 1:].reshape(4, 4).shape      # what the class token draws on, last block
+        torch.Size([4, 4])
     """
     attentions = attention_maps(model, images, masks, batch_size=batch_size)
     return rollout(attentions, _presence(masks, int(model.num_prefix_tokens)), normalize=normalize)
@@ -231,7 +247,13 @@ def class_token_heatmaps(model: nn.Module, images: Tensor, masks: Masks = None, 
     ``attribution`` (from :func:`token_attribution`) skips recomputing it.
 
     Example:
-        >>> maps = class_token_heatmaps(model, images, result).maps     # N x 12 x 14 x 14
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> result = fit_tokens(model, images, steps=2, progress=False)
+        >>> class_token_heatmaps(model, images, result).maps.shape      # N x blocks x 4 x 4 patches
+        torch.Size([4, 6, 4, 4])
     """
     attribution = token_attribution(model, images, masks) if attribution is None else attribution
     return _rows_as_maps(model, attribution, torch.zeros(attribution.shape[0], dtype=torch.long))
@@ -248,8 +270,14 @@ def patch_token_heatmaps(model: nn.Module, images: Tensor, masks: Masks = None, 
         attribution: precomputed :func:`token_attribution` output.
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> result = fit_tokens(model, images, steps=2, progress=False)
         >>> heat = patch_token_heatmaps(model, images, result)
-        >>> heat.tokens, heat.maps.shape          # chosen tokens, N x 12 x 14 x 14
+        >>> heat.tokens.shape, heat.maps.shape          # chosen tokens, N x blocks x 4 x 4
+        (torch.Size([4]), torch.Size([4, 6, 4, 4]))
     """
     attribution = token_attribution(model, images, masks) if attribution is None else attribution
     if tokens is None:
@@ -304,7 +332,13 @@ def kept_patches_figure(image: Union[Tensor, Image.Image], keep: Tensor, *, pref
         columns: panels per row; dim: brightness of pruned patches (1 = not dimmed).
 
     Example:
-        >>> kept_patches_figure(image_set.raw[0], result.masks[0]).save("kept_patches.png")
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> result = fit_tokens(model, images, steps=2, progress=False)
+        >>> raw = torch.rand(3, 64, 64)          # image 0 before normalisation (e.g. ``image_set.raw[0]``)
+        >>> kept_patches_figure(raw, result.masks[0]).save("kept_patches.png")
     """
     picture = _as_tensor(image)
     if keep.ndim != 2 or not 0.0 <= dim <= 1.0 or columns < 1:

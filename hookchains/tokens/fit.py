@@ -117,9 +117,11 @@ def fit_tokens(model: nn.Module, images: torch.Tensor, *, steps: Optional[int] =
         a :class:`TokenSubnetwork` whose fidelity is measured on the ``hard`` network.
 
     Example:
-        >>> result = fit_tokens(timm.create_model("deit_small_patch16_224").eval(), images, steps=100)
-        >>> result.counts()["slots_total"]
-        2364
+        >>> import timm, torch
+        >>> images = torch.randn(2, 3, 64, 64)
+        >>> result = fit_tokens(timm.create_model("test_vit", img_size=64).eval(), images, steps=2, progress=False)
+        >>> result.counts()["slots_total"]          # 6 blocks x 17 tokens (deit_small: 12 x 197 = 2364)
+        102
     """
     validate_images(images)
     check_token_model(model)

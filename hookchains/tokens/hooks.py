@@ -32,10 +32,11 @@ def check_token_model(model: nn.Module) -> None:
     token reach the output), and blocks whose ``forward`` takes ``attn_mask``.
 
     Example:
+        >>> import timm
         >>> check_token_model(timm.create_model("deit_tiny_patch16_224"))
         >>> check_token_model(timm.create_model("resnet18"))
         Traceback (most recent call last):
-        ValueError: ResNet is not a timm ViT/DeiT ...
+        ValueError: ResNet is not a timm ViT/DeiT: ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"token pruning needs a torch.nn.Module, got {type(model).__name__}")
@@ -60,6 +61,7 @@ def is_token_model(model: nn.Module) -> bool:
     """Whether :func:`check_token_model` accepts ``model`` (a timm ViT/DeiT with class-token pooling).
 
     Example:
+        >>> import timm
         >>> is_token_model(timm.create_model("deit_tiny_patch16_224")), is_token_model(timm.create_model("resnet18"))
         (True, False)
     """
@@ -78,6 +80,7 @@ def vit_parameter_counts(model: nn.Module) -> Dict[str, int]:
     figures exactly.
 
     Example:
+        >>> import timm
         >>> vit_parameter_counts(timm.create_model("deit_small_patch16_224"))
         {'mha_params': 7096320, 'ffn_params': 14178816}
     """
@@ -130,11 +133,16 @@ class TokenChains(HookOwner):
     mode with :meth:`using`: for mode ``ste`` it also switches timm to its manual attention path.
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
         >>> with TokenChains(model, images.shape[0], example=images[:1]) as chains:
         ...     with torch.no_grad():
-        ...         chains.scores[:, 3:, 50:] = 0.0          # prune patches 49.. from block 4 on
+        ...         chains.scores[:, 3:, 9:] = 0.0          # prune patches 8.. from block 4 on
         ...     with chains.using("mask"):
         ...         logits = model(images)
+        >>> logits.shape
+        torch.Size([4, 10])
     """
 
     def __init__(self, model: nn.Module, num_images: int, *, tau: float = 0.1,

@@ -30,9 +30,14 @@ class TokenDroppedViT(nn.Module):
     fitting images, in order) -- the masks are per image and apply to those images only.
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> result = fit_tokens(model, images, steps=2, progress=False)
         >>> small = materialize_tokens(result, model, images)
         >>> small(images[2:4], rows=[2, 3]).shape
-        torch.Size([2, 1000])
+        torch.Size([2, 10])
     """
 
     def __init__(self, model: nn.Module, tsub: TokenSubnetwork, mode: str = "hard") -> None:
@@ -127,8 +132,14 @@ def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images: Optional
             measured) or ``"mask"`` (kept tokens at weight 1: the binary sub-network).
 
     Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", img_size=64, num_classes=10).eval()   # 6 blocks, 4 x 4 patches
+        >>> images = torch.randn(4, 3, 64, 64)
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> result = fit_tokens(model, images, steps=2, progress=False)
         >>> small = materialize_tokens(result, model, images)   # raises MaterializeError if not exact
-        >>> small.tokens_per_block()[0]                         # sequence lengths of image 0
+        >>> len(small.tokens_per_block()[0])                    # sequence lengths of image 0, one per block
+        6
     """
     check_token_model(model)
     if len(tsub.sites) != len(model.blocks):

@@ -24,7 +24,14 @@ The drawing is a Graphviz graph laid out left to right:
   and the title says how many.
 
 Example:
-    >>> render_graph(sub, model, "subnet.pdf", images=views.images)
+    >>> import torch
+    >>> from torch import nn
+    >>> from hookchains.core.testing import random_subnetwork
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    >>> images = torch.randn(4, 3, 32, 32)
+    >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+    >>> render_graph(sub, model, "subnet.pdf", images=images)
     PosixPath('subnet.pdf')
 """
 from __future__ import annotations
@@ -189,7 +196,14 @@ def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: O
     runs ``dot``.
 
     Example:
-        >>> print(build_graph(sub).source[:40])
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+        >>> print(build_graph(sub).source.splitlines()[0])
         digraph subnetwork {
     """
     if max_edges_per_node < 0:
@@ -228,7 +242,16 @@ def graph_bytes(graph: graphviz.Digraph, format: str = "pdf") -> bytes:
         RuntimeError: ``dot`` is not installed (the message says how to install it).
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
         >>> svg = graph_bytes(build_graph(sub, model), "svg").decode()
+        >>> "<svg" in svg
+        True
     """
     if format not in GRAPH_FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {GRAPH_FORMATS}")
@@ -256,7 +279,14 @@ def render_graph(sub: Subnetwork, model: Optional[nn.Module], path: PathLike,
         max_nodes: draw at most this many filters (the highest-scoring; ``None``: all).
 
     Example:
-        >>> render_graph(sub, model, "runs/cat/subnet.svg", "svg", images=views.images)
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+        >>> render_graph(sub, model, "runs/cat/subnet.svg", "svg", images=images)
         PosixPath('runs/cat/subnet.svg')
     """
     graph = build_graph(sub, model, images=images, max_edges_per_node=max_edges_per_node, max_nodes=max_nodes)

@@ -180,11 +180,15 @@ def fidelity_rows(fidelity: Mapping[str, float]) -> List[Tuple[str, str]]:
 
 
 def summary_html(sub: Result, rows: Sequence[Tuple[str, str]], what: str) -> str:
-    """The summary line and a two-column table of ``rows``, captioned with the threshold.
+    """The task's warnings (``sub.task["warnings"]``: random weights, constant or near-uniform
+    predictions, see :mod:`hookchains.inputs.degenerate`), the summary line and a two-column table of
+    ``rows``, captioned with the threshold.
 
     Example: ``summary_html(sub, fidelity_rows(sub.fidelity), "sub-network")``."""
     body = "".join(f'<tr><th scope="row">{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in rows)
-    return (f"<p>{html.escape(sub.summary())}</p><table><caption>The thresholded {html.escape(what)} on the "
+    warnings = "".join(f'<p class="bad" role="alert">Warning: {html.escape(line)}</p>'
+                       for line in sub.task.get("warnings", []))
+    return (f"{warnings}<p>{html.escape(sub.summary())}</p><table><caption>The thresholded {html.escape(what)} on the "
             f"task images (τ = {sub.tau:g})</caption>{body}</table>")
 
 

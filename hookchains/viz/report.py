@@ -25,7 +25,18 @@ Policy that forbids every network request. Feature visualisations are cached und
 pictures are raster anyway, and nothing beyond hookchains' own dependencies is needed).
 
 Example:
-    >>> write_report("runs/cat-espresso", sub, model, views)
+    >>> import torch
+    >>> from torch import nn
+    >>> from hookchains.core.testing import random_subnetwork
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    >>> images = torch.randn(4, 3, 32, 32)
+    >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+    >>> from PIL import Image
+    >>> from hookchains.inputs.data import ImageSet
+    >>> views = ImageSet(images, torch.tensor([0, 0, 1, 1]), ["cat", "espresso"], ["c.png"] * 2 + ["e.png"] * 2,
+    ...                  [Image.new("RGB", (32, 32))] * 4)      # normalised batch, labels, names, files, raw
+    >>> write_report("runs/cat-espresso", sub, model, views, featvis_steps=2)   # default 32 steps
     PosixPath('runs/cat-espresso/report.html')
 """
 from __future__ import annotations
@@ -47,6 +58,7 @@ from hookchains.analysis.chains import Chain, extract_chains
 from hookchains.analysis.featvis import FeatureVisCache
 from hookchains.core.dataflow import DataflowError
 from hookchains.core.io import PathLike, atomic_write_bytes
+from hookchains.core.progress import Progress
 from hookchains.core.state import capture_featuremaps
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import ImageSet
@@ -91,15 +103,16 @@ class _Pictures:
 
 
 def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
-           class_indices: Optional[Mapping[str, int]]) -> _Study:
+           class_indices: Optional[Mapping[str, int]], progress: Progress) -> _Study:
     """Original-model predictions and the ``k`` chains of every image."""
-    p = predictions(sub, model, image_set, class_indices)
-    try:
-        return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
-                      chains=extract_chains(sub, model, image_set.images, k=k))
-    except DataflowError as error:
-        return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
-                      chains=[[] for _ in p.predicted], no_chains=f"No chains: {error}")
+    with progress.stage("chains", f"{k} per image, {len(image_set)} images"):
+        p = predictions(sub, model, image_set, class_indices)
+        try:
+            chains = extract_chains(sub, model, image_set.images, k=k)
+        except DataflowError as error:
+            return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
+                          chains=[[] for _ in p.predicted], no_chains=f"No chains: {error}")
+    return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct, chains=chains)
 
 
 def _shared_views(study: _Study, k: int) -> List[Tuple[int, str, List[Tuple[Chain, int]]]]:
@@ -156,12 +169,16 @@ def _model_key(model: nn.Module) -> str:
 
 
 def _pictures(run_dir: Path, sub: Subnetwork, model: nn.Module, image_set: ImageSet,
-              wanted: Set[Tuple[int, str, int]], size: int, steps: int, vis_size: int) -> _Pictures:
+              wanted: Set[Tuple[int, str, int]], size: int, steps: int, vis_size: int,
+              progress: Progress) -> _Pictures:
     """Feature visualisations (cached under ``run_dir/featvis``) and heatmaps of the wanted filters."""
     cache = FeatureVisCache(run_dir / "featvis", _model_key(model), model=model)
-    featvis = {(site, ch): cache.get(sub.sites.filter(site).hook_module, ch, steps=steps, image_size=vis_size)
-               for site, ch in sorted({(site, ch) for _, site, ch in wanted})}
-    return _Pictures(featvis, _heatmaps(sub, model, image_set, wanted, size))
+    filters = sorted({(site, ch) for _, site, ch in wanted})
+    with progress.stage("feature visualisation", f"{len(filters)} filters, {steps} steps each"):
+        featvis = {(site, ch): cache.get(sub.sites.filter(site).hook_module, ch, steps=steps, image_size=vis_size)
+                   for site, ch in progress.bar(filters, "feature visualisation", unit="filter")}
+    with progress.stage("heatmaps", f"{len(wanted)} (image, filter) pairs"):
+        return _Pictures(featvis, _heatmaps(sub, model, image_set, wanted, size))
 
 
 def _chain_requests(chains: Sequence[Chain], image: int) -> Set[Tuple[int, str, int]]:
@@ -250,7 +267,8 @@ class _Page:
 
 def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set: ImageSet, *,
                  chains_per_image: int = 2, featvis_steps: int = 32, featvis_size: int = 64,
-                 out: Optional[PathLike] = None, class_indices: Optional[Mapping[str, int]] = None) -> Path:
+                 out: Optional[PathLike] = None, class_indices: Optional[Mapping[str, int]] = None,
+                 progress: Optional[Progress] = None) -> Path:
     """Write the self-contained HTML report of ``sub`` on ``image_set`` (see the module docstring).
 
     A token run's result (a ViT) has its own page, :func:`hookchains.viz.token_report.write_token_report`;
@@ -266,23 +284,38 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
         out: the HTML file (default ``run_dir/report.html``).
         class_indices: task class name -> model output index, to tell misclassified images; default
             ``sub.task["class_indices"]``, else ImageNet names or synsets for 1000-class models.
+        progress: status lines and stage timings (chains, feature visualisation with a bar per
+            filter, heatmaps, report page; :class:`~hookchains.core.progress.Progress`, default silent).
 
     Example:
-        >>> write_report("runs/cat-espresso", sub, model, views, chains_per_image=2)
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+        >>> from PIL import Image
+        >>> from hookchains.inputs.data import ImageSet
+        >>> views = ImageSet(images, torch.tensor([0, 0, 1, 1]), ["cat", "espresso"], ["c.png"] * 2 + ["e.png"] * 2,
+        ...                  [Image.new("RGB", (32, 32))] * 4)      # normalised batch, labels, names, files, raw
+        >>> write_report("runs/cat-espresso", sub, model, views, chains_per_image=2, featvis_steps=2)
         PosixPath('runs/cat-espresso/report.html')
     """
+    progress = progress or Progress(enabled=False)
     run_dir = Path(run_dir)
-    study = _study(sub, model, image_set, chains_per_image, class_indices)
+    study = _study(sub, model, image_set, chains_per_image, class_indices, progress)
     views = _shared_views(study, chains_per_image)
     wanted = set().union(*(_chain_requests(c, i) for i, c in enumerate(study.chains)))
     for m, _, chains in views:
         for chain, rep in chains:
             wanted |= _chain_requests([chain], m) | _chain_requests([chain], rep)
-    pics = _pictures(run_dir, sub, model, image_set, wanted, _THUMB, featvis_steps, featvis_size)
-    pics.images = {i: thumb(to_tensor(image_set.raw[i]), IMAGE_PX) for i in range(len(image_set))}
-    svg = graph_bytes(build_graph(sub, model, images=image_set.images), "svg").decode()
-    page = _Page(sub, study, pics).render(svg, views)
-    return atomic_write_bytes(Path(out) if out is not None else run_dir / "report.html", page.encode())
+    pics = _pictures(run_dir, sub, model, image_set, wanted, _THUMB, featvis_steps, featvis_size, progress)
+    with progress.stage("report page"):
+        pics.images = {i: thumb(to_tensor(image_set.raw[i]), IMAGE_PX) for i in range(len(image_set))}
+        svg = graph_bytes(build_graph(sub, model, images=image_set.images), "svg").decode()
+        page = _Page(sub, study, pics).render(svg, views)
+        return atomic_write_bytes(Path(out) if out is not None else run_dir / "report.html", page.encode())
 
 
 # -------------------------------------------------------------------------------------- paper figure
@@ -324,7 +357,8 @@ def _figure(study: _Study, pics: _Pictures, images: Sequence[int]) -> Image.Imag
 def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, model: nn.Module,
                         image_set: ImageSet, *, images: Optional[Sequence[int]] = None,
                         chains_per_image: int = 2, featvis_steps: int = 32, featvis_size: int = 64,
-                        class_indices: Optional[Mapping[str, int]] = None) -> Path:
+                        class_indices: Optional[Mapping[str, int]] = None,
+                        progress: Optional[Progress] = None) -> Path:
     """Write the chains of a few images as one PNG or PDF (by ``path``'s suffix), like Fig. 4-5.
 
     Each row is one chain: the image with its true and predicted class, then per chain filter its
@@ -333,7 +367,18 @@ def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, mode
     report's cache under ``run_dir/featvis``.
 
     Example:
-        >>> write_chains_figure("fig4.pdf", "runs/cat-espresso", sub, model, views, images=[0, 10])
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> images = torch.randn(4, 3, 32, 32)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.5)      # or hookchains.fit(...)
+        >>> from PIL import Image
+        >>> from hookchains.inputs.data import ImageSet
+        >>> views = ImageSet(images, torch.tensor([0, 0, 1, 1]), ["cat", "espresso"], ["c.png"] * 2 + ["e.png"] * 2,
+        ...                  [Image.new("RGB", (32, 32))] * 4)      # normalised batch, labels, names, files, raw
+        >>> write_chains_figure("fig4.pdf", "runs/cat-espresso", sub, model, views, images=[0, 2], featvis_steps=2)
         PosixPath('fig4.pdf')
     """
     if isinstance(sub, TokenSubnetwork):
@@ -346,9 +391,11 @@ def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, mode
     if images is None:
         labels = image_set.labels.tolist()
         images = [labels.index(c) for c in sorted(set(labels))]
-    study = _study(sub, model, image_set, chains_per_image, class_indices)
+    progress = progress or Progress(enabled=False)
+    study = _study(sub, model, image_set, chains_per_image, class_indices, progress)
     wanted = set().union(*(_chain_requests(study.chains[i], i) for i in images))
-    pics = _pictures(Path(run_dir), sub, model, image_set, wanted, _FIGURE_THUMB, featvis_steps, featvis_size)
+    pics = _pictures(Path(run_dir), sub, model, image_set, wanted, _FIGURE_THUMB, featvis_steps, featvis_size,
+                     progress)
     pics.images = {i: thumb(to_tensor(image_set.raw[i]), _FIGURE_THUMB) for i in images}
     buffer = io.BytesIO()
     _figure(study, pics, images).save(buffer, format=kind, **({"resolution": 200.0} if kind == "PDF" else {}))

@@ -17,6 +17,14 @@ from, not how much. The page keeps the guarantees of :mod:`hookchains.viz.report
 Content-Security-Policy that forbids every request, no script, each picture embedded once and labelled).
 
 Example:
+    >>> import timm, torch
+    >>> from PIL import Image
+    >>> from hookchains.inputs.data import ImageSet
+    >>> from hookchains.tokens.fit import fit_tokens
+    >>> deit = timm.create_model("test_vit", img_size=64, num_classes=2).eval()
+    >>> views = ImageSet(torch.randn(4, 3, 64, 64), torch.tensor([0, 0, 1, 1]), ["cat", "espresso"],
+    ...                  ["c.png"] * 2 + ["e.png"] * 2, [Image.new("RGB", (64, 64))] * 4)
+    >>> tsub = fit_tokens(deit, views.images, steps=2, progress=False)
     >>> write_token_report("runs/deit-cat", tsub, deit, views, images_per_class=2)
     PosixPath('runs/deit-cat/report.html')
 """
@@ -188,6 +196,14 @@ def write_token_report(run_dir: PathLike, tsub: TokenSubnetwork, model: nn.Modul
             ``tsub.task["class_indices"]``, else ImageNet names or synsets for 1000-class models).
 
     Example:
+        >>> import timm, torch
+        >>> from PIL import Image
+        >>> from hookchains.inputs.data import ImageSet
+        >>> from hookchains.tokens.fit import fit_tokens
+        >>> deit = timm.create_model("test_vit", img_size=64, num_classes=2).eval()
+        >>> views = ImageSet(torch.randn(4, 3, 64, 64), torch.tensor([0, 0, 1, 1]), ["cat", "espresso"],
+        ...                  ["c.png"] * 2 + ["e.png"] * 2, [Image.new("RGB", (64, 64))] * 4)
+        >>> tsub = fit_tokens(deit, views.images, steps=2, progress=False)
         >>> write_token_report("runs/deit-cat", tsub, deit, views)
         PosixPath('runs/deit-cat/report.html')
     """

@@ -1,7 +1,7 @@
 """The embedded default task: real MobileNetV2 ImageNet weights and bundled photos, fully offline.
 
-Chosen so ``hookchains demo`` finishes in a few minutes on a 2-core CPU: 2 classes x 10 augmented
-views of one bundled photo each (Egyptian cat, espresso), 160 px (docs/design.md measured the same
+Chosen so ``hookchains demo`` stays short on a CPU (:data:`DEMO_DURATION` says what it takes): 2 classes
+x 10 augmented views of one bundled photo each (Egyptian cat, espresso), 160 px (docs/design.md measured the same
 sub-network size and agreement as 224 px at half the time), at most 150 steps at lr 0.02 (the
 paper's lr 0.005 needs ~180 steps just to move a score from 1 below tau = 0.1).
 """
@@ -15,11 +15,19 @@ from hookchains.assets import demo_photos
 from hookchains.inputs.data import ImageSet, augmented_views
 from hookchains.inputs.models import ModelRef, create_model, preprocessing
 
-__all__ = ["DEMO_CLASSES", "DEMO_FIT", "DEMO_IMAGE_SIZE", "demo_task"]
+__all__ = ["DEMO_CLASSES", "DEMO_DURATION", "DEMO_FIT", "DEMO_IMAGE_SIZE", "demo_task"]
 
 DEMO_CLASSES = ("Egyptian cat", "espresso")
 DEMO_IMAGE_SIZE = 160
 DEMO_FIT = {"steps": 150, "lr": 0.02}
+DEMO_DURATION = ("It takes about a minute on an idle 2-core CPU and up to 20 minutes on a busy one (measured: "
+                 "19 min at load 20, 86 % of it the 150-step fit, then feature visualisation of the 47 chain "
+                 "filters); each stage prints a status line, and the last line says where the time went.")
+"""What the demo takes. Measured with ``hookchains demo`` on a 2-core CPU shared by other jobs (load
+average 20, one torch thread): ``time: load 3 s, fit 972 s, materialise 3 s, save 1 s, graph 3 s,
+chains 15 s, feature visualisation 105 s, heatmaps 20 s, report page 2 s, other 7 s (total 1129 s)``.
+The idle figure scales that total by the fit's share: the 150 steps take about 52 s on an idle
+2-core CPU (``benchmarks/bench_extract.py``: 103.9 s for 300 steps)."""
 
 
 def demo_task(image_size: int = DEMO_IMAGE_SIZE, per_class: int = 10, seed: int = 0) -> Tuple[nn.Module, ModelRef, ImageSet]:

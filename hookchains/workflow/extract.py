@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -25,9 +25,11 @@ from hookchains.adapters import get_adapter
 from hookchains.core.attach import attach
 from hookchains.core.fit import FitConfig, fit, preset_for
 from hookchains.core.materialize import materialize
+from hookchains.core.progress import Progress
 from hookchains.core.state import eval_mode
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import ImageSet
+from hookchains.inputs.degenerate import check_predictions, task_warnings
 from hookchains.inputs.models import ModelRef
 from hookchains.tokens.fit import TOKEN_DEFAULTS, fit_tokens
 from hookchains.tokens.hooks import check_token_model, is_token_model
@@ -63,6 +65,8 @@ def extraction_mode(model: nn.Module, mode: str = "auto") -> str:
     error, so the user learns why (e.g. average pooling) instead of silently getting filters.
 
     Example:
+        >>> import timm
+        >>> resnet18 = timm.create_model("resnet18")
         >>> extraction_mode(timm.create_model("deit_tiny_patch16_224")), extraction_mode(resnet18)
         ('tokens', 'filters')
     """
@@ -83,6 +87,8 @@ def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
     :data:`hookchains.tokens.TOKEN_DEFAULTS`.
 
     Example:
+        >>> import timm
+        >>> deit = timm.create_model("test_vit")
         >>> fit_config(deit, "tokens", steps=20).steps
         20
     """
@@ -92,67 +98,125 @@ def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
 
 
 def _filter_run(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor, staging: Path,
-                config: FitConfig, tau: float, temperature: float, graph_format: Optional[str]) -> Subnetwork:
-    """Eq. 8 on filters and gates; saves the pruned module and, when asked, the graph."""
+                config: FitConfig, tau: float, temperature: float, graph_format: Optional[str],
+                checked: Dict[str, object], progress: Progress) -> Subnetwork:
+    """Eq. 8 on filters and gates; saves the pruned module (with ``checked`` in ``sub.task``) and, when
+    asked, the graph."""
     with attach(model, example=images[:1], tau=tau, temperature=temperature) as hooks:
-        sub = fit(hooks, images, config)
-    pruned, report = materialize(sub, model, images)
-    save_run(staging, sub, model_ref, task, pruned=pruned, physical=dataclasses.asdict(report))
+        with progress.stage("fit", f"up to {config.steps} steps on {len(task)} images"):
+            sub = fit(hooks, images, config)
+    sub.task.update(checked)
+    with progress.stage("materialise"):
+        pruned, report = materialize(sub, model, images)
+    with progress.stage("save"):
+        save_run(staging, sub, model_ref, task, pruned=pruned, physical=dataclasses.asdict(report))
     if graph_format:
-        render_graph(sub, model, staging / f"subnetwork.{graph_format}", format=graph_format, images=images)
+        with progress.stage("graph"):
+            render_graph(sub, model, staging / f"subnetwork.{graph_format}", format=graph_format, images=images)
     return sub
 
 
 def _token_run(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor, staging: Path,
-               config: FitConfig, tau: float) -> TokenSubnetwork:
+               config: FitConfig, tau: float, checked: Dict[str, object], progress: Progress) -> TokenSubnetwork:
     """Per-image token scores; the token-dropping module must equal the masked network (else
-    :class:`~hookchains.core.materialize.MaterializeError`), and its logits are saved for :func:`load`."""
-    tsub = fit_tokens(model, images, tau=tau, config=config)
-    dropped = materialize_tokens(tsub, model, images, check=True)
-    with torch.no_grad(), eval_mode(model):
-        logits = dropped(images).float().cpu()
-    save_run(staging, tsub, model_ref, task, logits=logits)
+    :class:`~hookchains.core.materialize.MaterializeError`), and its logits are saved for :func:`load`
+    (``checked`` goes into ``tsub.task``)."""
+    with progress.stage("fit", f"token scores, up to {config.steps} steps on {len(task)} images"):
+        tsub = fit_tokens(model, images, tau=tau, config=config)
+    tsub.task.update(checked)
+    with progress.stage("materialise"):
+        dropped = materialize_tokens(tsub, model, images, check=True)
+        with torch.no_grad(), eval_mode(model):
+            logits = dropped(images).float().cpu()
+    with progress.stage("save"):
+        save_run(staging, tsub, model_ref, task, logits=logits)
     return tsub
 
 
-def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, **options) -> Path:
+def _check_task(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor,
+                progress: Progress) -> Dict[str, object]:
+    """Warn now, before the fit, when the task has nothing to explain (:mod:`hookchains.inputs.degenerate`);
+    returns what the result records (``task.warnings``, ``task.predictions``)."""
+    if len(task.class_names) < 2:
+        raise ValueError(f"a task needs at least 2 classes, got {len(task.class_names)} "
+                         f"({', '.join(task.class_names)}): the sub-network explains how the model tells them apart")
+    with torch.no_grad(), eval_mode(model):
+        logits = torch.cat([model(chunk) for chunk in images.split(32)])
+    check = check_predictions(logits, len(task.class_names))
+    warnings = task_warnings(model_ref, check)
+    for line in warnings:
+        progress.warn(line)
+    return {"warnings": warnings, "predictions": check.to_json()}
+
+
+def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, progress: Optional[Progress] = None,
+                     **options) -> Path:
     """Write ``run_dir/report.html`` for a filter run (:func:`hookchains.viz.report.write_report`) or a
     token run (:func:`hookchains.viz.token_report.write_token_report`, Fig. 7 per image).
 
-    ``options`` go to the page writer (e.g. ``out=``, ``class_indices=``).
+    ``options`` go to the page writer (e.g. ``out=``, ``class_indices=``); ``progress`` times the
+    stages (:class:`~hookchains.core.progress.Progress`).
 
     Example:
-        >>> write_run_report("runs/cat-espresso", sub, model, task)
+        >>> import torch
+        >>> from PIL import Image
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+        >>> task = ImageSet(torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]), ["cat", "espresso"],
+        ...                 ["c.png"] * 2 + ["e.png"] * 2, [Image.new("RGB", (32, 32))] * 4)
+        >>> sub = random_subnetwork(model, task.images[:1], keep=0.5)      # or extract(...)
+        >>> write_run_report("runs/cat-espresso", sub, model, task, featvis_steps=2)
         PosixPath('runs/cat-espresso/report.html')
     """
-    writer = write_token_report if isinstance(sub, TokenSubnetwork) else write_report
-    return writer(run_dir, sub, model, task, **options)
+    progress = progress or Progress(enabled=False)
+    if isinstance(sub, TokenSubnetwork):
+        with progress.stage("report", "Fig. 7 per image"):
+            return write_token_report(run_dir, sub, model, task, **options)
+    return write_report(run_dir, sub, model, task, progress=progress, **options)
 
 
 def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, config: Optional[FitConfig] = None,
             tau: float = 0.1, temperature: float = 0.2, device: Optional[str] = None, overwrite: bool = False,
-            graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto") -> Result:
+            graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto",
+            progress: Optional[Progress] = None) -> Result:
     """Fit a sub-network of ``model`` on ``task`` and write the run folder ``out``.
 
     Writes (atomically, see :mod:`hookchains.workflow.runs`) the result files, then for filter runs the pruned
     module's weights and, when asked, the graph (``subnetwork.<graph_format>``), for token runs the
     token-dropping module's logits; and the HTML report when ``report``.
 
+    Before the fit, the original model's predictions on the task are checked
+    (:mod:`hookchains.inputs.degenerate`): random weights, and constant or near-uniform predictions, are
+    warned about at once and recorded in the result (``sub.task["warnings"]``, ``summary.txt``, the
+    report).
+
     Args:
         config: fit options (default: :func:`fit_config` for the resolved mode).
         tau: score threshold; temperature: gate temperature (filters only).
         mode: ``auto``, ``filters`` or ``tokens`` (see the module docstring).
+        progress: status lines, bars and stage timings (:class:`~hookchains.core.progress.Progress`;
+            default: silent, but still timed).
 
     Returns:
         a :class:`~hookchains.core.subnetwork.Subnetwork` (filters) or a
         :class:`~hookchains.tokens.TokenSubnetwork` (tokens).
 
+    Raises:
+        ValueError: the task has fewer than 2 classes, or a bad option; FileExistsError: see
+            :func:`~hookchains.workflow.runs.prepare_run_dir`.
+
     Example:
-        >>> model, ref = create_model("hookchains:mobilenet_v2")
-        >>> sub = extract(model, ref, task, "runs/demo", config=preset_for("mobilenet"))
-        >>> deit, ref = create_model("deit_small_patch16_224", pretrained=True)
-        >>> tsub = extract(deit, ref, task, "runs/deit")          # mode auto -> tokens
+        >>> from hookchains.workflow.demo import demo_task
+        >>> model, ref, task = demo_task(image_size=64, per_class=2)     # embedded MobileNetV2, 4 photos
+        >>> quick = preset_for("mobilenet", steps=2, progress=False)     # a real run: preset_for("mobilenet")
+        >>> sub = extract(model, ref, task, "runs/demo", config=quick, graph_format=None, report=False)
+        >>> from hookchains.inputs.models import create_model
+        >>> deit, ref = create_model("deit_small_patch16_224", pretrained=True)   # doctest: +SKIP
+        >>> tsub = extract(deit, ref, task, "runs/deit")          # doctest: +SKIP
     """
+    progress = progress or Progress(enabled=False)
     resolved = extraction_mode(model, mode)
     config = config or fit_config(model, resolved)
     dev = resolve_device(device)
@@ -160,12 +224,14 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     model = model.to(dev).eval()
     images = task.images.to(dev)
     try:
+        checked = _check_task(model, model_ref, task, images, progress)
         if resolved == "tokens":
-            sub = _token_run(model, model_ref, task, images, staging, config, tau)
+            sub = _token_run(model, model_ref, task, images, staging, config, tau, checked, progress)
         else:
-            sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format)
+            sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format,
+                              checked, progress)
         if report:
-            write_run_report(staging, sub, model, task)
+            write_run_report(staging, sub, model, task, progress=progress)
     except BaseException:  # an error or Ctrl-C: leave no half-written folder behind
         discard_staging(staging)
         raise

@@ -9,7 +9,8 @@ Layout of ``RUN_DIR``::
     pruned.safetensors   the materialised module's state_dict (checked on load)
     materialize.json     what materialise did (MaterializeReport: channels/parameters before and after, notes)
     manifest.json        sha256 of every file above (tampering / truncation is detected on load)
-    summary.txt          the paper-style summary line
+    summary.txt          the paper-style summary line, then one "warning: ..." line per problem of the
+                         task (random weights, constant or near-uniform predictions: hookchains.degenerate)
 
 A token run (a ViT with per-image token scores, :mod:`hookchains.tokens`) has ``tokens.json`` and
 ``token_scores.safetensors`` (``TokenSubnetwork.save``) instead of the first two files, and
@@ -75,9 +76,7 @@ class RunFolder:
         """Rebuild the model the run was fitted on; refuses a randomly initialised timm/torchvision
         model, whose weights cannot be rebuilt (the drawing would silently use other weights)."""
         ref = self.model_ref
-        random_init = (not ref.pretrained and ref.checkpoint is None and checkpoint is None
-                       and (":" not in ref.spec or ref.spec.split(":")[0] in ("timm", "torchvision")))
-        if random_init:
+        if ref.random_init and checkpoint is None:
             raise ValueError(f"{self.path} was made with randomly initialised {ref.spec} weights, which cannot be "
                              "rebuilt; re-run extract with --checkpoint FILE (or --pretrained)")
         return ref.build(checkpoint)
@@ -220,7 +219,8 @@ def save_run(folder: Path, sub: Result, model_ref: ModelRef, task: ImageSet,
         write_json(folder / PHYSICAL, physical)
     if logits is not None:
         write_tensors(folder / TOKEN_LOGITS, {"logits": logits})
-    atomic_write_bytes(folder / "summary.txt", (sub.summary() + "\n").encode())
+    summary = [sub.summary(), *(f"warning: {line}" for line in sub.task.get("warnings", []))]
+    atomic_write_bytes(folder / "summary.txt", ("\n".join(summary) + "\n").encode())
     write_json(folder / "manifest.json", {"kind": RUN_KIND, "version": 1,
                                           "files": {n: _sha256(folder / n) for n in _CHECKED if (folder / n).exists()}})
     return folder
@@ -228,6 +228,13 @@ def save_run(folder: Path, sub: Result, model_ref: ModelRef, task: ImageSet,
 
 def _verify(folder: Path) -> None:
     if not (folder / "manifest.json").is_file():
+        for meta, kind, rebuild in (("subnetwork.json", "Subnetwork", "materialize"),
+                                    (TOKEN_FILES[0], "TokenSubnetwork", "materialize_tokens")):
+            if (folder / meta).is_file():  # written by result.save: a result, not a run folder
+                raise FileNotFoundError(
+                    f"{folder} holds a result saved with result.save, not a run folder: read it with "
+                    f"hookchains.{kind}.load({str(folder)!r}), then hookchains.{rebuild}(result, model, images) "
+                    "gives the module")
         raise FileNotFoundError(f"{folder} is not a hookchains run folder (no manifest.json); "
                                 "make one with `hookchains extract`")
     manifest = read_json(folder / "manifest.json")
@@ -268,9 +275,18 @@ def load(folder, checkpoint: Optional[str] = None) -> nn.Module:
     task images), whose logits are compared with the saved ``token_logits.safetensors``.
 
     Example:
+        >>> import hookchains
+        >>> from hookchains.core.fit import preset_for
+        >>> from hookchains.workflow.demo import demo_task
+        >>> from hookchains.workflow.extract import extract
+        >>> model, ref, task = demo_task(image_size=64, per_class=2)
+        >>> quick = preset_for("mobilenet", steps=2, progress=False)
+        >>> sub = extract(model, ref, task, "runs/cat-espresso", config=quick, graph_format=None, report=False)
         >>> small = hookchains.load("runs/cat-espresso")
-        >>> dropped = hookchains.load("runs/deit-cat")          # token run
-        >>> dropped(images[:2], rows=[0, 1])                     # row j is task image rows[j]
+        >>> small(task.images[:2]).shape
+        torch.Size([2, 1000])
+        >>> dropped = hookchains.load("runs/deit-cat")          # token run  # doctest: +SKIP
+        >>> dropped(images[:2], rows=[0, 1])     # row j is task image rows[j]  # doctest: +SKIP
     """
     run = load_run(folder)
     base = run.base_model(checkpoint)

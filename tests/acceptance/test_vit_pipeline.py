@@ -73,7 +73,7 @@ def run_dir(inputs) -> Path:
     result = _invoke("extract", "--model", MODEL, "--checkpoint", checkpoint, "--data", data, "--classes",
                      "cat,espresso", "--per-class", VIEWS, "--out", out, *FIT)
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == str(out)
+    assert result.stdout.strip() == str(out)  # stderr: warnings, if any
     return out
 
 
@@ -159,7 +159,7 @@ def _pictures(page: str) -> Dict[str, Image.Image]:
 
 def test_report_shows_fig7_per_image_and_keeps_the_report_guarantees(run_dir):
     result = _invoke("report", run_dir)
-    assert result.exit_code == 0 and result.output.strip() == str(run_dir / "report.html")
+    assert result.exit_code == 0 and result.stdout.strip() == str(run_dir / "report.html")  # stderr: stages
     page = (run_dir / "report.html").read_text()
     run = load_run(run_dir)
     parsed = _Page()

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hookchains.assets import AssetIntegrityError, asset_path, demo_photos, manifest, sha256_file
-from hookchains.inputs.data import ImageSet, augmented_views, load_image_folder, validate_images
+from hookchains.inputs.data import ImageSet, augmented_views, count, load_image_folder, validate_images
 from hookchains.inputs.models import ModelRef, Preprocess, create_model, load_checkpoint, preprocessing
 
 WEIGHTS = "mobilenet_v2-b0353104.pth"
@@ -310,21 +310,44 @@ def test_image_folder_errors_name_the_fix(folder: Path, small_prep: Preprocess) 
 def test_corrupt_image_is_named_or_skipped(folder: Path, small_prep: Preprocess) -> None:
     broken = folder / "coffee" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    with pytest.raises(ValueError, match=r"cannot read image .*broken.png .*--skip-bad-images"):
+    with pytest.raises(ValueError, match=r"cannot read 1 image: .*broken.png \(.*\): fix or remove it, .*--skip-bad-images"):
         load_image_folder(folder, ["coffee"], 4, small_prep)  # 4 of 4 files: the broken one must be read
     too_few = r"has 3 readable images \(1 unreadable skipped\), fewer than the 4"
-    with pytest.warns(UserWarning, match=r"skipping .*broken\.png"), pytest.raises(ValueError, match=too_few):
-        load_image_folder(folder, ["coffee"], 4, small_prep, skip_bad_images=True)
-    hits = 0
-    for seed in range(10):  # whether the broken file is reached depends on the seeded order
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipping is reported through ImageSet.skipped, never a raw warning
+        with pytest.raises(ValueError, match=too_few):
+            load_image_folder(folder, ["coffee"], 4, small_prep, skip_bad_images=True)
+        hits = 0
+        for seed in range(10):  # whether the broken file is reached depends on the seeded order
             data = load_image_folder(folder, ["coffee"], 3, small_prep, seed=seed, skip_bad_images=True)
-        assert len(data) == 3 and "broken.png" not in " ".join(data.paths)
-        warned = any("broken.png" in str(w.message) for w in caught)
-        assert data.skipped == ([str(broken)] if warned else [])
-        hits += warned
+            assert len(data) == 3 and "broken.png" not in " ".join(data.paths)
+            assert data.skipped in ([], [f"{broken} (cannot identify image file {str(broken)!r})"])
+            hits += bool(data.skipped)
     assert hits > 0
+
+
+def test_every_unreadable_image_is_named(folder: Path, small_prep: Preprocess, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    for name in ("cat_3.jpg", "cat_4.JPG"):
+        (data / "cat" / name).unlink()
+    bad = [data / "cat" / "bad_a.png", data / "coffee" / "bad_b.jpg"]
+    for path in bad:
+        path.write_bytes(b"not an image")
+    with pytest.raises(ValueError) as caught:  # 4 of 4 files per class: both bad files are read
+        load_image_folder(data, ["cat", "coffee"], 4, small_prep)
+    message = str(caught.value)
+    assert message.startswith("cannot read 2 images: ") and "\n" not in message
+    assert all(str(path) in message for path in bad) and "fix or remove them" in message
+
+
+def test_counts_read_in_the_singular_for_one(folder: Path, small_prep: Preprocess, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "only.png")
+    with pytest.raises(ValueError, match=r"has 1 image, fewer than the 2 asked for") as caught:
+        load_image_folder(tmp_path, ["a"], 2, small_prep)
+    assert "1 images" not in str(caught.value)
+    assert (count(1, "image"), count(0, "image"), count(2, "class")) == ("1 image", "0 images", "2 classes")
 
 
 def test_image_choice_is_deterministic_per_seed_and_class(folder: Path, small_prep: Preprocess) -> None:
@@ -372,3 +395,26 @@ def test_validate_images_rejects_bad_batches(x: torch.Tensor, message: str) -> N
 
 def test_validate_images_accepts_a_float_batch() -> None:
     assert validate_images(torch.zeros(2, 3, 8, 8, dtype=torch.float16)) is None
+
+
+def test_pretrained_without_network_fails_at_once_or_uses_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)  # a proxy would be left to the hub client to use
+    name = "test_resnet.r160_in1k"
+    with pytest.raises(RuntimeError, match=rf"^the pretrained weights of '{name}' are not in the local cache and "
+                                           r"127\.0\.0\.1 cannot be reached \(no network\? .*--checkpoint FILE"):
+        create_model(name, pretrained=True)  # one line, without a minute of hub retries
+    reference = timm.create_model(name)  # random weights, written where the hub cache keeps this model's file
+    snapshot = tmp_path / f"models--timm--{name}" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+    (tmp_path / f"models--timm--{name}" / "refs").mkdir()
+    (tmp_path / f"models--timm--{name}" / "refs" / "main").write_text("0123abc")
+    model, ref = create_model(name, pretrained=True)  # offline, from the cache, without asking the hub
+    assert ref.pretrained and not ref.random_init
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

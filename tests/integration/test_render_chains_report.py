@@ -7,6 +7,8 @@ randomly initialised torchvision ResNet-18 at 64 px with hand-set scores for dra
 from __future__ import annotations
 
 import base64
+import dataclasses
+import html
 import io
 import itertools
 import json
@@ -29,6 +31,7 @@ from hookchains.analysis.chains import extract_chains, kbest_paths
 from hookchains.assets import demo_photos
 from hookchains.core.dataflow import DataflowError, thresholded, trace_dataflow
 from hookchains.core.metrics import fidelity
+from hookchains.core.progress import Progress
 from hookchains.core.sites import FilterSite, SiteMap
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import augmented_views
@@ -544,3 +547,20 @@ def test_chains_figure_png_and_pdf(report, resnet):
     assert pdf.read_bytes().startswith(b"%PDF-")
     with pytest.raises(ValueError, match=r"\.png or \.pdf"):
         write_chains_figure(run / "fig.jpg", run, sub, model, views)
+
+
+def test_report_prints_its_stages_and_shows_the_task_warnings(resnet, tmp_path):
+    model, sub = resnet
+    flagged = dataclasses.replace(sub, task={**sub.task, "warnings": ["the model predicts the same class <b>"]})
+    photos = {k: v for k, v in demo_photos().items() if k in ("Egyptian cat", "espresso")}
+    views = augmented_views(photos, per_class=1, transform=preprocessing(model, 64))
+    stream = io.StringIO()
+    progress = Progress(stream=stream)
+    page = write_report(tmp_path, flagged, model, views, featvis_steps=2, featvis_size=32, progress=progress)
+    lines = [line for line in stream.getvalue().splitlines() if line.endswith(" ...")]
+    assert [line.split(":")[0].removesuffix(" ...") for line in lines] == [
+        "chains", "feature visualisation", "heatmaps", "report page"]
+    assert list(progress.seconds) == ["chains", "feature visualisation", "heatmaps", "report page"]
+    text = page.read_text()
+    warning = '<p class="bad" role="alert">Warning: the model predicts the same class &lt;b&gt;</p>'
+    assert warning in text and text.index(warning) < text.index(html.escape(sub.summary()))
