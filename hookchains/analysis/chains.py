@@ -28,9 +28,17 @@ programme over the layers (:func:`kbest_paths`).
 pool runs out, the strongest path through none of the filters already chosen (difference 1) is added.
 
 Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from hookchains.core.testing import random_subnetwork
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    >>> images = torch.randn(2, 3, 8, 8)
+    >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
     >>> chains = extract_chains(sub, model, images, k=2, diversity=0.5)
-    >>> [f.label for f in chains[0][0].filters]          # image 0, strongest chain
-    ['L0C1_12', 'L1B1C2_40', 'L2B1C1_7', 'L4B2C3_301']
+    >>> [[f.label for f in c.filters] for c in chains[0]]    # image 0: depthwise steps stay on their channel
+    [['0_0', '2_0'], ['0_1', '2_1']]
 """
 from __future__ import annotations
 
@@ -242,9 +250,19 @@ def extract_chains(sub: Subnetwork, model: nn.Module, images: Tensor, k: int = 2
         ValueError: ``diversity`` outside [0, 1] or ``k < 1``.
 
     Example:
-        >>> best = extract_chains(sub, model, images)[3][0]
-        >>> best.strength, [f.label for f in best.filters]
-        (7.91, ['L0C1_12', 'L1B1C2_40', 'L4B2C3_301'])
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
+        >>> best = extract_chains(sub, model, images)[1][0]       # image 1, strongest chain
+        >>> [f.label for f in best.filters], best.target
+        (['0_0', '2_0'], 0)
+        >>> round(best.strength, 3), [round(c, 3) for c in best.contributions]
+        (0.013, [0.004, 0.009])
     """
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity is a share of filters in [0, 1], got {diversity}")

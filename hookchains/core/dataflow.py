@@ -95,8 +95,17 @@ def thresholded(sub: Subnetwork, model: nn.Module) -> Iterator[nn.Module]:
     the hooks added here are removed on exit.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
         >>> with thresholded(sub, model) as net:
-        ...     logits = net(images)
+        ...     net(images).shape
+        torch.Size([2, 2])
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     hooks = attach(model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature)
@@ -136,8 +145,16 @@ def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite) -> Tens
     Grouped and depthwise convs give the block-diagonal (out, in) matrix.
 
     Example:
-        >>> channel_weights(sub, model, sub.sites.filter("layer1.0.conv2")).shape
-        torch.Size([64, 64])
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
+        >>> channel_weights(sub, model, sub.sites.filter("2")).shape      # depthwise: diagonal
+        torch.Size([4, 4])
     """
     weight = model.get_submodule(site.name).weight.detach().float().cpu()
     summed = weight.flatten(2).sum(-1) if weight.ndim > 2 else weight
@@ -506,9 +523,20 @@ def trace_dataflow(sub: Subnetwork, model: nn.Module, images: Optional[Tensor] =
         DataflowError: the connections cannot be determined (one line saying why).
 
     Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
         >>> flow = trace_dataflow(sub, model, images)
-        >>> flow.feeds["layer2.0.conv1"]       # a residual sum carries conv1 and layer1's convs
-        ['conv1', 'layer1.0.conv2', 'layer1.1.conv2']
+        >>> flow.feeds                        # consumer -> kept sites it reads directly ("6": the classifier)
+        {'0': ['<input>'], '2': ['0'], '6': ['2']}
+        >>> flow.connected[("0", "2")]          # kept 0_0, 0_1 -> kept 2_0 .. 2_3: depthwise, the diagonal
+        tensor([[ True, False, False, False],
+                [False,  True, False, False]])
     """
     if sub.sites.classifier is None:
         raise DataflowError("chains: the site map names no classifier, so chains have no end; attach with a "
@@ -536,7 +564,17 @@ def find_dead_filters(sub: Subnetwork, model: nn.Module) -> Dict[str, List[int]]
         DataflowError: the connections cannot be determined.
 
     Example:
-        >>> find_dead_filters(sub, model)
-        {'features.4.conv.0.0': [17]}
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
+        >>> sub.kept_filters()
+        {'0': [0, 1], '2': [0, 1, 2, 3]}
+        >>> find_dead_filters(sub, model)       # 2_2 and 2_3 read only the removed 0_2 and 0_3
+        {'2': [2, 3]}
     """
     return trace_dataflow(sub, model).dead
