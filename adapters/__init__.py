@@ -14,17 +14,20 @@ Example:
 from __future__ import annotations
 
 import difflib
-from typing import Dict, Optional, Sequence, Type
+from typing import Dict, Sequence, Type
 
 import torch
 from torch import nn
 
 from hookchains.core.sites import SiteMap
+from hookchains.core.state import explaining
+from hookchains.inputs.forward import OutputSpec, Selector, call, detect_kind, map_tensors, select
 
 from .base import Adapter
 from .families import MobileNetAdapter, ResNetAdapter, VGGAdapter, ViTAdapter
 
-__all__ = ["Adapter", "ADAPTERS", "discover", "get_adapter", "register_adapter"]
+__all__ = ["Adapter", "ADAPTERS", "discover", "get_adapter", "register_adapter", "probe_output", "default_example",
+           "default_input_shape"]
 
 ADAPTERS: Dict[str, Type[Adapter]] = {
     cls.name: cls for cls in (ResNetAdapter, VGGAdapter, MobileNetAdapter, ViTAdapter, Adapter)
@@ -79,39 +82,64 @@ def default_input_shape(model: nn.Module) -> Sequence[int]:
     return (1, *cfg.get("input_size", (3, 224, 224)))
 
 
-def discover(model: nn.Module, adapter: str = "auto", example: Optional[torch.Tensor] = None,
-             use_fx: bool = True) -> SiteMap:
+def default_example(model: nn.Module) -> torch.Tensor:
+    """Zeros of :func:`default_input_shape` on the model's device (a probe input, not data)."""
+    param = next(model.parameters(), None)
+    return torch.zeros(*default_input_shape(model), device=param.device if param is not None else "cpu")
+
+
+def _describe_inputs(example) -> str:
+    if isinstance(example, torch.Tensor):
+        return f"an input of shape {tuple(example.shape)}"
+    return f"inputs {map_tensors(lambda t: tuple(t.shape), example)}"
+
+
+def probe_output(model: nn.Module, example, output: Selector = None, output_kind: str = "auto") -> OutputSpec:
+    """Run ``model`` once on ``example`` and say where its class scores are and what they are.
+
+    Raises:
+        ValueError: one line when the forward fails on ``example`` (e.g. a model with several inputs
+            given one tensor), or when the output needs ``output=`` (the line lists its keys).
+    """
+    try:
+        with torch.no_grad():
+            raw = call(model, example)
+    except Exception as exc:  # the user's own forward: any error means the example does not fit it
+        raise ValueError(f"{type(model).__name__}.forward failed on {_describe_inputs(example)} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); pass "
+                         "example=<one batch the model takes>, a tuple or dict for several inputs, "
+                         "e.g. attach(model, example=(images[:1], metadata[:1]))") from None
+    scores = select(raw, output)
+    return OutputSpec(output, detect_kind(scores) if output_kind == "auto" else output_kind)
+
+
+def discover(model: nn.Module, adapter: str = "auto", example=None, use_fx: bool = True,
+             output: Selector = None, output_kind: str = "auto") -> SiteMap:
     """Find the sites of ``model`` (in eval mode) with one probe pass on ``example``.
 
     Args:
-        model: any ``nn.Module`` that maps an image batch to logits.
+        model: any ``nn.Module`` that maps a batch to class scores (logits, probabilities or
+            log-probabilities; N x classes, or N x classes x ... for dense predictions).
         adapter: ``"auto"`` or one of :data:`ADAPTERS`.
         example: a batch of the input shape the model will see (default: zeros of timm's
-            ``input_size`` or 1x3x224x224). Sequence lengths of token sites depend on it.
+            ``input_size`` or 1x3x224x224), or a tuple/dict of inputs for a model with several
+            (:mod:`hookchains.inputs.forward`). Sequence lengths of token sites depend on it.
         use_fx: try ``torch.fx`` for graph facts first (fallback: probe pass).
+        output: where the class scores are in a dict/tuple/list output (key, index or callable).
+        output_kind: ``"auto"`` (detected from the values), ``"logits"``, ``"probabilities"`` or
+            ``"log_probabilities"``.
 
     Raises:
-        ValueError: when the model has no conv or linear layer to score.
+        ValueError: when the model has no conv or linear layer to score, its forward fails on
+            ``example``, or its output needs ``output=``.
     """
-    if example is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
-        example = torch.zeros(*default_input_shape(model), device=device)
-        defaulted = True
-    else:
-        defaulted = False
-    was_training = model.training
-    model.eval()
-    try:
-        sites = get_adapter(model, adapter).discover(model, example, use_fx=use_fx)
-    except RuntimeError as exc:
-        if not defaulted:
-            raise
-        raise ValueError(f"the probe pass on a default input of shape {tuple(example.shape)} failed "
-                         f"({str(exc).splitlines()[0][:100]}); pass example=<one input batch>, "
-                         "e.g. attach(model, example=images[:1])") from None
-    finally:
-        model.train(was_training)
+    example = default_example(model) if example is None else example
+    with explaining(model):
+        spec = probe_output(model, example, output, output_kind)
+        sites = get_adapter(model, adapter).discover(model, example, use_fx=use_fx, output=spec)
+    if spec.kind != "logits":
+        sites.notes.append(f"the model outputs {spec.kind.replace('_', '-')} (detected or declared): the KL is "
+                           "taken between these output distributions")
     if not sites.filters and not sites.tokens:
         raise ValueError(f"{type(model).__name__} has no conv or linear layer besides the classifier: "
                          "nothing to score; hookchains explains conv/linear/ViT models")

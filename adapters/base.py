@@ -2,31 +2,33 @@
 
 An adapter *finds sites*; it never runs the optimisation. The generic adapter works on any model:
 
-* **filter sites**: every ``Conv1d``/``Conv2d``/``Linear`` that ran, except the final classifier; the
+* **filter sites**: every ``Conv1d``/``Conv2d``/``Conv3d``/``Linear`` that ran, except the final
+  classifier (the output layer, or the last conv/linear unit when the model ends in parameter-free
+  modules such as ``nn.Softmax`` or pool + ``nn.Flatten``); the
   score sits on the affine norm that is the conv's only consumer (timm ``BatchNormAct2d``: between its
   norm and its activation), else on the conv itself;
 * **gate sites**: (a) *blocks* -- modules with their own ``forward`` (not plain containers) that contain
-  a conv/linear and whose output shape equals their input shape; the outermost such module is chosen,
+  a conv/linear, run once per forward and return one tensor of their input's shape; the outermost such module is chosen,
   except that a module holding two or more candidates of one class (a stage of repeated blocks) is
   descended into; (b) *layer spans* in top-level ``nn.Sequential`` stacks (VGG): a conv/linear with the
-  norm/activation/dropout leaves that follow it, when the span's output shape equals its input shape;
+  norm/activation/dropout leaves that follow it, when the span's output shape equals its input shape
+  and each of its modules runs once per forward (a span stops before a shared activation instance);
 * **token sites**: none (the ViT adapter adds them).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from hookchains.core.sites import FilterSite, GateSite, SiteMap, TokenSite
+from hookchains.inputs.forward import OutputSpec, primary
 
-from .graph import ModelGraph, is_container, read_graph
+from .graph import SCORED_TYPES, ModelGraph, is_container, read_graph
 
 __all__ = ["Adapter", "SCORED_TYPES"]
 
-SCORED_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_ELEMENTWISE: Tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
+_ELEMENTWISE: Tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
                                   nn.Hardswish, nn.LeakyReLU, nn.Dropout, nn.Identity, nn.Tanh, nn.Sigmoid)
 
 
@@ -55,9 +57,10 @@ class Adapter:
         return path
 
     # ---------------------------------------------------------------- discovery
-    def discover(self, model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> SiteMap:
+    def discover(self, model: nn.Module, example, use_fx: bool = True,
+                 output: OutputSpec = OutputSpec()) -> SiteMap:
         """Find every site of ``model`` using one probe pass on ``example`` (and fx when it traces)."""
-        graph = read_graph(model, example, use_fx=use_fx)
+        graph = read_graph(model, example, use_fx=use_fx, selector=output.select)
         classifier = self.classifier(model, graph)
         filters = self.filter_sites(model, graph, classifier)
         gates = self.gate_sites(model, graph, filters)
@@ -68,16 +71,18 @@ class Adapter:
             notes.append(f"{depthwise} depthwise conv sites are scored per channel; a channel is removed "
                          "physically only where every coupled producer is off, otherwise it is zeroed")
         return SiteMap(filters, gates, tokens, self.name, graph.discovery, classifier,
-                       tuple(example.shape), notes)
+                       tuple(primary(example).shape), notes, output)
 
     def classifier(self, model: nn.Module, graph: ModelGraph) -> Optional[str]:
-        """The final classifier (never scored): timm's ``get_classifier()`` or the output layer."""
+        """The final classifier (never scored): timm's ``get_classifier()``, the output layer when it is
+        a conv/linear unit, else the last conv/linear unit that ran (a model ending in ``nn.Softmax``,
+        or in a conv classifier + pool + ``nn.Flatten``)."""
         if hasattr(model, "get_classifier"):
             head = model.get_classifier()
             for path, module in model.named_modules():
                 if module is head and isinstance(module, SCORED_TYPES):
                     return path
-        if graph.output_module is not None:
+        if graph.output_module is not None and isinstance(model.get_submodule(graph.output_module), SCORED_TYPES):
             return graph.output_module
         scored = [c for c in graph.calls.values() if isinstance(model.get_submodule(c.path), SCORED_TYPES)]
         return max(scored, key=lambda c: c.order).path if scored else None
@@ -127,7 +132,8 @@ class Adapter:
     @staticmethod
     def _shape_preserving(graph: ModelGraph, path: str) -> bool:
         call = graph.calls.get(path)
-        return bool(call and call.calls == 1 and call.args == 1 and call.in_shape and call.in_shape == call.out_shape)
+        return bool(call and call.calls == 1 and call.args == 1 and call.tensor_out and call.in_shape
+                    and call.in_shape == call.out_shape)
 
     def _block_paths(self, model: nn.Module, graph: ModelGraph) -> List[str]:
         def contains_scored(m: nn.Module) -> bool:
@@ -179,7 +185,8 @@ class Adapter:
                 i += 1
                 continue
             j = i + 1
-            while j < len(children) and isinstance(children[j][1], _ELEMENTWISE) and children[j][0] in graph.calls:
+            while (j < len(children) and isinstance(children[j][1], _ELEMENTWISE) and children[j][0] in graph.calls
+                   and graph.calls[children[j][0]].calls == 1):  # a shared module ends the span before it
                 j += 1
             first, last = graph.calls[path], graph.calls[children[j - 1][0]]
             if first.calls == 1 and first.args == 1 and first.in_shape and first.in_shape == last.out_shape:

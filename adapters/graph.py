@@ -17,9 +17,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["ModuleCall", "ModelGraph", "read_graph", "NORM_TYPES", "is_container"]
+from hookchains.inputs.forward import Selector, call, select
+
+__all__ = ["ModuleCall", "ModelGraph", "read_graph", "NORM_TYPES", "SCORED_TYPES", "is_container", "is_norm"]
 
 NORM_TYPES: Tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+SCORED_TYPES: Tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CONTAINER_TYPES: Tuple[type, ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -29,7 +32,8 @@ def is_container(module: nn.Module) -> bool:
                                                 and type(module).forward is nn.Sequential.forward)
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
+    """An affine per-channel norm (BatchNorm, GroupNorm, timm LayerNorm2d): where a conv's score sits."""
     if isinstance(module, NORM_TYPES):
         return getattr(module, "affine", True) and getattr(module, "weight", None) is not None
     # timm LayerNorm2d: per-channel affine over a channels-first tensor.
@@ -39,7 +43,8 @@ def _is_norm(module: nn.Module) -> bool:
 @dataclass
 class ModuleCall:
     """What one module did in the probe pass (first call only; ``calls`` counts them all, ``args`` is
-    the number of inputs it took: only single-input modules can be replaced by ``nn.Identity``)."""
+    the number of inputs it took: only single-input modules can be replaced by ``nn.Identity``;
+    ``tensor_out`` whether it returned one plain tensor, not a tuple or dict)."""
 
     path: str
     order: int
@@ -47,6 +52,7 @@ class ModuleCall:
     out_shape: Optional[Tuple[int, ...]]
     calls: int = 1
     args: int = 1
+    tensor_out: bool = True
 
 
 @dataclass
@@ -76,7 +82,7 @@ def _first_tensor(value) -> Optional[torch.Tensor]:
     return None
 
 
-def _probe(model: nn.Module, example: torch.Tensor):
+def _probe(model: nn.Module, example, selector: Selector = None):
     calls: Dict[str, ModuleCall] = {}
     produced: Dict[int, str] = {}
     consumers: Dict[int, List[str]] = {}
@@ -91,7 +97,8 @@ def _probe(model: nn.Module, example: torch.Tensor):
                 return
             inputs = len(args) + len(kwargs)  # nn.Identity takes exactly one positional input
             calls[path] = ModuleCall(path, len(calls), tuple(x.shape) if x is not None else None,
-                                     tuple(y.shape) if y is not None else None, args=inputs)
+                                     tuple(y.shape) if y is not None else None, args=inputs,
+                                     tensor_out=isinstance(output, torch.Tensor))
             if x is not None:
                 consumers.setdefault(id(x), []).append(path)
                 keep.append(x)
@@ -105,11 +112,11 @@ def _probe(model: nn.Module, example: torch.Tensor):
             handles.append(module.register_forward_hook(make_hook(path), with_kwargs=True))
     try:
         with torch.no_grad():
-            out = _first_tensor(model(example))
+            out = select(call(model, example), selector)
     finally:
         for h in handles:
             h.remove()
-    output_module = produced.get(id(out)) if out is not None else None
+    output_module = produced.get(id(out))
     return calls, produced, consumers, output_module
 
 
@@ -117,11 +124,11 @@ def _followers_from_probe(model, calls, produced, consumers) -> Dict[str, str]:
     modules = dict(model.named_modules())
     follower = {}
     for tensor_id, path in produced.items():
-        if not isinstance(modules[path], (nn.Conv2d, nn.Conv1d, nn.Linear)):
+        if not isinstance(modules[path], SCORED_TYPES):
             continue
         users = consumers.get(tensor_id, [])
-        leaf_users = [u for u in users if next(modules[u].children(), None) is None or _is_norm(modules[u])]
-        if len(leaf_users) == 1 and _is_norm(modules[leaf_users[0]]):
+        leaf_users = [u for u in users if next(modules[u].children(), None) is None or is_norm(modules[u])]
+        if len(leaf_users) == 1 and is_norm(modules[leaf_users[0]]):
             follower[path] = leaf_users[0]
     return follower
 
@@ -139,22 +146,27 @@ def _followers_from_fx(model: nn.Module) -> Dict[str, str]:
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m, qualname):
-            return isinstance(m, leaves) or _is_norm(m) or super().is_leaf_module(m, qualname)
+            return isinstance(m, leaves) or is_norm(m) or super().is_leaf_module(m, qualname)
 
     tracer = _Tracer(autowrap_functions=autowrap)
     graph = tracer.trace(model)
-    follower = {}
+    norms: Dict[str, List[Optional[str]]] = {}  # per conv: the norm after each of its calls (None: no sole norm)
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), (nn.Conv2d, nn.Conv1d, nn.Linear)):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), SCORED_TYPES):
             continue
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and _is_norm(modules.get(users[0].target, nn.Identity())):
-            follower[node.target] = users[0].target
-    return follower
+        sole_norm = (len(users) == 1 and users[0].op == "call_module"
+                     and is_norm(modules.get(users[0].target, nn.Identity())))
+        norms.setdefault(node.target, []).append(users[0].target if sole_norm else None)
+    # a conv called several times (two views, each with its own norm) has a follower only when every
+    # call feeds the same norm: a score on one of several norms would reach only one use
+    return {conv: found[0] for conv, found in norms.items() if found[0] is not None and len(set(found)) == 1}
 
 
-def read_graph(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> ModelGraph:
-    """Probe ``model`` once on ``example`` and, when it traces, read conv->norm pairs from fx.
+def read_graph(model: nn.Module, example, use_fx: bool = True, selector: Selector = None) -> ModelGraph:
+    """Probe ``model`` once on ``example`` (a tensor, or a tuple/dict of inputs) and, when it traces,
+    read conv->norm pairs from fx. ``selector`` picks the class scores from the output
+    (:func:`hookchains.inputs.forward.select`).
 
     Example:
         >>> import torchvision
@@ -162,7 +174,7 @@ def read_graph(model: nn.Module, example: torch.Tensor, use_fx: bool = True) -> 
         >>> g.follower["layer1.0.conv1"]
         'layer1.0.bn1'
     """
-    calls, produced, consumers, output_module = _probe(model, example)
+    calls, produced, consumers, output_module = _probe(model, example, selector)
     if use_fx:
         try:
             follower = _followers_from_fx(model)

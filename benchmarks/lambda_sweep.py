@@ -22,10 +22,10 @@ from hookchains.inputs.models import create_model, preprocessing
 SETTINGS = [
     ("paper recipe", {"recipe": "paper", "lr": 0.005}),
     ("paper recipe, lr 0.02", {"recipe": "paper", "lr": 0.02}),
-    ("hookchains lam 0.0025", {"lam": 0.0025}),
-    ("hookchains lam 0.005 (default)", {}),
-    ("hookchains lam 0.01", {"lam": 0.01}),
-    ("hookchains lam 0.005, kl_target 0.3", {"kl_target": 0.3}),
+    ("default recipe lam 0.0025", {"lam": 0.0025}),
+    ("default recipe lam 0.005 (default)", {}),
+    ("default recipe lam 0.01", {"lam": 0.01}),
+    ("default recipe lam 0.005, kl_target 0.3", {"kl_target": 0.3}),
 ]
 
 

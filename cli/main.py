@@ -14,7 +14,7 @@ from typing import Optional
 
 import click
 
-from hookchains.cli.options import check_image_size, config_from_options, fit_options, run_error
+from hookchains.cli.options import check_image_size, config_from_options, fit_options, output_choice, run_error
 from hookchains.inputs.data import count
 from hookchains.viz.graph import GRAPH_FORMATS
 from hookchains.workflow.demo import DEMO_DURATION
@@ -24,8 +24,11 @@ from hookchains.workflow.extract import EXTRACT_MODES
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hookchains")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="show the Python traceback of a failure instead of one Error: line")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Extract and draw the small sub-network a pretrained model uses on a small task (NeuroChains)."""
+    ctx.obj = {"debug": debug}
 
 
 @main.command()
@@ -34,10 +37,12 @@ def main() -> None:
 @click.option("--image-size", type=int, help="probe resolution (token counts depend on it)")
 @click.option("--adapter", default="auto", show_default=True, help="auto, resnet, vgg, mobilenet, vit or generic")
 @click.option("--no-fx", is_flag=True, help="skip torch.fx; read the graph from one probe forward pass")
+@click.option("--output", help="where the class scores are in a dict/tuple/list output: a key or an index")
+@click.option("--no-check", is_flag=True, help="skip the exactness self-check of every site")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @run_error
 def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], adapter: str, no_fx: bool,
-            as_json: bool) -> None:
+            output: Optional[str], no_check: bool, as_json: bool) -> None:
     """List MODEL's sites: filters, gateable layers/blocks, token slots, with totals (ViTs: also
     MHA and FFN parameters).
 
@@ -45,13 +50,16 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
     """
     import torch
 
-    from hookchains.adapters import default_input_shape, discover
+    from hookchains.adapters import default_input_shape
+    from hookchains.core.attach import attach
     from hookchains.inputs.models import create_model
     net, _ = create_model(model, checkpoint=checkpoint)
     shape = list(default_input_shape(net))
     if image_size:
         shape[-2:] = [image_size, image_size]
-    sites = discover(net, adapter, example=torch.zeros(shape), use_fx=not no_fx)
+    with attach(net, adapter, example=torch.zeros(shape), use_fx=not no_fx, output=output_choice(output),
+                check=not no_check) as hooks:  # the sites every later step uses, refused ones noted
+        sites = hooks.sites
     extra = {}
     if sites.tokens:  # a ViT: the paper's Table 1 also counts attention and feed-forward parameters
         from hookchains.tokens.hooks import vit_parameter_counts
@@ -168,21 +176,27 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
 @click.option("--batch-tasks", default=1, show_default=True, type=int, help="tasks fitted together in one forward pass")
 @click.option("--no-faithfulness", is_flag=True, help="skip removing each kept filter (Fig. 2, 11)")
 @click.option("--no-baselines", is_flag=True, help="skip magnitude and random pruning (Fig. 3)")
-@click.option("--baseline-steps", default=100, show_default=True, type=int, help="fine-tuning steps of the baselines' scores")
-@click.option("--allocation", type=click.Choice(["matched", "proportional"]), default="matched", show_default=True,
-              help="baseline budget per layer: as the sub-network's, or the same total spread by layer width")
+@click.option("--baseline-steps", type=click.IntRange(min=0),
+              help="fine-tuning steps of the baselines' scores [as many as the fit ran]")
+@click.option("--baseline-budget", type=click.IntRange(min=1),
+              help="filters each baseline keeps in total (proportional) [as many as the sub-network]")
+@click.option("--allocation", type=click.Choice(["proportional", "matched"]), default="proportional", show_default=True,
+              help="baselines: the paper's total spread over layers by width, gates open; or the sub-network's "
+                   "per-layer counts and gates")
 @click.option("--robustness", is_flag=True, help="also run FGSM and PGD attacks (Fig. 12)")
 @click.option("--eps", type=float, default=0.1, show_default=True,
               help="attack radius in the model's normalised input units (pixel radius / normalisation std)")
 @click.option("--pgd-steps", default=10, show_default=True, type=int)
+@click.option("--random-control", is_flag=True,
+              help="also fit the model with re-initialised weights, reported beside the real fit (Adebayo et al.)")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="sweep folder: results.jsonl, tasks/, plots/, report.html (a rerun resumes it)")
 @fit_options(outputs=False)
 @run_error
 def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
-          held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, allocation, robustness, eps,
-          pgd_steps, skip_bad_images, out_dir, **opts) -> None:
+          held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, baseline_budget, allocation, robustness,
+          eps, pgd_steps, random_control, skip_bad_images, out_dir, **opts) -> None:
     """Extract and evaluate a sub-network for each of many tasks (the paper's case studies).
 
     One JSON line per task goes to OUT/results.jsonl as soon as the task is done; rerunning the
@@ -193,7 +207,8 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
     from hookchains.workflow.sweep import SweepConfig, run_sweep
     fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed") if opts[k] is not None}
     evaluation = EvalOptions(faithfulness=not no_faithfulness, baselines=not no_baselines, baseline_steps=baseline_steps,
-                             allocation=allocation, robustness=robustness, eps=eps, pgd_steps=pgd_steps, seed=opts["seed"])
+                             allocation=allocation, baseline_budget=baseline_budget, robustness=robustness, eps=eps,
+                             pgd_steps=pgd_steps, random_control=random_control, seed=opts["seed"])
     names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
     config = SweepConfig(model_spec, data_dir, n_tasks, classes_per_task, one_vs_rest, names, per_class, held_out,
                          opts["image_size"], opts["seed"], pretrained, checkpoint, fit, opts["tau"], opts["temperature"],

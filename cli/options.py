@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import click
 
@@ -26,8 +26,10 @@ def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = Tr
         click.option("--lr", type=float, default=d.get("lr"), help="Adam learning rate [paper: 0.005]"),
         click.option("--lam", type=float, help="L1 weight on filter/token scores [family preset; paper: 0.005]"),
         click.option("--lam-gate", type=float, help="gate penalty weight [family preset; paper: 1 ResNet, 2 VGG]"),
-        click.option("--recipe", type=click.Choice(["hookchains", "paper"]), default="hookchains", show_default=True,
-                     help="hookchains: thresholded forward + adaptive KL weight; paper: Eq. 8 as written"),
+        click.option("--recipe", type=click.Choice(["mask", "l0", "ste", "paper", "hookchains"]),
+                     help="[default: ste with unbounded scales] ste: thresholded scores, straight-through, "
+                          "scale <= 1; mask: binary mask x scale <= 1, cost on the mask; l0: hard-concrete "
+                          "gates; paper: Eq. 8 as written; hookchains: old name of ste"),
         click.option("--kl-target", type=float, help="KL the sub-network should stay within [0.1]"),
         click.option("--tau", type=float, default=0.1, show_default=True, help="filter/token score threshold"),
         click.option("--temperature", type=float, default=0.2, show_default=True, help="gate sigmoid temperature T"),
@@ -60,6 +62,13 @@ def config_from_options(model, opts: Dict) -> FitConfig:
                       seed=opts["seed"], progress=not opts["quiet"])
 
 
+def output_choice(value: Optional[str]):
+    """``--output`` as :func:`hookchains.inputs.forward.select` takes it: an index when it is an integer, else a key."""
+    if value is None:
+        return None
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def check_image_size(model, image_size) -> None:
     """Refuse an ``--image-size`` below an eighth of the model's own resolution (at least 8 px): a
     224-px ImageNet model then sees at least 28 px, enough for its final feature map to be 1 x 1;
@@ -77,13 +86,19 @@ def check_image_size(model, image_size) -> None:
 
 
 def run_error(func: Callable) -> Callable:
-    """Turn the errors a user can fix into ``Error: <one line>`` and exit status 1."""
+    """Turn every failure into ``Error: <one line>`` and exit status 1; the traceback only with the
+    global ``--debug`` flag (``hookchains --debug inspect ...``)."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"Error: {message}", err=True)
+        except Exception as exc:  # noqa: BLE001 -- the CLI promise: one line, whatever failed
+            if (click.get_current_context().find_root().obj or {}).get("debug"):
+                raise
+            text = str(exc).strip()
+            message = text.splitlines()[0] if text else "(no message)"
+            known = isinstance(exc, (ValueError, OSError, RuntimeError))
+            click.echo(f"Error: {message}" if known else f"Error: {type(exc).__name__}: {message} "
+                       "(run with --debug for the traceback)", err=True)
             sys.exit(1)
     return wrapper

@@ -30,6 +30,39 @@ def site_table(sites: SiteMap, title: str, extra: Optional[Mapping[str, int]] = 
     return "\n".join(lines)
 
 
+def _share_line(name: str, shares: Mapping, paper: Mapping) -> str:
+    """``name``'s shares of tasks and of images with KL <= 0.8; the paper's (per image) in brackets."""
+    line = f"{name} {100 * shares['kl_le_0.8']:.1f} %"
+    if "per_image" in shares:
+        line += f" / {100 * shares['per_image']['kl_le_0.8']:.1f} %"
+        line += f" ({100 * paper[name]:.1f} %)" if name in paper else ""
+    return line
+
+
+def _faithfulness_lines(r: Mapping) -> list:
+    lines = [f"faithfulness: Spearman(score, degradation) median {r['spearman_median']:.2f}, "
+             f"positive in {100 * r['spearman_positive']:.0f} % of tasks"]
+    if "spearman_untied_median" in r:
+        lines[0] += f"; untied filters {r['spearman_untied_median']:.2f}"
+    if "spearman_taylor_median" in r:
+        lines[0] += f"; gradient x activation {r['spearman_taylor_median']:.2f}"
+    if "bins" in r:
+        lines.append("degradation per score interval (pooled, low -> high): "
+                     + " -> ".join(f"{b['degradation']:.4f}" for b in r["bins"]))
+    return lines
+
+
+def _robustness_lines(r: Mapping) -> list:
+    lines = []
+    for network, accuracy in r.get("accuracy", {}).items():
+        success = r.get("attack_success", {}).get(network, {})
+        probability = r.get("probability", {}).get(network, {})
+        lines.append(f"robustness, {network}: accuracy " + ", ".join(f"{a} {100 * v:.0f} %" for a, v in accuracy.items())
+                     + "; attack success " + ", ".join(f"{a} {100 * v:.0f} %" for a, v in success.items())
+                     + "; P(true class) " + ", ".join(f"{a} {v:.2f}" for a, v in probability.items()))
+    return lines
+
+
 def sweep_headline(records) -> str:
     """The sweep's headline figures as a few lines, next to the paper's (``hookchains sweep``).
 
@@ -41,19 +74,33 @@ def sweep_headline(records) -> str:
         s = h["size"]
         lines[0] += (f"; filters kept {s['filters_kept_mean']:.1f} ± {s['filters_kept_std']:.1f} "
                      f"({s['filters_kept_percent']:.2f} % of {s['filters_total']:.0f})")
+        if s.get("conv_filters_kept_mean") is not None:
+            lines[0] += (f"; conv filters {s['conv_filters_kept_mean']:.1f} of {s['conv_filters_total']:.0f} "
+                         f"in {s['conv_layers_kept_mean']:.1f} of {s['conv_layers_total']:.0f} conv layers")
     if "fidelity" in h:
         f = h["fidelity"]
         ours = {"neurochains": f, **h.get("baselines", {})}
         paper = PAPER["vgg19"]["kl_le_0.8"]
-        shares = [f"{name} {100 * ours[name]['kl_le_0.8']:.1f} % (paper, VGG-19: {100 * paper[name]:.1f} %)"
-                  for name in paper if name in ours]
-        lines.append(f"KL <= 0.8: {', '.join(shares)}; mean KL {f['kl_mean']:.3f}")
+        lines.append("KL <= 0.8, share of tasks / of images (paper, VGG-19, of images): "
+                     f"{'; '.join(_share_line(name, ours[name], paper) for name in ours)}; mean KL {f['kl_mean']:.3f}")
+    for name, base in h.get("baselines", {}).items():
+        if "allocation" in base:
+            lines.append(f"{name} baseline: {base['filters_kept_mean']:.1f} filters, {'/'.join(base['allocation'])} "
+                         f"allocation, gates {'/'.join(base['gates'])}, {base['steps_mean']:.0f} fine-tuning steps")
     if "faithfulness" in h:
-        r = h["faithfulness"]
-        lines.append(f"faithfulness: Spearman(score, degradation) median {r['spearman_median']:.2f}, "
-                     f"positive in {100 * r['spearman_positive']:.0f} % of tasks")
+        lines += _faithfulness_lines(h["faithfulness"])
     if "held_out" in h:
         g = h["held_out"]
         lines.append(f"held-out accuracy: original {100 * g['accuracy_original']:.1f} %, "
                      f"sub-network {100 * g['accuracy_subnetwork']:.1f} %")
+    lines += _robustness_lines(h.get("robustness", {}))
+    if "random_weights" in h:
+        c = h["random_weights"]
+        lines.append(f"random-weights control: {c['filters_kept_mean']:.1f} filters kept (real {c['real_filters_kept_mean']:.1f}), "
+                     f"KL {c['kl_mean']:.3f} (real {c['real_kl_mean']:.3f}), {c['shared_mean']:.1f} kept filters "
+                     f"shared with the real sub-network ({c['shared_by_chance_mean']:.1f} by chance)")
+        if c.get("output_spread_mean") is not None and c.get("real_output_spread_mean") is not None:
+            lines[-1] += (f"; output spread {c['output_spread_mean']:.4f} (real {c['real_output_spread_mean']:.4f}, "
+                          "near 0: the model ignores its input)")
+    lines += [f"note: {n}" for n in h.get("notes", [])]
     return "\n".join(lines)

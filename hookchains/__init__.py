@@ -10,7 +10,7 @@ The package is laid out in the order data flows; each sub-package imports only f
                    ``Subnetwork`` result, ``materialize``, fidelity metrics
 ``tokens``         the same path for a ViT's per-image token scores (section 4.5)
 ``analysis``       chains through a sub-network, feature visualisation
-``evaluation``     faithfulness, pruning baselines, robustness, held-out generalisation
+``evaluation``     faithfulness, baselines, robustness, held-out, random-weights control
 ``viz``            heatmaps, the graph (graphviz), the HTML pages
 ``workflow``       run folders, ``extract``, sweeps, export, the offline demo
 =================  ==========================================================================

@@ -12,23 +12,27 @@ The hooks evaluate the scores in one of four modes:
 * ``"ste"``   -- hard values forward, soft gradients backward (straight-through), so training sees
   exactly the network that will be extracted;
 * ``"mask"``  -- the binary sub-network of Eq. 1 (``[S >= tau]``, ``G`` rounded): kept filters at scale 1;
-* ``"off"``   -- hooks pass everything through (the original model).
+* ``"off"``   -- hooks pass everything through (the original model);
+* ``"recipe"`` -- filter multipliers from ``recipe_values(name)`` (set by a fit recipe, e.g. ``z * m``
+  of :class:`hookchains.core.recipes.Mask`), gates as in ``"ste"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from hookchains.adapters import discover
+from hookchains.adapters import default_example, discover
+from hookchains.core.guard import verify
 from hookchains.core.sites import FilterSite, GateSite, SiteMap
 
 __all__ = ["ScoreHooks", "HookOwner", "attach", "strip_hooks", "MODES"]
 
-MODES = ("soft", "hard", "ste", "mask", "off")
+MODES = ("soft", "hard", "ste", "mask", "off", "recipe")
 
 
 def _broadcast_shape(ndim: int, channel_dim: Optional[int]) -> List[int]:
@@ -107,6 +111,8 @@ class ScoreHooks(HookOwner):
         self.gate_logits: Dict[str, nn.Parameter] = {
             g.name: nn.Parameter(torch.zeros(lead, device=device)) for g in sites.gates}
         self._span_inputs: Dict[str, List[torch.Tensor]] = {}
+        # mode "recipe": site name -> multipliers, installed by a fit recipe (hookchains.core.recipes)
+        self.recipe_values: Optional[Callable[[str], torch.Tensor]] = None
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._register()
 
@@ -114,6 +120,8 @@ class ScoreHooks(HookOwner):
     def filter_values(self, name: str, mode: Optional[str] = None) -> torch.Tensor:
         """Multipliers of filter site ``name`` under ``mode`` (default: the current mode)."""
         s, mode = self.scores[name], mode or self.mode
+        if mode == "recipe":
+            return self.recipe_values(name)
         if mode == "soft":
             return s
         keep = (s >= self.tau).to(s.dtype)
@@ -128,7 +136,7 @@ class ScoreHooks(HookOwner):
         if mode == "soft":
             return g
         hard = (g >= 0.5).to(g.dtype)
-        return g + (hard - g).detach() if mode == "ste" else hard
+        return g + (hard - g).detach() if mode in ("ste", "recipe") else hard
 
     # ------------------------------------------------------------------ hooks
     def _register(self) -> None:
@@ -140,12 +148,9 @@ class ScoreHooks(HookOwner):
 
         for site in self.sites.filters:
             add(get(site.hook_module).register_forward_hook, self._filter_hook(site))
-        for gate in self.sites.gates:
-            if gate.first == gate.last:
-                add(get(gate.first).register_forward_hook, self._block_gate_hook(gate))
-            else:
-                add(get(gate.first).register_forward_pre_hook, self._span_start_hook(gate))
-                add(get(gate.last).register_forward_hook, self._span_end_hook(gate))
+        for gate in self.sites.gates:  # a block is a span whose first and last module are the same
+            add(get(gate.first).register_forward_pre_hook, self._span_start_hook(gate))
+            add(get(gate.last).register_forward_hook, self._span_end_hook(gate))
 
     def _scaled(self, x: torch.Tensor, values: torch.Tensor, channel_dim: Optional[int] = None) -> torch.Tensor:
         """``x`` times per-channel ``values`` (``channel_dim``) or a gate value; with ``tasks``, each
@@ -170,15 +175,11 @@ class ScoreHooks(HookOwner):
         g = self.gate_values(gate.name)
         return self._scaled(out, g) + self._scaled(h, 1 - g)
 
-    def _block_gate_hook(self, gate: GateSite):
-        def hook(module, args, out):
-            return None if self.mode == "off" else self._mix(gate, args[0], out)
-        return hook
-
     def _span_start_hook(self, gate: GateSite):
         def hook(module, args):
             if self.mode != "off":
-                # clone: an in-place activation later in the span must not alter H
+                # clone: H as it was before the layer/block ran; an in-place op inside it (an in-place
+                # activation at the top of a block, ``out += x``) must not alter H
                 self._span_inputs.setdefault(gate.name, []).append(args[0].clone())
         return hook
 
@@ -273,21 +274,47 @@ def strip_hooks(model: nn.Module) -> nn.Module:
     return model
 
 
-def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.Tensor] = None,
-           sites: Optional[SiteMap] = None, use_fx: bool = True, tau: float = 0.1,
-           temperature: float = 0.2, score_max: Optional[float] = 1.0, tasks: Optional[int] = None) -> ScoreHooks:
+def _uncompiled(model: nn.Module) -> Tuple[nn.Module, List[str]]:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, with a note; else ``model``.
+    Compiled code does not run hooks added after compilation, so hookchains runs the original module."""
+    inner = getattr(model, "_orig_mod", None)
+    if not isinstance(inner, nn.Module):
+        return model, []
+    return inner, [f"{type(model).__name__} from torch.compile: compiled code would not run hookchains' hooks, so "
+                   f"they sit on the module it wraps ({type(inner).__name__}, model._orig_mod), which the fit runs; "
+                   "call chains.model, not the compiled wrapper, to see the sub-network"]
+
+
+def attach(model: nn.Module, adapter: str = "auto", *, example=None, sites: Optional[SiteMap] = None,
+           use_fx: bool = True, tau: float = 0.1, temperature: float = 0.2, score_max: Optional[float] = 1.0,
+           tasks: Optional[int] = None, output=None, output_kind: str = "auto",
+           check: Optional[bool] = None) -> ScoreHooks:
     """Find the sites of ``model`` and hook them; nothing of the model is modified.
 
     Args:
-        model: any torch.fx-compatible or timm model (others work through a probe pass).
+        model: any torch.fx-compatible or timm model (others work through a probe pass); a
+            ``torch.compile`` wrapper is attached through the module it wraps (see ``sites.notes``).
         adapter: ``"auto"`` or a family name (``resnet``, ``vgg``, ``mobilenet``, ``vit``, ``generic``).
-        example: input batch used to probe shapes (default: zeros of the model's input size).
+        example: input batch used to probe shapes (default: zeros of the model's input size); a
+            tuple or dict of inputs for a model with several (:mod:`hookchains.inputs.forward`).
         sites: a :class:`SiteMap` found earlier (skips discovery).
+        output: where the class scores are when the model returns a dict/tuple/list: a key, an index
+            or a callable (:func:`hookchains.inputs.forward.select`).
+        output_kind: ``"auto"`` (detected), ``"logits"``, ``"probabilities"`` or ``"log_probabilities"``.
+        check: run the exactness self-check (:func:`hookchains.core.guard.verify`) on ``example`` before
+            returning: sites that break it are dropped and named in ``sites.notes``/``sites.refused``.
+            Default: check when the sites are discovered here, not when ``sites`` are given (a saved
+            result's sites were checked when it was fitted); ``False`` skips it.
         tau: score threshold of section 3.2 (filters with ``S < tau`` are removed).
         temperature: ``T`` of the gate sigmoid (Eq. 6).
         score_max: upper bound of the scores (paper: 1); ``None`` leaves them unbounded above.
         tasks: hold this many independent score sets, one per task, for batched fitting
             (:func:`hookchains.core.fit.fit_tasks`); ``None``: one task.
+
+    Raises:
+        ValueError: the model's forward fails on ``example``, its output needs ``output=``, it has
+            nothing to score, or (:class:`hookchains.core.guard.InexactModelError`) the hooks with every
+            score kept do not reproduce it.
 
     Example:
         >>> import timm
@@ -299,7 +326,16 @@ def attach(model: nn.Module, adapter: str = "auto", *, example: Optional[torch.T
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+    model, notes = _uncompiled(model)
     if next(model.parameters(), None) is None:
         raise ValueError(f"{type(model).__name__} has no parameters: nothing to explain")
-    sites = sites if sites is not None else discover(model, adapter, example=example, use_fx=use_fx)
+    example = default_example(model) if example is None else example
+    check = sites is None if check is None else check
+    if sites is None:
+        sites = discover(model, adapter, example=example, use_fx=use_fx, output=output, output_kind=output_kind)
+    if notes:
+        sites = dataclasses.replace(sites, notes=sites.notes + notes)
+    if check:
+        sites = sites.without(verify(model, sites, example, lambda checked, count: ScoreHooks(
+            model, checked, tau=tau, temperature=temperature, score_max=score_max, tasks=count)))
     return ScoreHooks(model, sites, tau=tau, temperature=temperature, score_max=score_max, tasks=tasks)

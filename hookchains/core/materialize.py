@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from hookchains.core.attach import ScoreHooks, strip_hooks
+from hookchains.core.state import PassThrough
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.forward import call, class_scores, map_tensors
 
 __all__ = ["materialize", "MaterializeError", "MaterializeReport", "TOLERANCE"]
 
@@ -105,14 +107,14 @@ def _cut(model: nn.Module, sub: Subnetwork) -> None:
     removed = set(sub.removed_gates)
     for gate in sub.sites.gates:
         if gate.name in removed:
-            for path in gate.members:
+            for i, path in enumerate(gate.members):  # the first copies H: a later ``+=`` must not write into it
                 parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+                setattr(model.get_submodule(parent) if parent else model, name, PassThrough() if i == 0 else nn.Identity())
 
 
 def _channel_count(model: nn.Module) -> int:
-    return sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return sum(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+               for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)))
 
 
 def _zero_plan(dg, group, zero_at: Dict[nn.Module, List[bool]], normed: Set[nn.Module]) -> List[int]:
@@ -167,12 +169,14 @@ def _reference_logits(model: nn.Module, sub: Subnetwork, inputs: torch.Tensor, m
     try:
         chains.load_state(sub.scores, sub.gate_logits)
         with torch.no_grad(), chains.using(mode):
-            return model(inputs).float()
+            return class_scores(call(model, inputs), sub.sites.output)
     finally:
         chains.detach()
 
 
-def _check_inputs(sub: Subnetwork, images: Optional[torch.Tensor], device) -> torch.Tensor:
+def _check_inputs(sub: Subnetwork, images, device):
+    if images is not None and not isinstance(images, torch.Tensor):  # several inputs: the given ones only
+        return map_tensors(lambda t: t[:8].to(device), images)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn((2, *sub.sites.input_shape[1:]), generator=gen)
     parts = [noise.to(device)]
@@ -181,9 +185,9 @@ def _check_inputs(sub: Subnetwork, images: Optional[torch.Tensor], device) -> to
     return torch.cat([p for p in parts if p.shape[1:] == parts[-1].shape[1:]])
 
 
-def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor) -> float:
+def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub: Subnetwork) -> float:
     with torch.no_grad():
-        return float((module(inputs).float() - reference).abs().max())
+        return float((class_scores(call(module, inputs), sub.sites.output) - reference).abs().max())
 
 
 def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor] = None, *,
@@ -215,7 +219,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     reference = _reference_logits(work, sub, inputs, "hard" if fold_scores else "mask")
     scale = max(float(reference.abs().max()), 1e-12)
     mult = _multipliers(sub, fold_scores)
-    example = inputs[:1]
+    example = map_tensors(lambda t: t[:1], inputs)
     macs_before, params_before = tp.utils.count_ops_and_params(work, example)
     channels_before = _channel_count(work)
     _fold(work, sub, mult)
@@ -226,13 +230,13 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
         candidate = _copy_model(work)
         try:
             _prune(candidate, sub, mult, example)
-            if _diff(candidate, inputs, reference) <= tolerance * scale:
+            if _diff(candidate, inputs, reference, sub) <= tolerance * scale:
                 result, pruned = candidate, True
             else:
                 notes.append("physical pruning changed the outputs; returned the zeroed (unpruned) module")
         except Exception as exc:  # torch-pruning cannot handle every graph: keep the exact zeroed module
             notes.append(f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); channels are zeroed, not removed")
-    diff = _diff(result, inputs, reference)
+    diff = _diff(result, inputs, reference, sub)
     if diff > tolerance * scale:
         raise MaterializeError(f"materialised module differs from the thresholded network by {diff:.3g} "
                                f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g}); please report this model")

@@ -1,7 +1,13 @@
 """Fidelity of a sub-network to the original model (paper section 4.2 and Eq. 5, 9).
 
 All functions take *logits* of the original model (``teacher``) and of the sub-network (``student``)
-for the same images, shape ``N x classes``.
+for the same images, shape ``N x classes`` (or scores whose softmax is the model's output distribution:
+log-probabilities, see :func:`hookchains.inputs.forward.class_scores`).
+
+Dense predictions (segmentation) arrive as ``N x P x classes`` (``P`` positions, e.g. pixels):
+:func:`fidelity` then treats every position as one prediction -- KL, probability drop and Q per
+pixel over the classes, averaged over all ``N * P`` pixels; ``agree`` counts agreeing pixels, out of
+``positions`` (``images`` stays ``N``).
 
 Besides: :func:`accuracy` scores logits against ground-truth labels (robustness, Fig. 12), and
 :func:`spearman` is the rank correlation that summarises faithfulness (score of a removed filter vs
@@ -59,7 +65,12 @@ def fidelity(teacher: torch.Tensor, student: torch.Tensor) -> Dict[str, float]:
     Example:
         >>> fidelity(torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]]))["kl"]
         0.0
+        >>> fidelity(torch.zeros(2, 16, 3), torch.zeros(2, 16, 3))["positions"]   # dense: 2 x 16 pixels
+        32
     """
+    images = int(teacher.shape[0])
+    if teacher.ndim == 3:
+        teacher, student = teacher.flatten(0, 1), student.flatten(0, 1)
     kl, drop, q = kl_per_image(teacher, student), prob_drop(teacher, student), quotient(teacher, student)
     return {
         "kl": float(kl.mean()),
@@ -69,7 +80,8 @@ def fidelity(teacher: torch.Tensor, student: torch.Tensor) -> Dict[str, float]:
         "quotient_min": float(q.min()),
         "negative_quotients": int((q < 0).sum()),
         "agree": top1_agreement(teacher, student),
-        "images": int(teacher.shape[0]),
+        "images": images,
+        "positions": int(teacher.shape[0]),
     }
 
 

@@ -21,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from hookchains.inputs.forward import OutputSpec
+
 __all__ = ["FilterSite", "GateSite", "TokenSite", "SiteMap"]
 
 
@@ -113,6 +115,20 @@ class SiteMap:
     classifier: Optional[str]
     input_shape: Tuple[int, ...]
     notes: List[str] = field(default_factory=list)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    refused: Dict[str, Dict[str, str]] = field(default_factory=dict)
+
+    def without(self, refused: Dict[str, Dict[str, str]]) -> SiteMap:
+        """A copy without the sites in ``refused`` (``{"filters": {name: why}, "gates": {name: why}}``),
+        which are recorded in ``refused`` and in ``notes``."""
+        filters, gates = refused.get("filters", {}), refused.get("gates", {})
+        kept_gates = [dataclasses.replace(g, filter_sites=tuple(f for f in g.filter_sites if f not in filters))
+                      for g in self.gates if g.name not in gates]
+        notes = self.notes + [f"{kind[:-1]} site {name!r} refused: {why}"
+                              for kind, reasons in (("filters", filters), ("gates", gates)) for name, why in reasons.items()]
+        merged = {kind: {**self.refused.get(kind, {}), **reasons} for kind, reasons in (("filters", filters), ("gates", gates))}
+        return dataclasses.replace(self, filters=[f for f in self.filters if f.name not in filters], gates=kept_gates,
+                                   notes=notes, refused=merged)
 
     def filter(self, name: str) -> FilterSite:
         """The filter site called ``name`` (KeyError naming close sites otherwise)."""
@@ -146,6 +162,8 @@ class SiteMap:
             "classifier": self.classifier,
             "input_shape": list(self.input_shape),
             "notes": list(self.notes),
+            "output": self.output.to_json(),
+            "refused": dict(self.refused),
             "filters": [dataclasses.asdict(s) for s in self.filters],
             "gates": [dataclasses.asdict(s) for s in self.gates],
             "tokens": [dataclasses.asdict(s) for s in self.tokens],
@@ -166,4 +184,6 @@ class SiteMap:
             classifier=data["classifier"],
             input_shape=tuple(data["input_shape"]),
             notes=list(data.get("notes", [])),
+            output=OutputSpec.from_json(data.get("output")),
+            refused=dict(data.get("refused", {})),
         )

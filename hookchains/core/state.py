@@ -3,16 +3,21 @@
 Every place that runs the user's model for an explanation (discovery, fit, evaluation, materialise,
 heatmaps, feature visualisation) goes through these, so that afterwards each submodule's own
 train/eval flag, each parameter's own ``requires_grad`` and the model's hooks are exactly as before.
+A user's model may be in *mixed* modes (``model.train()`` with every BatchNorm frozen in ``eval()``;
+an ``nn.DataParallel`` wrapper in train mode around a model in eval mode), so restoring means each
+flag on its own, never one flag for all; the caller's ``torch.set_flush_denormal`` value and global
+RNG state are put back too (:func:`explaining`, :func:`seeded`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["get_module", "eval_mode", "frozen_weights", "capture_featuremaps"]
+__all__ = ["get_module", "eval_mode", "frozen_weights", "capture_featuremaps", "flush_denormal_enabled",
+           "explaining", "seeded", "swapped", "PassThrough"]
 
 
 def get_module(model: nn.Module, module_path: str) -> nn.Module:
@@ -117,3 +122,81 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether ``torch.set_flush_denormal(True)`` is in effect (torch has no getter: a denormal
+    float32 times one is zero exactly when denormals are flushed)."""
+    return float(torch.tensor([1e-40]).mul(1.0)[0]) == 0.0
+
+
+@contextlib.contextmanager
+def explaining(model: nn.Module, flush_denormal: bool = False) -> Iterator[nn.Module]:
+    """Eval mode and frozen weights (:func:`eval_mode`, :func:`frozen_weights`: no weight gradient is
+    ever formed), optionally denormals flushed (nearly closed soft gates, ``G ~ 1e-40``, make CPU
+    steps crawl); each module's flag, each parameter's flag and the caller's flush flag restored.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> _ = net[1].eval()
+        >>> with explaining(net):
+        ...     net[0].training, net[0].weight.requires_grad
+        (False, False)
+        >>> net.training, net[0].training, net[1].training, net[0].weight.requires_grad
+        (True, True, False, True)
+    """
+    flush = flush_denormal_enabled()
+    with eval_mode(model), frozen_weights(model):
+        try:
+            if flush_denormal:
+                torch.set_flush_denormal(True)
+            yield model
+        finally:
+            torch.set_flush_denormal(flush)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device) -> Iterator[None]:
+    """Seed torch's global RNG (and ``device``'s, for CUDA) for the block, then restore the caller's
+    RNG state: an explanation is reproducible without reseeding the caller's program.
+
+    Example:
+        >>> before = torch.random.get_rng_state()
+        >>> with seeded(0, "cpu"):
+        ...     _ = torch.rand(1)
+        >>> torch.equal(before, torch.random.get_rng_state())
+        True
+    """
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, paths: Sequence[str], make: Callable[[int], nn.Module]) -> Iterator[nn.Module]:
+    """Temporarily replace the submodules at ``paths`` by ``make(i)`` (``i``: position in ``paths``);
+    the originals are put back on exit (also on an error)."""
+    saved = []
+    try:
+        for i, path in enumerate(paths):
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            saved.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, make(i))
+        yield model
+    finally:
+        for parent, name, module in reversed(saved):
+            setattr(parent, name, module)
+
+
+class PassThrough(nn.Module):
+    """What a removed layer or block becomes (Eq. 7 with ``G = 0``: its output is its input ``H``).
+
+    Returns a *copy* of ``H``: ``nn.Identity`` would return the input object itself, and a forward
+    that accumulates in place (RepVGG/MobileOne ``out = a(x); out += b(x); out += x``) would then
+    write into ``x``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clone()

@@ -22,7 +22,7 @@ from hookchains.core.sites import SiteMap
 __all__ = ["Subnetwork", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-_SCORE, _GATE = "score/", "gate/"
+_SCORE, _GATE, _IMPORTANCE = "score/", "gate/", "importance/"
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Subnetwork:
         fidelity: figures of the thresholded network on the fitting images (see ``metrics.fidelity``).
         config: the fit options used; history: per-step figures; model_ref: how to rebuild the model;
         task: class names, image paths and labels of the fitting images, when known.
+        importance: filter site -> values ranking every filter (kept or not) for
+            :mod:`hookchains.evaluation.curve`, when the recipe has such values (e.g. mask logits); else ``scores`` rank.
         dead_filters: site -> kept filters with no live input (input-independent constants, found by
             :func:`hookchains.core.dataflow.find_dead_filters` at the end of a fit); None when not determined.
             Recompute it after changing ``scores``.
@@ -52,6 +54,7 @@ class Subnetwork:
     history: Dict[str, List[float]] = field(default_factory=dict)
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
+    importance: Dict[str, torch.Tensor] = field(default_factory=dict)
     dead_filters: Optional[Dict[str, List[int]]] = None
 
     # ------------------------------------------------------------------ thresholding
@@ -81,11 +84,24 @@ class Subnetwork:
         return kept
 
     def counts(self) -> Dict[str, int]:
-        """The paper's counts: filters and layers kept / total, gates kept / total; ``dead_filters``: kept
-        filters with no live input (included in ``filters_kept``; None when not determined)."""
+        """The counts of kept units: every scored unit, and the paper-comparable conv-only counts.
+
+        ``filters_*`` / ``layers_*`` count every filter site, conv and fully-connected alike;
+        ``conv_filters_*`` / ``conv_layers_*`` count conv filters and conv layers only, as the paper
+        does (section 4.2: "filters"), and ``linear_units_*`` / ``linear_layers_*`` the
+        fully-connected units separately. E.g. VGG-19 has 5,504 conv filters in 16 conv layers plus
+        8,192 fully-connected units in 2 layers; ResNet-50 has 26,560 conv filters in 53 conv layers.
+        (The paper's own "4,480" VGG-19 filters and "/67" ResNet-50 layers do not follow from the
+        architectures.) ``gates_*``: gated layers/blocks kept / total. ``dead_filters``: kept filters with
+        no live input (included in ``filters_kept``; None when not determined).
+
+        Example:
+            >>> sub.counts()["conv_filters_total"]      # doctest: +SKIP
+            5504
+        """
         kept = self.kept_filters()
         totals = self.sites.totals()
-        return {
+        counts = {
             "filters_kept": sum(len(v) for v in kept.values()),
             "filters_total": totals["scorable_filters"],
             "layers_kept": len(kept),
@@ -94,9 +110,16 @@ class Subnetwork:
             "gates_total": len(self.sites.gates),
             "dead_filters": None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values()),
         }
+        for kind, unit in (("conv", "filters"), ("linear", "units")):
+            sites = [s for s in self.sites.filters if s.kind == kind]
+            counts.update({f"{kind}_{unit}_kept": sum(len(kept.get(s.name, ())) for s in sites),
+                           f"{kind}_{unit}_total": sum(s.channels for s in sites),
+                           f"{kind}_layers_kept": sum(s.name in kept for s in sites),
+                           f"{kind}_layers_total": len(sites)})
+        return counts
 
     def summary(self) -> str:
-        """One line like the paper's: 'retains 13/67 layers and 77/26560 filters; ...'."""
+        """One line like the paper's: 'retains 13/53 layers and 77/26560 filters; ...'."""
         c, f = self.counts(), self.fidelity
         line = (f"retains {c['layers_kept']}/{c['layers_total']} layers and "
                 f"{c['filters_kept']}/{c['filters_total']} filters "
@@ -104,9 +127,22 @@ class Subnetwork:
         if c["gates_total"]:
             line += f", {c['gates_kept']}/{c['gates_total']} gated blocks"
         if f:
-            line += (f"; top-1 agreement {f['agree']}/{f['images']}; KL {f['kl']:.3f}; "
+            per_pixel = f.get("positions", f["images"]) != f["images"]
+            agree = f"{f['agree']}/{f['positions']} pixels" if per_pixel else f"{f['agree']}/{f['images']}"
+            line += (f"; top-1 agreement {agree}; KL {f['kl']:.3f}; "
                      f"Q mean {f['quotient_mean']:.2f}")
-        return line
+        return line + self._ending()
+
+    def _ending(self) -> str:
+        """'; stopped at the step limit, ...' when the step limit, not convergence, ended the fit."""
+        if self.config.get("ended") != "step_limit":
+            return ""
+        change = self.config.get("kept_change_per_10_steps", 0.0)
+        trend = (f"kept filters still {'falling' if change < 0 else 'rising'} {abs(change):.1f} % per 10 steps"
+                 if abs(change) >= 0.05 else "kept filters steady")
+        kl, target = self.fidelity.get("kl"), self.config.get("kl_tol")
+        missed = f", KL {kl:.3f} above kl_tol {target:g}" if kl is not None and target is not None and kl > target else ""
+        return f"; stopped at the step limit, {trend}{missed}"
 
     def materialize(self, model, images=None, **options):
         """Deprecated since 0.2: ``module, report = hookchains.materialize(sub, model, images)`` (this method
@@ -127,6 +163,7 @@ class Subnetwork:
         directory = Path(directory)
         tensors = {_SCORE + k: v for k, v in self.scores.items()}
         tensors.update({_GATE + k: v.reshape(()) for k, v in self.gate_logits.items()})
+        tensors.update({_IMPORTANCE + k: v for k, v in self.importance.items()})
         write_tensors(directory / "scores.safetensors", tensors, metadata={"format": "hookchains"})
         write_json(directory / "subnetwork.json", {
             "format_version": FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
@@ -151,6 +188,7 @@ class Subnetwork:
         sites = SiteMap.from_json(meta["sites"])
         scores = {k[len(_SCORE):]: v for k, v in tensors.items() if k.startswith(_SCORE)}
         gates = {k[len(_GATE):]: v for k, v in tensors.items() if k.startswith(_GATE)}
+        importance = {k[len(_IMPORTANCE):]: v for k, v in tensors.items() if k.startswith(_IMPORTANCE)}
         missing = [s.name for s in sites.filters if s.name not in scores] + \
                   [g.name for g in sites.gates if g.name not in gates]
         wrong = [s.name for s in sites.filters if s.name in scores and scores[s.name].numel() != s.channels]
@@ -158,4 +196,5 @@ class Subnetwork:
             raise ValueError(f"{directory}/scores.safetensors does not match its subnetwork.json "
                              f"(missing {missing[:3]}, wrong size {wrong[:3]}): the files were mixed up")
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
-                   meta["history"], meta["model_ref"], meta.get("task", {}), meta.get("dead_filters"))
+                   meta["history"], meta["model_ref"], meta.get("task", {}), importance,
+                   meta.get("dead_filters"))

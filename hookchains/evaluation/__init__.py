@@ -1,1 +1,2 @@
-"""How good a sub-network is: faithfulness, pruning baselines, robustness, held-out generalisation."""
+"""How good a sub-network is: faithfulness, pruning baselines, robustness, held-out generalisation, the
+random-weights control."""

@@ -8,13 +8,16 @@ NeuroChains fit used, so the KL of the three sub-networks can be compared (Fig. 
 
 How many filters each layer keeps (``allocation``):
 
-* ``"matched"`` (default, the fairest comparison): every layer keeps as many filters as the
-  NeuroChains sub-network keeps there, and its gates are copied, so only *which* filters differ;
-* ``"proportional"``: a total ``budget`` spread over the layers in proportion to their width (at
-  least one each), all gates open -- closer to the paper's "180 in total".
+* ``"proportional"`` (default, the paper's protocol): a fixed total ``budget`` (default: as many
+  filters as the NeuroChains sub-network keeps; the paper: 180) spread over the layers in proportion
+  to their width (at least one each), every gate open;
+* ``"matched"`` (a second view): every layer keeps as many filters as the NeuroChains sub-network
+  keeps there, and its gates are copied, so only *which* filters differ.
 
 Fine-tuning moves only the kept filters' scores (Adam on the KL to the original's output, thresholded
-network), kept in ``[tau, score_max]`` so the budget never changes; weights and gates stay frozen.
+network), kept in ``[tau, score_max]`` so the budget never changes; weights and gates stay frozen. By
+default it runs as many steps, at the same learning rate, as the NeuroChains fit did. The protocol
+(allocation, budget, gates, steps, lr, seed) is the returned sub-network's ``config``.
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ from hookchains.core.sites import FilterSite
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.sandbox import sandbox
 
-__all__ = ["featuremap_norms", "baseline", "KINDS", "ALLOCATIONS"]
+__all__ = ["featuremap_norms", "proportional_counts", "baseline", "KINDS", "ALLOCATIONS"]
 
 KINDS = ("magnitude", "random")
-ALLOCATIONS = ("matched", "proportional")
+ALLOCATIONS = ("proportional", "matched")
 
 
 @torch.no_grad()
@@ -72,11 +75,23 @@ def featuremap_norms(chains: ScoreHooks, images: torch.Tensor) -> Dict[FilterSit
     return {site: total.cpu() / images.shape[0] for site, total in totals.items()}
 
 
-def _proportional_counts(widths: List[int], budget: int) -> List[int]:
-    """Largest-remainder split of ``budget`` in proportion to ``widths``, at least 1, at most the width."""
+def proportional_counts(widths: List[int], budget: int) -> List[int]:
+    """Split ``budget`` filters over layers of ``widths`` channels in proportion to the widths (the
+    paper's "180 in total" spread by layer), at least 1 and at most the width per layer, by largest
+    remainder (Hamilton's method): the counts sum to ``budget`` and, unless clamped to ``[1, width]``,
+    each is its quota ``budget * w / sum(widths)`` rounded up or down.
+
+    Raises:
+        ValueError: ``budget`` below one per layer or above every filter.
+
+    Example:
+        >>> proportional_counts([16, 16, 32, 32], 37)
+        [6, 6, 13, 12]
+    """
     if not len(widths) <= budget <= sum(widths):
         raise ValueError(f"budget must be between {len(widths)} (one filter per layer) and {sum(widths)} "
-                         f"(every filter), got {budget}")
+                         f"(every filter), got {budget}: pass a budget in that range (sweep: --baseline-budget) "
+                         "or allocation='matched'")
     quota = [budget * w / sum(widths) for w in widths]
     counts = [min(w, max(1, math.floor(q))) for w, q in zip(widths, quota)]
     while sum(counts) < budget:
@@ -95,11 +110,27 @@ def _allocation(chains: ScoreHooks, sub: Subnetwork, allocation: str,
         kept = sub.kept_filters()
         return ({s.name: len(kept.get(s.name, [])) for s in chains.sites.filters},
                 {k: v.clone() for k, v in sub.gate_logits.items()})
-    budget = sub.counts()["filters_kept"] if budget is None else budget
-    counts = _proportional_counts([s.channels for s in chains.sites.filters], budget)
+    counts = proportional_counts([s.channels for s in chains.sites.filters], budget)
     open_gate = torch.tensor(GATE_BOUND * chains.temperature)
     return ({s.name: k for s, k in zip(chains.sites.filters, counts)},
             {g.name: open_gate.clone() for g in chains.sites.gates})
+
+
+def _protocol(sub: Subnetwork, allocation: str, budget: Optional[int], steps: Optional[int],
+              lr: Optional[float]) -> Tuple[Optional[int], int, float]:
+    """The budget, steps and learning rate to use: given ones, else the NeuroChains fit's."""
+    if budget is not None and allocation != "proportional":
+        raise ValueError("budget applies to allocation='proportional' ('matched' keeps sub's per-layer counts)")
+    if allocation == "proportional" and budget is None:
+        budget = sub.counts()["filters_kept"]
+    fitted = {"steps": sub.config.get("steps_run"), "lr": sub.config.get("lr")}
+    steps, lr = (fitted["steps"] if steps is None else steps), (fitted["lr"] if lr is None else lr)
+    if steps is None or lr is None:
+        raise ValueError("sub does not record its fit's steps_run and lr (a hand-made or old result): "
+                         "pass steps= and lr= for the baselines' fine-tuning")
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    return budget, int(steps), float(lr)
 
 
 def _chosen_masks(chains: ScoreHooks, images: torch.Tensor, kind: str, counts: Dict[str, int],
@@ -128,7 +159,7 @@ def _fine_tune(chains: ScoreHooks, images: torch.Tensor, teacher: torch.Tensor, 
     with chains.using("hard"):
         for _ in range(steps):
             optimiser.zero_grad(set_to_none=True)
-            history.append(kl_backward(chains.model, images, teacher_logp, parts, 1.0))
+            history.append(kl_backward(chains, images, teacher_logp, parts, 1.0))
             optimiser.step()
             with torch.no_grad():
                 for name, score in chains.scores.items():
@@ -137,9 +168,9 @@ def _fine_tune(chains: ScoreHooks, images: torch.Tensor, teacher: torch.Tensor, 
     return history
 
 
-def baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: str, *, allocation: str = "matched",
-             budget: Optional[int] = None, steps: int = 100, lr: float = 0.05, seed: int = 0,
-             teacher: Optional[torch.Tensor] = None) -> Subnetwork:
+def baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: str, *,
+             allocation: str = "proportional", budget: Optional[int] = None, steps: Optional[int] = None,
+             lr: Optional[float] = None, seed: int = 0, teacher: Optional[torch.Tensor] = None) -> Subnetwork:
     """A magnitude- or random-pruned sub-network of ``sub``'s size, scores fine-tuned (Fig. 3).
 
     Args:
@@ -147,14 +178,21 @@ def baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: st
         images: the images ``sub`` was fitted on.
         sub: the NeuroChains sub-network whose budget (and, ``"matched"``, layout and gates) to use.
         kind: ``"magnitude"`` (largest mean featuremap norms, :func:`featuremap_norms`) or ``"random"``.
-        allocation: ``"matched"`` or ``"proportional"`` (module doc); budget: total filters for
-            ``"proportional"`` (default: as many as ``sub`` keeps).
-        steps, lr: Adam fine-tuning of the kept scores (start at 1; ``steps=0``: no fine-tuning).
+        allocation: ``"proportional"`` (the paper's) or ``"matched"`` (module doc); budget: total
+            filters for ``"proportional"`` (default: as many as ``sub`` keeps).
+        steps, lr: Adam fine-tuning of the kept scores (start at 1; ``steps=0``: no fine-tuning);
+            default: the steps the fit of ``sub`` ran (``config["steps_run"]``) and its ``lr``.
         seed: the random draw's seed (same seed, same sub-network).
         teacher: the original's logits on ``images`` (default: computed with the hooks off).
 
     Returns:
-        a :class:`Subnetwork` whose fidelity is that of the thresholded network after fine-tuning.
+        a :class:`Subnetwork` whose fidelity is that of the thresholded network after fine-tuning;
+        its ``config`` is the protocol: kind, allocation, budget, gates (``"open"`` or
+        ``"as sub-network"``), steps, lr, seed.
+
+    Raises:
+        ValueError: unknown kind/allocation, a budget outside [layers, filters], or no steps/lr
+            known (a ``sub`` without ``steps_run``/``lr`` in its config: pass them).
 
     Example:
         >>> import hookchains, timm, torch
@@ -164,14 +202,13 @@ def baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: st
         >>> mag = baseline(chains, images, nc, "magnitude", steps=2)
         >>> mag.counts()["filters_kept"] == nc.counts()["filters_kept"]   # the same budget
         True
+        >>> mag.config["allocation"], mag.config["gates"], mag.config["lr"] == nc.config["lr"]
+        ('proportional', 'open', True)
     """
     if kind not in KINDS or allocation not in ALLOCATIONS:
         raise ValueError(f"kind must be one of {KINDS} and allocation one of {ALLOCATIONS}, "
                          f"got {kind!r} and {allocation!r}")
-    if budget is not None and allocation != "proportional":
-        raise ValueError("budget applies to allocation='proportional' ('matched' keeps sub's per-layer counts)")
-    if steps < 0 or lr <= 0:
-        raise ValueError(f"need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    budget, steps, lr = _protocol(sub, allocation, budget, steps, lr)
     images = images.to(next(chains.model.parameters()).device)
     with sandbox(chains, sub):
         counts, gates = _allocation(chains, sub, allocation, budget)
@@ -182,7 +219,8 @@ def baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: st
         student = logits_of(chains, images, "hard")
         scores = {k: v.detach().cpu().clone() for k, v in chains.scores.items()}
         gate_logits = {k: v.detach().cpu().clone() for k, v in chains.gate_logits.items()}
-    config = {"kind": kind, "allocation": allocation, "budget": sum(counts.values()), "steps": steps,
+    config = {"kind": kind, "allocation": allocation, "budget": sum(counts.values()),
+              "gates": "open" if allocation == "proportional" else "as sub-network", "steps": steps,
               "lr": lr, "seed": seed}
     return Subnetwork(chains.sites, scores, gate_logits, chains.tau, chains.temperature,
                       fidelity(teacher, student), config, {"kl": history}, sub.model_ref, dict(sub.task))

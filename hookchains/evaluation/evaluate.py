@@ -7,8 +7,15 @@ For a fitted :class:`~hookchains.core.subnetwork.Subnetwork` and its task's imag
 * generalisation (A.3, Fig. 9) -- the same on held-out images of the task's classes, plus ground-truth
   accuracy of the original and the sub-network when the class folders name model outputs;
 * faithfulness (Fig. 2, 11) -- the degradation from removing each kept filter vs its score;
-* baselines (Fig. 3) -- magnitude and random pruning to the same budget, scores fine-tuned;
-* robustness (Fig. 12) -- ground-truth probability under FGSM / PGD, original vs sub-network.
+* baselines (Fig. 3) -- magnitude and random pruning to the same budget, scores fine-tuned, by default
+  the paper's way (budget spread over layers by width, gates open, as many steps as the fit);
+* robustness (Fig. 12) -- ground-truth probability, accuracy and attack success under FGSM / PGD,
+  original vs sub-network;
+* the random-weights control (Adebayo et al., 2018) -- the same fit on the model with re-initialised
+  weights, its size, KL and overlap with the real sub-network.
+
+Fidelity and baselines keep each image's KL (``kls``), so shares can be counted per image as the paper
+does, and per task.
 
 :func:`evaluate` is what ``hookchains sweep`` writes as one line per task.
 """
@@ -21,9 +28,10 @@ import torch
 
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.fit import logits_of
-from hookchains.core.metrics import accuracy, fidelity, quotient
+from hookchains.core.metrics import accuracy, fidelity, kl_per_image, quotient
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.baselines import baseline
+from hookchains.evaluation.controls import random_weights_control
 from hookchains.evaluation.faithfulness import faithfulness
 from hookchains.evaluation.robustness import robustness
 from hookchains.inputs.tasks import TaskImages
@@ -40,9 +48,15 @@ class EvalOptions:
     Attributes:
         faithfulness: remove each kept filter in turn (one forward pass per kept filter).
         baselines: magnitude and random pruning to the same budget (Fig. 3).
-        baseline_steps / baseline_lr: fine-tuning of the baselines' scores.
-        allocation: ``matched`` (each layer keeps as many filters as the sub-network) or
-            ``proportional`` (the same total spread over layers by width); see :mod:`hookchains.evaluation.baselines`.
+        baseline_steps / baseline_lr: fine-tuning of the baselines' scores (``None``: as many steps,
+            at the same rate, as the NeuroChains fit ran).
+        allocation: ``proportional`` (the paper's: a total budget spread over layers by width, gates
+            open) or ``matched`` (each layer keeps as many filters as the sub-network, its gates);
+            see :mod:`hookchains.evaluation.baselines`.
+        baseline_budget: total filters of a ``proportional`` baseline (``None``: the sub-network's
+            kept count; the paper used 180 against NeuroChains' 157 on average).
+        random_control: also fit the model with re-initialised weights
+            (:func:`hookchains.evaluation.controls.random_weights_control`; one more fit per task).
         robustness: FGSM and PGD attacks (Fig. 12); off by default (``2 + 2 * pgd_steps`` backward passes).
         eps: attack radius in the model's input units (the normalised tensor).
         pgd_steps: PGD iterations.
@@ -51,12 +65,14 @@ class EvalOptions:
 
     faithfulness: bool = True
     baselines: bool = True
-    baseline_steps: int = 100
-    baseline_lr: float = 0.05
-    allocation: str = "matched"
+    baseline_steps: Optional[int] = None
+    baseline_lr: Optional[float] = None
+    allocation: str = "proportional"
+    baseline_budget: Optional[int] = None
     robustness: bool = False
     eps: float = 0.1
     pgd_steps: int = 10
+    random_control: bool = False
     seed: int = 0
 
 
@@ -86,26 +102,35 @@ def evaluate(chains: ScoreHooks, sub: Subnetwork, data: TaskImages, options: Eva
         >>> record["fidelity"]["kl"] >= 0, -1 <= record["faithfulness"]["spearman"] <= 1
         (True, True)
     """
-    chains.load_state(sub.scores, sub.gate_logits)
     device = next(chains.model.parameters()).device
     images = data.images.to(device)
-    teacher, student = logits_of(chains, images, "off").cpu(), logits_of(chains, images, "hard").cpu()
-    record: Dict[str, Any] = {"size": sub.counts(),
-                              "fidelity": {**fidelity(teacher, student), "quotients": quotient(teacher, student).tolist()}}
+    teacher = logits_of(chains, images, "off")
+    record: Dict[str, Any] = {"size": sub.counts(), "fidelity": _fidelity(chains, sub, images, teacher)}
     seed = options.seed + seed_offset
     if data.held_images.shape[0]:
         record["held_out"] = _held_out(chains, data, output_index, device)
     if options.faithfulness:
-        record["faithfulness"] = faithfulness(chains, sub, images, teacher=teacher.to(device)).to_json()
+        record["faithfulness"] = faithfulness(chains, sub, images, teacher=teacher).to_json()
     if options.baselines:
-        record["baselines"] = {kind: _baseline(chains, images, sub, kind, options, seed, teacher.to(device))
+        record["baselines"] = {kind: _baseline(chains, images, sub, kind, options, seed, teacher)
                                for kind in BASELINES}
     if options.robustness:
-        labels = _labels(data.labels, output_index, teacher)
+        labels = _labels(data.labels, output_index, teacher.cpu())
         record["robustness"] = robustness(chains, sub, images, labels.to(device), eps=options.eps,
                                           pgd_steps=options.pgd_steps, seed=seed)
+    if options.random_control:
+        record["random_weights"] = random_weights_control(chains.model, images, sub, seed=seed,
+                                                          score_max=chains.score_max, teacher=teacher)
     chains.load_state(sub.scores, sub.gate_logits)
     return record
+
+
+def _fidelity(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, teacher: torch.Tensor) -> Dict[str, Any]:
+    """Fidelity of ``sub``'s thresholded network, with each image's quotient and KL and the output count."""
+    chains.load_state(sub.scores, sub.gate_logits)
+    teacher, student = teacher.cpu(), logits_of(chains, images, "hard").cpu()
+    return {**fidelity(teacher, student), "outputs": int(teacher.shape[-1]),
+            "quotients": quotient(teacher, student).tolist(), "kls": kl_per_image(teacher, student).tolist()}
 
 
 def _held_out(chains: ScoreHooks, data: TaskImages, output_index: Optional[List[int]], device) -> Dict[str, Any]:
@@ -128,9 +153,19 @@ def _labels(labels: torch.Tensor, output_index: Optional[List[int]], teacher: to
 
 def _baseline(chains: ScoreHooks, images: torch.Tensor, sub: Subnetwork, kind: str, options: EvalOptions, seed: int,
               teacher: torch.Tensor) -> Dict[str, Any]:
-    pruned = baseline(chains, images, sub, kind, allocation=options.allocation, steps=options.baseline_steps,
-                      lr=options.baseline_lr, seed=seed, teacher=teacher)
-    return {"filters_kept": pruned.counts()["filters_kept"], **pruned.fidelity}
+    """One baseline's kept count, fidelity with per-image KL, and protocol (its ``config``); a budget the
+    allocation cannot spread (fewer filters than layers) is recorded as ``{"error": why}``, not raised,
+    so one tiny sub-network does not stop a sweep."""
+    if options.allocation == "proportional" and options.baseline_budget is None and \
+            sub.counts()["filters_kept"] < len(sub.sites.filters):
+        return {"error": f"the sub-network keeps {sub.counts()['filters_kept']} filters, fewer than the "
+                         f"{len(sub.sites.filters)} layers a proportional baseline needs one each: "
+                         "pass a baseline budget or allocation 'matched'"}
+    pruned = baseline(chains, images, sub, kind, allocation=options.allocation, budget=options.baseline_budget,
+                      steps=options.baseline_steps, lr=options.baseline_lr, seed=seed, teacher=teacher)
+    measured = _fidelity(chains, pruned, images, teacher)
+    return {"filters_kept": pruned.counts()["filters_kept"], "kls": measured["kls"], **pruned.fidelity,
+            "protocol": pruned.config}
 
 
 def summary_line(task_id: str, classes: Tuple[str, ...], record: Dict[str, Any]) -> str:
@@ -139,7 +174,8 @@ def summary_line(task_id: str, classes: Tuple[str, ...], record: Dict[str, Any])
     line = (f"task {task_id} ({', '.join(classes)}): {size['filters_kept']}/{size['filters_total']} filters, "
             f"KL {fid['kl']:.3f}, {fid['agree']}/{fid['images']} agree")
     if "baselines" in record:
-        line += "; KL " + ", ".join(f"{k} {v['kl']:.3f}" for k, v in record["baselines"].items())
+        line += "; KL " + ", ".join(f"{k} {v['kl']:.3f}" if "kl" in v else f"{k} skipped ({v['error']})"
+                                    for k, v in record["baselines"].items())
     if "faithfulness" in record and record["faithfulness"]["spearman"] is not None:
         line += f"; Spearman {record['faithfulness']['spearman']:.2f}"
     return line

@@ -5,7 +5,9 @@ The paper attacks the fitting images with FGSM (Goodfellow et al., 2014) and PGD
 probability of the ground-truth class on clean and adversarial images. :func:`robustness` returns
 those per-image probabilities for both networks attacked white-box (each with its own input
 gradients) and, as a control, for the original's adversarial images fed to the sub-network
-("transfer"), which tells gradient masking apart from real robustness.
+("transfer"), which tells gradient masking apart from real robustness. Each image's top-1 correctness
+is kept too, so accuracy and attack success rate (the share of images classified correctly when clean
+that an attack makes wrong) stand next to the probabilities.
 
 Units: ``images`` are the model's *normalised* inputs and ``eps`` is an L-inf radius in those units
 (for ImageNet normalisation, ``eps = (8 / 255) / 0.226`` is 8/255 of the pixel range). Adversarial
@@ -14,7 +16,7 @@ which these functions do not know.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +101,10 @@ def _mode_forward(chains: ScoreHooks, mode: str) -> Forward:
 
 
 @torch.no_grad()
-def _label_probs(forward: Forward, images: torch.Tensor, labels: torch.Tensor) -> List[float]:
+def _label_probs(forward: Forward, images: torch.Tensor, labels: torch.Tensor) -> Tuple[List[float], List[bool]]:
+    """Each image's probability of its label, and whether its top-1 class is the label."""
     probs = F.softmax(forward(images).float(), -1)
-    return probs.gather(-1, labels[:, None]).squeeze(-1).tolist()
+    return probs.gather(-1, labels[:, None]).squeeze(-1).tolist(), (probs.argmax(-1) == labels).tolist()
 
 
 def robustness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, labels: torch.Tensor, *,
@@ -117,7 +120,10 @@ def robustness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, labels
 
     Returns:
         ``{"eps", "pgd_steps", "original": {"clean", "fgsm", "pgd"}, "subnetwork": {...},
-        "transfer": {"fgsm", "pgd"}}``, each list holding one probability per image (Fig. 12).
+        "transfer": {"fgsm", "pgd"}, "correct": {network: {attack: ...}}}``: each list holds one
+        value per image, the probability of its label (Fig. 12) or, under ``"correct"``, whether
+        the network's top-1 class is the label (accuracy; attack success = correct when clean and
+        wrong when attacked; the transfer network's clean images are the sub-network's).
 
     Example:
         >>> import hookchains, timm, torch
@@ -131,15 +137,17 @@ def robustness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, labels
     """
     device = next(chains.model.parameters()).device
     images, labels = images.to(device), labels.to(device)
-    result: Dict[str, Any] = {"eps": float(eps), "pgd_steps": int(pgd_steps)}
+    measured: Dict[str, Dict[str, Tuple[List[float], List[bool]]]] = {}
     with sandbox(chains, sub):
         nets = {"original": _mode_forward(chains, "off"), "subnetwork": _mode_forward(chains, "hard")}
         attacked = {}
         for name, forward in nets.items():
-            attacked[name] = {"fgsm": fgsm(forward, images, labels, eps),
+            attacked[name] = {"clean": images, "fgsm": fgsm(forward, images, labels, eps),
                               "pgd": pgd(forward, images, labels, eps, pgd_steps, seed=seed)}
-            result[name] = {"clean": _label_probs(forward, images, labels),
-                            **{k: _label_probs(forward, x, labels) for k, x in attacked[name].items()}}
-        result["transfer"] = {k: _label_probs(nets["subnetwork"], x, labels)
-                              for k, x in attacked["original"].items()}
+            measured[name] = {k: _label_probs(forward, x, labels) for k, x in attacked[name].items()}
+        measured["transfer"] = {k: _label_probs(nets["subnetwork"], attacked["original"][k], labels)
+                                for k in ("fgsm", "pgd")}
+    result: Dict[str, Any] = {"eps": float(eps), "pgd_steps": int(pgd_steps)}
+    result.update({name: {k: probs for k, (probs, _) in runs.items()} for name, runs in measured.items()})
+    result["correct"] = {name: {k: correct for k, (_, correct) in runs.items()} for name, runs in measured.items()}
     return result

@@ -5,7 +5,8 @@ pruning baselines, Fig. 3) all load some scores into the hooks, zero or fine-tun
 differentiate through the network. NeuroChains never changes a weight (section 3.1), and neither may
 an evaluation: inside the sandbox every model parameter has ``requires_grad=False`` (no weight
 gradient is ever formed) and the model is in eval mode; on exit -- also on an error -- the chains'
-scores, gate logits and their ``.grad`` are put back, as are the model's flags.
+scores, gate logits and their ``.grad`` are put back, as are each submodule's train/eval flag and
+each parameter's ``requires_grad`` (:mod:`hookchains.core.state`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 
 from hookchains.core.attach import ScoreHooks
+from hookchains.core.state import explaining
 from hookchains.core.subnetwork import Subnetwork
 
 __all__ = ["sandbox"]
@@ -43,19 +45,14 @@ def sandbox(chains: ScoreHooks, sub: Optional[Subnetwork] = None) -> Iterator[Sc
     """
     if sub is not None:
         _check_matches(chains, sub)
-    model = chains.model
     saved = [(p, p.detach().clone(), p.grad) for p in chains.parameters()]
-    flags, was_training = [(p, p.requires_grad) for p in model.parameters()], model.training
-    model.eval().requires_grad_(False)
     try:
-        if sub is not None:
-            chains.load_state(sub.scores, sub.gate_logits)
-        yield chains
+        with explaining(chains.model):
+            if sub is not None:
+                chains.load_state(sub.scores, sub.gate_logits)
+            yield chains
     finally:
         with torch.no_grad():
             for param, value, grad in saved:
                 param.copy_(value)
                 param.grad = grad
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        model.train(was_training)

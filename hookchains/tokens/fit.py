@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hookchains.core.fit import FitConfig, chunks, next_kl_weight, stopped
 from hookchains.core.metrics import fidelity
-from hookchains.core.state import eval_mode, frozen_weights
+from hookchains.core.state import eval_mode, frozen_weights, seeded
 from hookchains.inputs.data import validate_images
 from hookchains.tokens.hooks import TokenChains, check_token_model
 from hookchains.tokens.result import TokenSubnetwork
@@ -69,7 +69,7 @@ def _optimise(chains: TokenChains, images: torch.Tensor, teacher_logp: torch.Ten
     history: Dict[str, List[float]] = {"loss": [], "kl": [], "slots": [], "kl_weight": []}
     weight, stable_for, last = 1.0, 0, None
     bar = tqdm(range(cfg.steps), desc="fit tokens", disable=not cfg.progress, leave=False)
-    with chains.using("soft" if cfg.recipe == "paper" else "ste"):
+    with chains.using("soft" if cfg.recipe == "paper" else "ste"):  # recipe None: ste
         for _ in bar:
             optimiser.zero_grad(set_to_none=True)
             kl = _kl_backward(chains, images, teacher_logp, parts, weight)
@@ -127,9 +127,11 @@ def fit_tokens(model: nn.Module, images: torch.Tensor, *, steps: Optional[int] =
     check_token_model(model)
     given = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
     cfg = dataclasses.replace(config or TOKEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **options)
+    if cfg.recipe not in (None, "ste", "hookchains", "paper"):
+        raise ValueError(f"token scores are fitted with recipe 'ste' (default) or 'paper', not {cfg.recipe!r}: "
+                         "the mask and l0 recipes are for filters")
     images = images.to(next(model.parameters()).device)
-    torch.manual_seed(cfg.seed)
-    with eval_mode(model), frozen_weights(model), \
+    with seeded(cfg.seed, images.device), eval_mode(model), frozen_weights(model), \
             TokenChains(model, images.shape[0], tau=tau, example=images[:1]) as chains:
         teacher = _logits(chains, images, "off", cfg.batch_size)
         history = _optimise(chains, images, F.log_softmax(teacher, -1), cfg)

@@ -19,7 +19,7 @@ The drawing is a Graphviz graph laid out left to right:
   connections cannot be determined gets no edges and says why under the title;
 * removed gated layers/blocks (section 3.1, Eq. 6-7) appear as a thin grey "skipped" marker between
   the columns they sat between; runs of removed blocks share one marker;
-* title: the paper-style counts, e.g. "13/67 layers, 77/26560 filters";
+* title: the paper-style counts, e.g. "13/53 layers, 77/26560 filters" (ResNet-50 has 53 conv layers);
 * above ``max_nodes`` (200) kept filters, only the highest-scoring are drawn, at least one per layer,
   and the title says how many.
 

@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from hookchains.adapters import discover
 from hookchains.core.attach import attach
 from hookchains.core.fit import FitConfig, fit, fit_tasks
 from hookchains.core.io import atomic_write_bytes, read_json, write_json
@@ -130,7 +129,8 @@ def run_sweep(config: SweepConfig, out: str | Path, *, device: Optional[str] = N
         _barrier(world)  # every process has read what is done before anyone appends
         mine = [t for t in plan if t.id not in done][rank::world]
         example = torch.zeros(1, 3, *prep.input_size, device=dev)
-        sites = discover(model, example=example)
+        with attach(model, example=example) as checked:  # discovered and checked once for every task
+            sites = checked.sites
         with torch.no_grad():
             outputs = model(example).shape[-1]
         study = _Study(config, model, sites, prep, classes, outputs, out, rank, world, dev, log)

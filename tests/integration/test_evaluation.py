@@ -110,7 +110,12 @@ def test_faithfulness_lists_align_and_one_removal_reproduces_by_hand(fitted):
     assert result.degradation[worst] == float(drop.mean())  # exactly what faithfulness() reported
     assert result.negative_share[worst] == float((quotient(teacher, removed) < 0).float().mean())
     assert set(json.loads(json.dumps(result.to_json()))) == {
-        "spearman", "spearman_negative", "filters", "scores", "degradation", "negative_share"}
+        "spearman", "spearman_negative", "spearman_untied", "untied", "spearman_taylor", "filters", "scores",
+        "degradation", "negative_share", "taylor"}
+    untied = [(s, d) for s, d in zip(result.scores, result.degradation) if s < max(result.scores)]
+    assert result.untied == len(untied)
+    assert result.spearman_untied == spearman(*zip(*untied)) if untied else math.isnan(result.spearman_untied)
+    assert result.spearman_taylor == spearman(result.taylor, result.degradation)
 
 
 def test_faithfulness_json_is_nan_free_and_state_survives_errors(fitted):
@@ -165,6 +170,14 @@ def test_robustness_report_matches_hand_evaluation(fitted):
     _restore(chains, snapshot)
     assert report["transfer"]["fgsm"] == pytest.approx(on_sub.tolist(), abs=1e-6)
     assert report["subnetwork"]["clean"] == pytest.approx(sub_clean.tolist(), abs=1e-6)
+    # top-1 correctness beside each probability: clean by hand; a probability > 0.5 is always the top-1
+    correct = report["correct"]
+    assert set(correct) == {"original", "subnetwork", "transfer"} and set(correct["transfer"]) == {"fgsm", "pgd"}
+    assert correct["original"]["clean"] == (logits_of(chains, images, "off").argmax(-1) == labels).tolist()
+    for part in ("original", "subnetwork", "transfer"):
+        for attack, probs in report[part].items():
+            assert all(c for c, p in zip(correct[part][attack], probs) if p > 0.5)
+            assert not any(c for c, p in zip(correct[part][attack], probs) if p < 1 / 10)  # 10 classes
     json.dumps(report)
 
 
@@ -187,8 +200,8 @@ def test_featuremap_norms_by_hand(fitted):
 def test_matched_baselines_keep_the_layout_and_magnitude_keeps_top_norms(fitted):
     chains, sub, images, _ = fitted
     snapshot = _snapshot(chains)
-    raw = baseline(chains, images, sub, "magnitude", steps=0)
-    tuned = baseline(chains, images, sub, "magnitude", steps=60)
+    raw = baseline(chains, images, sub, "magnitude", allocation="matched", steps=0)
+    tuned = baseline(chains, images, sub, "magnitude", allocation="matched", steps=60, lr=0.05)
     _assert_untouched(chains, snapshot)
     assert _kept_counts(raw) == _kept_counts(tuned) == _kept_counts(sub)
     assert all(torch.equal(raw.gate_logits[k], v) for k, v in sub.gate_logits.items())
@@ -202,7 +215,7 @@ def test_matched_baselines_keep_the_layout_and_magnitude_keeps_top_norms(fitted)
         assert torch.all(s[~keep] == 0) and torch.all((s[keep] >= chains.tau) & (s[keep] <= 1.0))
     assert tuned.fidelity["kl"] <= raw.fidelity["kl"], (raw.fidelity["kl"], tuned.fidelity["kl"])
     assert tuned.config == {"kind": "magnitude", "allocation": "matched", "budget": sum(_kept_counts(sub)),
-                            "steps": 60, "lr": 0.05, "seed": 0}
+                            "gates": "as sub-network", "steps": 60, "lr": 0.05, "seed": 0}
     # fidelity is that of the thresholded network: recompute it by hand
     teacher, student = logits_of(chains, images, "off"), _hard_logits(chains, tuned, images)
     _restore(chains, snapshot)
@@ -212,8 +225,8 @@ def test_matched_baselines_keep_the_layout_and_magnitude_keeps_top_norms(fitted)
 def test_random_baseline_is_seeded_and_proportional_allocation_keeps_the_budget(fitted):
     chains, sub, images, _ = fitted
     snapshot = _snapshot(chains)
-    a, b = (baseline(chains, images, sub, "random", steps=5, seed=3) for _ in range(2))
-    c = baseline(chains, images, sub, "random", steps=5, seed=4)
+    a, b = (baseline(chains, images, sub, "random", allocation="matched", steps=5, seed=3) for _ in range(2))
+    c = baseline(chains, images, sub, "random", allocation="matched", steps=5, seed=4)
     assert all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores) and a.fidelity == b.fidelity
     assert a.kept_filters() != c.kept_filters()
     assert _kept_counts(a) == _kept_counts(sub)
@@ -226,7 +239,7 @@ def test_random_baseline_is_seeded_and_proportional_allocation_keeps_the_budget(
     with pytest.raises(ValueError, match="budget"):
         baseline(chains, images, sub, "random", allocation="proportional", budget=3, steps=0)
     with pytest.raises(ValueError, match="budget applies"):
-        baseline(chains, images, sub, "random", budget=10, steps=0)
+        baseline(chains, images, sub, "random", allocation="matched", budget=10, steps=0)
     with pytest.raises(ValueError, match="kind"):
         baseline(chains, images, sub, "largest", steps=0)
     _assert_untouched(chains, snapshot)
