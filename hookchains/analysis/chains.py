@@ -1,70 +1,59 @@
 """Chains: the per-image paths through a sub-network that the paper draws (Fig. 4-6, section 4.3-4.4).
 
-The paper shows, for every image, two "NeuroChains" -- one filter per retained layer, "stitched by
+The paper shows, for every image, two "NeuroChains" -- filters of the retained layers "stitched by
 filters step by step" -- but never says how a chain is chosen. hookchains defines it as follows.
 
-**Layers and nodes.** Let ``L_1 .. L_m`` be the kept layers of a :class:`~hookchains.Subnetwork`
-(filter sites with a filter ``S >= tau`` outside removed gates, ``sub.kept_filters()``) in network
-order (``sub.sites.filters``), and ``K_l`` their kept filters. An image ``x`` is evaluated by the
-*thresholded* network: the model with the sub-network's hooks in ``"hard"`` mode (section 3.2).
+**Graph.** The nodes are the kept filters of a :class:`~hookchains.Subnetwork` that are not dead; the
+edges are the network's real connections between them, as :mod:`hookchains.core.dataflow` finds them:
+a conv/linear weight that is not zero, through activations, pooling and residual identities (same
+channel; depthwise convs connect a channel to itself only). A path may skip a kept layer through a
+residual identity. An image ``x`` is evaluated by the *thresholded* network (section 3.2).
 
-* **Node activation** ``a_l[u]``: mean over positions of the site's hooked output -- the scored,
-  post-norm output of filter ``u`` -- for ``x``.
-* **Edge contribution** of ``u in K_l`` to ``v in K_{l+1}`` when layer ``l+1`` *reads* layer ``l``
-  (see links): ``c(u, v) = E[v, u] * a_l[u]`` with the effective weight
-  ``E[v, u] = S[v] * g[v] * sum_kernel W[v, u]``: the conv weight connecting input channel ``u`` to
-  output channel ``v`` summed over the kernel, times the per-channel scale ``g`` of the norm the score
-  sits on (BatchNorm: ``gamma / sqrt(running_var + eps)``; another norm: its weight; none: 1) and the
-  filter's score. ``c`` is ``u``'s first-order share of ``v``'s hooked output for a spatially constant
-  input, in the units of ``a_{l+1}``; without ``g`` a channel that BatchNorm shrinks a hundredfold
-  would look as strong as one it amplifies.
-* **Fallback** when layer ``l+1`` does not read layer ``l`` (a shortcut conv reading the block input,
-  a removed layer in between, parallel branches): there is no weight, and
-  ``c(u, v) = a_l[u] * a_{l+1}[v]``, the co-activation of the two filters on ``x``.
-  :attr:`Chain.linked` says which steps used a weight.
-* **Logit contribution** of ``u in K_m``: gradient x activation of the predicted logit ``z_c`` (the
-  thresholded network's top-1 class) w.r.t. the site's hooked output, summed over positions. When
-  the classifier directly follows global average pooling this is ``W_fc[c, u] * a_m[u]``: the same
-  rule as the edges.
-* A **chain** is a path ``(u_1, .., u_m)``, one filter per kept layer; its **strength** is the *sum*
-  of its ``m - 1`` edge contributions and the logit contribution of ``u_m``. The sum, not the
-  minimum: contributions are additive first-order shares, so their sum is the path's total share,
-  whereas a minimum lets one weak link decide and makes all paths through one bottleneck tie. The
-  sum also makes "the k strongest paths" an exact dynamic programme.
+**Values, one unit.** An edge ``u -> v`` is worth ``c(u, v) = E[v, u] * r[u]``: ``u``'s first-order
+share of ``v``'s hooked output (``E`` the effective weight, ``r`` the gradient x activation share of
+``u`` in what ``v``'s conv really reads, after the activation; :mod:`hookchains.core.dataflow`). A chain
+ends in the predicted logit ``z_c`` of the thresholded network with ``u``'s gradient x activation
+share of ``z_c``. A node whose share is exactly 0 in every consumer on the image (e.g. zero after its
+ReLU/ReLU6 everywhere) contributes nothing and is in no chain of that image.
 
-**Links.** Layer ``l+1`` reads layer ``l`` when, in one probe forward with gradients, the autograd
-graph from the input of ``l+1``'s conv/linear reaches ``l``'s hooked output without passing through
-any other filter site's hooked output, and the weight's input width equals ``l``'s channel count
-(grouped and depthwise convs use their block-diagonal weight). Equal channel counts alone are not
-enough: parallel branches and layers across a removed layer often match in width.
+**Chains.** A chain starts at a filter that reads the image, follows edges and ends in the logit; its
+**strength** is the *sum* of its edge values and its end value. The sum, not the minimum:
+contributions are additive first-order shares, so their sum is the path's total share, whereas a
+minimum lets one weak link decide. The sum also makes "the k strongest paths" an exact dynamic
+programme over the layers (:func:`kbest_paths`).
 
-**Top-k.** A k-best dynamic programme over the layers keeps, for every node, the k best partial paths
-ending there, ranked by strength and then by filter indices (lexicographically), so ties break by
-index deterministically. It is exact: partial paths ending at the same node share every later term.
-Cost ``O(k * sum_l |K_l| * |K_{l+1}|)`` per image.
+**Diverse chains.** The strongest paths usually differ in one filter. With ``diversity = d > 0``,
+:func:`extract_chains` returns chains that pairwise differ in at least a share ``d`` of their filters
+(:meth:`Chain.difference`): greedily, strongest first, from the ``pool`` strongest paths; when the
+pool runs out, the strongest path through none of the filters already chosen (difference 1) is added.
 
 Example:
-    >>> chains = extract_chains(sub, model, images, k=2)
-    >>> [f.label for f in chains[0][0].filters]          # image 0, strongest chain
-    ['L3B1C1_23', 'L3B1C2_18', 'L4B1C3_511']
+    >>> import torch
+    >>> from torch import nn
+    >>> from hookchains.core.testing import random_subnetwork
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    >>> images = torch.randn(2, 3, 8, 8)
+    >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
+    >>> chains = extract_chains(sub, model, images, k=2, diversity=0.5)
+    >>> [[f.label for f in c.filters] for c in chains[0]]    # image 0: depthwise steps stay on their channel
+    [['0_0', '2_0'], ['0_1', '2_1']]
 """
 from __future__ import annotations
 
-import heapq
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from hookchains.core.attach import attach
-from hookchains.core.sites import FilterSite
-from hookchains.core.state import eval_mode
+from hookchains.core.dataflow import INPUT, Dataflow, trace_dataflow
 from hookchains.core.subnetwork import Subnetwork
 
-__all__ = ["Chain", "ChainFilter", "LayerTrace", "channel_weights", "extract_chains", "kbest_paths",
-           "thresholded", "trace_layers"]
+__all__ = ["Chain", "ChainFilter", "extract_chains", "kbest_paths"]
+
+Path = Tuple[Tuple[int, int], ...]  # ((layer, node), ...)
 
 
 class ChainFilter(NamedTuple):
@@ -77,20 +66,18 @@ class ChainFilter(NamedTuple):
 
 @dataclass
 class Chain:
-    """One path through the kept layers for one image (see the module docstring for the definition).
+    """One path from a filter reading the image to the predicted logit (module docstring).
 
     Attributes:
-        filters: one :class:`ChainFilter` per kept layer, in network order.
+        filters: the path's filters in network order (a kept layer may be skipped).
         strength: sum of ``contributions``.
-        contributions: the ``len(filters) - 1`` edge contributions, then the logit contribution.
-        linked: per edge, True when a weight connects the two layers (False: activation product).
+        contributions: the ``len(filters) - 1`` edge values, then the logit share of the last filter.
         image: index of the image in the batch; target: the class whose logit the chain ends in.
     """
 
     filters: List[ChainFilter]
     strength: float
     contributions: List[float]
-    linked: List[bool]
     image: int
     target: int
 
@@ -99,270 +86,234 @@ class Chain:
         """The chain's filters as ``((site, index), ...)``: equal for the same path on any image."""
         return tuple((f.site, f.index) for f in self.filters)
 
-
-@dataclass
-class LayerTrace:
-    """What the thresholded network does in its kept layers (the input of chains and drawings).
-
-    Attributes:
-        sites: kept filter sites in network order; kept: their kept filter indices.
-        linked: per consecutive pair of kept layers, whether the second reads the first.
-        activations: per kept layer, node activations ``(N, len(kept[l]))``; None without images.
-        logit_attribution: ``(N, len(kept[-1]))`` logit contributions; None without images.
-        predictions: ``(N,)`` top-1 classes of the thresholded network; None without images.
-    """
-
-    sites: List[FilterSite]
-    kept: List[List[int]]
-    linked: List[bool]
-    activations: Optional[List[Tensor]] = None
-    logit_attribution: Optional[Tensor] = None
-    predictions: Optional[Tensor] = None
+    def difference(self, other: Chain) -> float:
+        """Share of filters not in common: ``1 - |shared| / max(len(self), len(other))``, in [0, 1]."""
+        shared = len(set(self.key) & set(other.key))
+        return 1.0 - shared / max(len(self.filters), len(other.filters))
 
 
-@contextmanager
-def thresholded(sub: Subnetwork, model: nn.Module) -> Iterator[nn.Module]:
-    """Evaluate ``model`` as the thresholded sub-network (hooks in ``"hard"`` mode, eval mode).
-
-    Weights and scores do not require gradients inside (flags restored on exit), so a forward with
-    gradients enabled records only what its caller asks for. Pass a model without hookchains hooks;
-    the hooks added here are removed on exit.
-
-    Example:
-        >>> with thresholded(sub, model) as net:
-        ...     logits = net(images)
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    hooks = attach(model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature)
-    try:
-        hooks.load_state(sub.scores, sub.gate_logits)
-        for parameter in [p for p, _ in flags] + list(hooks.parameters()):
-            parameter.requires_grad_(False)
-        with hooks.using("hard"), eval_mode(model):
-            yield model
-    finally:
-        hooks.detach()
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+def _candidates(beams: List[Tensor], edges: Mapping[Tuple[int, int], Tensor], start: Optional[Tensor], b: int):
+    """All one-step extensions into layer ``b``: (M, n_b) values and the segments decoding a row."""
+    rows, segments, offset = [], [], 0
+    if start is not None:
+        rows.append(start.double()[None, :])
+        segments.append((offset, None))
+        offset += 1
+    for a in range(b):
+        if (a, b) in edges:
+            grown = beams[a][:, :, None] + edges[(a, b)].double()[:, None, :]  # (n_a, k, n_b)
+            rows.append(grown.reshape(-1, grown.shape[-1]))
+            segments.append((offset, a))
+            offset += rows[-1].shape[0]
+    return rows, segments
 
 
-def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite, *, absolute: bool = False) -> Tensor:
-    """Effective weights ``E[v, u] = S[v] * g[v] * sum_kernel W[v, u]`` of a site, shape (out, in).
-
-    ``g`` is the norm scale the module docstring defines. Grouped/depthwise convs give the
-    block-diagonal (out, in) matrix. ``absolute=True`` sums ``|W|`` over the kernel and uses ``|g|``
-    (a connection's magnitude, as :mod:`hookchains.viz.graph` draws it).
-
-    Example:
-        >>> channel_weights(sub, model, sub.sites.filter("layer1.0.conv2")).shape
-        torch.Size([64, 64])
-    """
-    weight = model.get_submodule(site.name).weight.detach().float()
-    kernel = weight.abs() if absolute else weight
-    summed = kernel.flatten(2).sum(-1) if kernel.ndim > 2 else kernel
-    groups = site.groups if site.kind == "conv" else 1
-    dense = torch.block_diag(*summed.split(summed.shape[0] // groups)) if groups > 1 else summed
-    scale = _norm_scale(model.get_submodule(site.fold_module), site, summed.shape[0])
-    scale = scale.abs() if absolute else scale
-    score = sub.scores[site.name].float()
-    return (score * (score >= sub.tau) * scale.to(score.device)).cpu()[:, None] * dense.cpu()
+def _top(values: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Per column the ``k`` largest of ``(M, n)`` values and their rows, ties to the lower row (stable)."""
+    if values.shape[0] < k:
+        pad = torch.full((k - values.shape[0], values.shape[1]), float("-inf"), dtype=values.dtype)
+        values = torch.cat([values, pad])
+    threshold = values.topk(k, dim=0).values[-1]
+    above = values > threshold
+    tied = values == threshold
+    chosen = above | (tied & (tied.cumsum(0) <= k - above.sum(0)))
+    rows = chosen.T.nonzero()[:, 1].view(-1, k).T  # (k, n), ascending rows per column
+    picked = values.gather(0, rows)
+    picked, order = torch.sort(picked, dim=0, descending=True, stable=True)
+    return picked, rows.gather(0, order)
 
 
-def _norm_scale(module: nn.Module, site: FilterSite, channels: int) -> Tensor:
-    """Per-channel multiplier of the norm a score sits on (1 when the score sits on the conv)."""
-    weight = getattr(module, "weight", None)
-    if site.fold_module == site.name or weight is None or weight.numel() != channels:
-        scale = torch.ones(channels)
-    else:
-        scale = weight.detach().float()
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and module.running_var is not None:
-        scale = scale.to(module.running_var.device) / torch.sqrt(module.running_var.float() + module.eps)
-    return scale
+def _decode(segments, index: int, k: int) -> Optional[Tuple[int, int, int]]:
+    """Candidate row -> (layer, node, rank) of the prefix it extends, or None for a start."""
+    offset, layer = max((s for s in segments if s[0] <= index), key=lambda s: s[0])
+    return None if layer is None else (layer, (index - offset) // k, (index - offset) % k)
 
 
-def _spatial_dims(out: Tensor, site: FilterSite) -> List[int]:
-    channel = site.channel_dim % out.ndim
-    return [d for d in range(1, out.ndim) if d != channel]
+def kbest_paths(sizes: Sequence[int], edges: Mapping[Tuple[int, int], Tensor], starts: Mapping[int, Tensor],
+                ends: Mapping[int, Tensor], k: int) -> List[Tuple[float, Path]]:
+    """The ``k`` strongest paths of a layered graph, by exact k-best dynamic programming.
 
+    Layers ``0 .. m-1`` are in topological order (edges go from a lower to a higher layer, possibly
+    skipping layers). ``edges[(a, b)]`` is the ``(sizes[a], sizes[b])`` matrix of edge values,
+    ``-inf`` where there is no edge; ``starts[a]`` / ``ends[a]`` (``(sizes[a],)``) the value of
+    starting / ending a path at a node (``-inf``: not allowed; a layer missing from the mapping: not
+    allowed at all). A path's strength is its start, edge and end values summed. Exact: the ``k``
+    best partial paths into a node suffice, since every continuation adds the same value to each.
+    Ties are broken by enumeration order (a start first, then lower source layer, lower node index,
+    better rank), stably. Cost ``O(k * number of node pairs)``.
 
-@contextmanager
-def _hooks(model: nn.Module, sites: Sequence[FilterSite], hook: Callable, pre: Optional[Callable] = None,
-           pre_sites: Sequence[FilterSite] = ()) -> Iterator[None]:
-    """Temporary forward hooks ``hook(site, out)`` on hook modules (and pre-hooks on conv inputs)."""
-    get = model.get_submodule
-    handles = [get(s.hook_module).register_forward_hook(lambda m, a, o, s=s: hook(s, o)) for s in sites]
-    handles += [get(s.name).register_forward_pre_hook(lambda m, a, s=s: pre(s, a[0])) for s in pre_sites]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _reaches(start, target, stops: set) -> bool:
-    """Whether autograd node ``target`` is reachable from ``start`` without crossing ``stops``."""
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        if node is target:
-            return True
-        seen.add(node)
-        if node not in stops:
-            todo.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
-def _direct_links(sub: Subnetwork, model: nn.Module, sites: List[FilterSite], example: Tensor) -> List[bool]:
-    """Per consecutive pair of ``sites``: does the second's conv read the first's hooked output?"""
-    outputs: Dict[str, object] = {}  # autograd nodes, which keep the probe's graph alive
-    inputs: Dict[str, object] = {}
-
-    def on_output(site: FilterSite, out: Tensor) -> None:
-        outputs[site.name] = out.grad_fn
-
-    def on_input(site: FilterSite, x: Tensor) -> None:
-        inputs[site.name] = x.grad_fn
-
-    with _hooks(model, sub.sites.filters, on_output, on_input, sites[1:]), torch.enable_grad():
-        model(example.detach().clone().requires_grad_(True))
-    stops = {node for node in outputs.values() if node is not None}
-    links = []
-    for before, after in zip(sites, sites[1:]):
-        target = outputs.get(before.name)
-        links.append(_input_width(model, after) == before.channels and target is not None
-                     and _reaches(inputs.get(after.name), target, stops))
-    return links
-
-
-def _input_width(model: nn.Module, site: FilterSite) -> int:
-    """Input channels of a site's conv/linear (its weight's second dimension times the groups)."""
-    weight = model.get_submodule(site.name).weight
-    return weight.shape[1] * (site.groups if site.kind == "conv" else 1)
-
-
-def _measure(model: nn.Module, sites: List[FilterSite], kept: List[List[int]], images: Tensor):
-    """Node activations, logit contributions of the last kept layer and predictions, in one forward."""
-    means: Dict[str, Tensor] = {}
-    last: Dict[str, Tensor] = {}
-
-    def record(site: FilterSite, out: Tensor) -> Optional[Tensor]:
-        dims = _spatial_dims(out, site)
-        means[site.name] = out.detach().float().mean(dims) if dims else out.detach().float()
-        if site is sites[-1]:  # gradients flow only from here on: cheap, whatever the model's size
-            last["leaf"] = out.detach().requires_grad_(True)
-            return last["leaf"].clone()
-        return None
-
-    with _hooks(model, sites, record), torch.enable_grad():
-        logits = model(images).float()
-        predictions = logits.argmax(-1)
-        picked = logits.gather(1, predictions[:, None]).sum()
-        (grad,) = torch.autograd.grad(picked, last["leaf"], allow_unused=True)
-    leaf = last["leaf"].detach()
-    grad = torch.zeros_like(leaf) if grad is None else grad
-    dims = _spatial_dims(leaf, sites[-1])
-    attribution = (grad * leaf).float().sum(dims) if dims else (grad * leaf).float()
-    activations = [means[s.name][:, idx].cpu() for s, idx in zip(sites, kept)]
-    return activations, attribution[:, kept[-1]].cpu(), predictions.cpu()
-
-
-def trace_layers(sub: Subnetwork, model: nn.Module, images: Optional[Tensor] = None) -> LayerTrace:
-    """Kept layers, which consecutive ones are linked, and (with ``images``) what they compute.
-
-    Runs the thresholded network: one probe forward with gradients on one image (zeros of the site
-    map's input shape when ``images`` is None) for the links, then one forward over ``images``.
+    Returns:
+        up to ``k`` ``(strength, ((layer, node), ...))`` with finite strength, strongest first.
 
     Example:
-        >>> trace = trace_layers(sub, model, images)
-        >>> [s.label for s in trace.sites], trace.linked
-        (['L1B1C1', 'L1B1C2', 'L2B1SC'], [True, False])
-    """
-    kept_map = sub.kept_filters()
-    sites = [s for s in sub.sites.filters if s.name in kept_map]
-    kept = [kept_map[s.name] for s in sites]
-    if not sites:
-        return LayerTrace([], [], [])
-    device = next(model.parameters()).device
-    example = images[:1] if images is not None else torch.zeros(1, *sub.sites.input_shape[1:])
-    with thresholded(sub, model):
-        links = _direct_links(sub, model, sites, example.to(device))
-        if images is None:
-            return LayerTrace(sites, kept, links)
-        activations, attribution, predictions = _measure(model, sites, kept, images.to(device))
-    return LayerTrace(sites, kept, links, activations, attribution, predictions)
-
-
-def _rank(item: Tuple[float, Tuple[int, ...]]) -> Tuple[float, Tuple[int, ...]]:
-    return -item[0], item[1]
-
-
-def kbest_paths(steps: Sequence[Tensor], final: Tensor, k: int) -> List[Tuple[float, Tuple[int, ...]]]:
-    """The ``k`` strongest paths through layered nodes, by exact k-best dynamic programming.
-
-    ``steps[l]`` is the ``(n_l, n_{l+1})`` matrix of contributions from node ``i`` of layer ``l`` to
-    node ``j`` of layer ``l+1``; ``final`` the ``(n_m,)`` contributions of the last layer's nodes.
-    A path's strength is its contributions summed left to right; ties go to the lexicographically
-    smaller index tuple. Returns ``[(strength, (i_1, .., i_m)), ...]``, strongest first.
-
-    Example:
-        >>> kbest_paths([torch.tensor([[1.0, 0.0], [0.0, 3.0]])], torch.tensor([0.0, 1.0]), k=2)
-        [(4.0, (1, 1)), (2.0, (0, 1))]
+        >>> inf = float("inf")
+        >>> kbest_paths([2, 2], {(0, 1): torch.tensor([[1.0, -inf], [0.0, 3.0]])},
+        ...             {0: torch.zeros(2)}, {1: torch.tensor([0.0, 1.0])}, k=2)
+        [(4.0, ((0, 1), (1, 1))), (1.0, ((0, 0), (1, 0)))]
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    first = steps[0].shape[0] if steps else final.shape[0]
-    beams: List[List[Tuple[float, Tuple[int, ...]]]] = [[(0.0, (i,))] for i in range(first)]
-    for step in steps:
-        table = step.double().tolist()
-        beams = [heapq.nsmallest(k, ((s + table[i][j], p + (j,)) for i, beam in enumerate(beams)
-                                     for s, p in beam), key=_rank) for j in range(step.shape[1])]
-    ends = final.double().tolist()
-    return heapq.nsmallest(k, ((s + ends[p[-1]], p) for beam in beams for s, p in beam), key=_rank)
+    beams: List[Tensor] = []  # per layer (n, k) best partial strengths
+    backs: List[Tuple[Tensor, list]] = []
+    for b, size in enumerate(sizes):
+        rows, segments = _candidates(beams, edges, starts.get(b), b)
+        if not rows:
+            beams.append(torch.full((size, k), float("-inf"), dtype=torch.float64))
+            backs.append((torch.zeros(k, size, dtype=torch.long), segments))
+            continue
+        values, order = _top(torch.cat(rows), k)
+        beams.append(values.T.contiguous())
+        backs.append((order, segments))
+    finals = [(beams[a] + ends[a].double()[:, None]).reshape(-1) for a in range(len(sizes)) if a in ends]
+    layers = [a for a in range(len(sizes)) if a in ends]
+    if not finals:
+        return []
+    values, order = torch.sort(torch.cat(finals), descending=True, stable=True)
+    sizes_k = [beams[a].numel() for a in layers]
+    result = []
+    for value, index in zip(values[:k].tolist(), order[:k].tolist()):
+        if value == float("-inf"):
+            break
+        segment = next(i for i in range(len(layers)) if index < sum(sizes_k[:i + 1]))
+        local = index - sum(sizes_k[:segment])
+        result.append((value, _backtrack(backs, layers[segment], local // k, local % k, k)))
+    return result
 
 
-def _image_steps(trace: LayerTrace, weights: List[Optional[Tensor]], n: int) -> List[Tensor]:
-    """Per consecutive pair, the (n_l, n_{l+1}) edge contributions for image ``n``."""
-    acts = [a[n].double() for a in trace.activations]
-    steps = []
-    for l, weight in enumerate(weights):
-        if weight is None:
-            steps.append(acts[l][:, None] * acts[l + 1][None, :])
-        else:
-            steps.append(weight.double() * acts[l][:, None])
-    return steps
+def _backtrack(backs, layer: int, node: int, rank: int, k: int) -> Path:
+    """The path whose ``rank``-th best prefix ends at ``(layer, node)``."""
+    path = [(layer, node)]
+    while True:
+        order, segments = backs[layer]
+        previous = _decode(segments, int(order[rank, node]), k)
+        if previous is None:
+            return tuple(reversed(path))
+        layer, node, rank = previous
+        path.append((layer, node))
 
 
-def extract_chains(sub: Subnetwork, model: nn.Module, images: Tensor, k: int = 2) -> List[List[Chain]]:
-    """The ``k`` strongest chains of every image (paper Fig. 4-5 show ``k = 2``).
+def _image_graph(edges: Dict, ends: Dict, silent: Dict[int, Tensor], n: int,
+                 banned: Set[Tuple[int, int]]):
+    """Edge and end values of image ``n`` with silent and ``banned`` nodes removed."""
+    def cut(values: Tensor, layer: int, dim: int) -> Tensor:
+        mask = silent[layer][n].clone()
+        for l, node in banned:
+            if l == layer:
+                mask[node] = True
+        return values.masked_fill(mask.view(-1, *([1] * dim)), float("-inf"))
+
+    image_edges = {(a, b): cut(v[n], a, 1) for (a, b), v in edges.items()}
+    for (a, b) in image_edges:
+        for l, node in banned:
+            if l == b:
+                image_edges[(a, b)][:, node] = float("-inf")
+    image_ends = {a: cut(v[n], a, 0) for a, v in ends.items()}
+    return image_edges, image_ends
+
+
+def _starts(flow: Dataflow) -> Dict[int, Tensor]:
+    """Start values: 0 at live filters of sites that read the image."""
+    starts = {}
+    for i, site in enumerate(flow.sites):
+        if INPUT in flow.feeds.get(site.name, []):
+            starts[i] = torch.zeros(len(flow.kept[i]), dtype=torch.float64).masked_fill(
+                ~flow.live(site.name), float("-inf"))
+    return starts
+
+
+def _select(candidates: List[Chain], k: int, diversity: float) -> List[Chain]:
+    """Greedy: strongest first, each differing from every chosen one in at least ``diversity``."""
+    chosen: List[Chain] = []
+    for chain in candidates:
+        if all(chain.difference(c) >= diversity for c in chosen):
+            chosen.append(chain)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def extract_chains(sub: Subnetwork, model: nn.Module, images: Tensor, k: int = 2, diversity: float = 0.0,
+                   pool: Optional[int] = None) -> List[List[Chain]]:
+    """The ``k`` strongest chains of every image (paper Fig. 4-5 show ``k = 2``), module docstring.
 
     Args:
         sub: the sub-network; model: the model it was fitted on, without hookchains hooks.
         images: N x C x H x W, preprocessed like the fitting images; k: chains per image.
+        diversity: least share of filters in which any two returned chains differ (0: the k strongest).
+        pool: strongest paths searched for diverse ones (default ``10 * k`` when ``diversity > 0``).
 
     Returns:
-        per image, up to ``k`` :class:`Chain` s, strongest first (empty when no layer is kept).
+        per image, up to ``k`` :class:`Chain` s, strongest first (empty when no path reaches the logit).
+
+    Raises:
+        DataflowError: the model's connections cannot be determined (:mod:`hookchains.core.dataflow`).
+        ValueError: ``diversity`` outside [0, 1] or ``k < 1``.
 
     Example:
-        >>> best = extract_chains(sub, model, images)[3][0]
-        >>> best.strength, [f.label for f in best.filters]
-        (7.91, ['L0C1_12', 'L1B1C2_40', 'L4B2C3_301'])
+        >>> import torch
+        >>> from torch import nn
+        >>> from hookchains.core.testing import random_subnetwork
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> sub = random_subnetwork(model, images[:1], keep=0.6, seed=6)     # or hookchains.fit(...)
+        >>> best = extract_chains(sub, model, images)[1][0]       # image 1, strongest chain
+        >>> [f.label for f in best.filters], best.target
+        (['0_0', '2_0'], 0)
+        >>> round(best.strength, 3), [round(c, 3) for c in best.contributions]
+        (0.013, [0.004, 0.009])
     """
-    trace = trace_layers(sub, model, images)
-    if not trace.sites:
+    if not 0.0 <= diversity <= 1.0:
+        raise ValueError(f"diversity is a share of filters in [0, 1], got {diversity}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    flow = trace_dataflow(sub, model, images)
+    if not flow.sites:
         return [[] for _ in range(images.shape[0])]
-    weights = [channel_weights(sub, model, after)[trace.kept[l + 1]][:, trace.kept[l]].T if linked else None
-               for l, (after, linked) in enumerate(zip(trace.sites[1:], trace.linked))]
-    result = []
-    for n in range(images.shape[0]):
-        steps = _image_steps(trace, weights, n)
-        final = trace.logit_attribution[n].double()
-        chains = []
-        for strength, path in kbest_paths(steps, final, k):
-            parts = [float(steps[l][path[l], path[l + 1]]) for l in range(len(steps))] + [float(final[path[-1]])]
-            filters = [ChainFilter(s.name, trace.kept[l][i], f"{s.label}_{trace.kept[l][i]}")
-                       for l, (s, i) in enumerate(zip(trace.sites, path))]
-            chains.append(Chain(filters, strength, parts, list(trace.linked), n, int(trace.predictions[n])))
-        result.append(chains)
-    return result
+    edges = {(flow.position(p), flow.position(c)): flow.edge_values(p, c) for p, c in flow.pairs()}
+    ends = {i: flow.end_values(s.name) for i, s in enumerate(flow.sites)}
+    silent = {i: flow.silent(s.name) for i, s in enumerate(flow.sites)}
+    graph = _Graph(flow, edges, ends, silent, _starts(flow), [len(idx) for idx in flow.kept])
+    return [graph.chains(n, k, diversity, pool or 10 * k) for n in range(images.shape[0])]
+
+
+@dataclass
+class _Graph:
+    """The chain graph of a batch: edge and end values per image, silent nodes, starts."""
+
+    flow: Dataflow
+    edges: Dict[Tuple[int, int], Tensor]
+    ends: Dict[int, Tensor]
+    silent: Dict[int, Tensor]
+    starts: Dict[int, Tensor]
+    sizes: List[int]
+
+    def chain(self, n: int, strength: float, path: Path, image: Tuple[Dict, Dict]) -> Chain:
+        """A path of image ``n`` as a :class:`Chain`, its values read back from ``image`` (edges, ends)."""
+        image_edges, image_ends = image
+        parts = [float(image_edges[(a, b)][u, v]) for (a, u), (b, v) in zip(path, path[1:])]
+        parts.append(float(image_ends[path[-1][0]][path[-1][1]]))
+        sites, kept = self.flow.sites, self.flow.kept
+        filters = [ChainFilter(sites[l].name, kept[l][i], f"{sites[l].label}_{kept[l][i]}") for l, i in path]
+        return Chain(filters, strength, parts, n, int(self.flow.predictions[n]))
+
+    def best(self, n: int, k: int, banned: Set[Tuple[int, int]]) -> List[Tuple[float, Path]]:
+        """The ``k`` strongest paths of image ``n`` through none of the ``banned`` (layer, node)s."""
+        image_edges, image_ends = _image_graph(self.edges, self.ends, self.silent, n, banned)
+        return kbest_paths(self.sizes, image_edges, self.starts, image_ends, k)
+
+    def chains(self, n: int, k: int, diversity: float, pool: int) -> List[Chain]:
+        """The chains of image ``n`` (module docstring: strongest, or diverse from a pool, then disjoint)."""
+        image = _image_graph(self.edges, self.ends, self.silent, n, set())
+        paths = kbest_paths(self.sizes, image[0], self.starts, image[1], k if diversity == 0 else pool)
+        chosen = _select([self.chain(n, s, p, image) for s, p in paths], k, diversity)
+        while diversity > 0 and len(chosen) < k:
+            position = self.flow.position
+            banned = {(position(f.site), self.flow.kept[position(f.site)].index(f.index))
+                      for c in chosen for f in c.filters}
+            found = self.best(n, 1, banned)
+            if not found:
+                break
+            chosen.append(self.chain(n, *found[0], image))
+        return chosen

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
+from hookchains.core.dataflow import DataflowError, find_dead_filters
 from hookchains.core.metrics import fidelity
 from hookchains.core.recipes import GATE_BOUND, RECIPES, Paper, Recipe, Ste, recipe_named
 from hookchains.core.state import explaining, seeded
@@ -416,7 +417,13 @@ def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: _Track, teache
     options = recipe.to_json()
     config = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "recipe": options.pop("name"),
               "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg)}
-    return Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
-                      fidelity(teacher.cpu(), student.cpu()), config, track.history,
-                      importance=recipe.importance(chains, task), ablation=cfg.ablation,
-                      means={k: v.clone() for k, v in chains.means.items()})
+    sub = Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
+                     fidelity(teacher.cpu(), student.cpu()), config, track.history,
+                     importance=recipe.importance(chains, task), ablation=cfg.ablation,
+                     means={k: v.clone() for k, v in chains.means.items()})
+    with chains.using("off"):  # the fit's own hooks must not act twice
+        try:
+            sub.dead_filters = find_dead_filters(sub, chains.model)
+        except DataflowError:
+            pass  # connections unknown: dead_filters stays None ("not determined")
+    return sub

@@ -41,6 +41,9 @@ class Subnetwork:
             :mod:`hookchains.evaluation.curve`, when the recipe has such values (e.g. mask logits); else ``scores`` rank.
         ablation: what a removed filter outputs: ``"zero"`` (the paper) or ``"mean"`` (its mean activation
             on the task images, ``means[site]``); see :mod:`hookchains.core.ablation`.
+        dead_filters: site -> kept filters with no live input (input-independent constants, found by
+            :func:`hookchains.core.dataflow.find_dead_filters` at the end of a fit); None when not determined.
+            Recompute it after changing ``scores``.
     """
 
     sites: SiteMap
@@ -56,6 +59,7 @@ class Subnetwork:
     importance: Dict[str, torch.Tensor] = field(default_factory=dict)
     ablation: str = "zero"
     means: Dict[str, torch.Tensor] = field(default_factory=dict)
+    dead_filters: Optional[Dict[str, List[int]]] = None
 
     # ------------------------------------------------------------------ thresholding
     def gate_open(self, name: str) -> bool:
@@ -92,7 +96,8 @@ class Subnetwork:
         fully-connected units separately. E.g. VGG-19 has 5,504 conv filters in 16 conv layers plus
         8,192 fully-connected units in 2 layers; ResNet-50 has 26,560 conv filters in 53 conv layers.
         (The paper's own "4,480" VGG-19 filters and "/67" ResNet-50 layers do not follow from the
-        architectures.) ``gates_*``: gated layers/blocks kept / total.
+        architectures.) ``gates_*``: gated layers/blocks kept / total. ``dead_filters``: kept filters with
+        no live input (included in ``filters_kept``; None when not determined).
 
         Example:
             >>> sub.counts()["conv_filters_total"]      # doctest: +SKIP
@@ -107,6 +112,7 @@ class Subnetwork:
             "layers_total": len(self.sites.filters),
             "gates_kept": len(self.sites.gates) - len(self.removed_gates),
             "gates_total": len(self.sites.gates),
+            "dead_filters": None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values()),
         }
         for kind, unit in (("conv", "filters"), ("linear", "units")):
             sites = [s for s in self.sites.filters if s.kind == kind]
@@ -169,7 +175,8 @@ class Subnetwork:
             "tau": self.tau, "temperature": self.temperature, "fidelity": self.fidelity,
             "removed_gates": self.removed_gates, "kept_filters": self.kept_filters(),
             "config": self.config, "history": self.history, "model_ref": self.model_ref,
-            "task": self.task, "ablation": self.ablation, "sites": self.sites.to_json()})
+            "task": self.task, "ablation": self.ablation, "dead_filters": self.dead_filters,
+            "sites": self.sites.to_json()})
         return directory
 
     @classmethod
@@ -197,4 +204,4 @@ class Subnetwork:
         means = {k[len(_MEAN):]: v for k, v in tensors.items() if k.startswith(_MEAN)}
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
                    meta["history"], meta["model_ref"], meta.get("task", {}), importance,
-                   meta.get("ablation", "zero"), means)
+                   meta.get("ablation", "zero"), means, meta.get("dead_filters"))

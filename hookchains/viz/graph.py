@@ -8,14 +8,15 @@ The drawing is a Graphviz graph laid out left to right:
 * node colour: the filter's score divided by the largest kept score, on the blue-to-red ``jet`` map
   of :mod:`hookchains.viz.heatmap` ("the redder the node, the larger the scaling score"), with a colour
   bar under the title; shortcut convs (labels containing ``SC``) get a dashed border;
-* edges between consecutive kept layers where the second reads the first
-  (:func:`hookchains.analysis.chains.trace_layers` decides), with strength
-  ``|E|[v, u] * |mean activation of u on the task images|``, ``|E|`` being the kernel-summed ``|W|``
-  times the norm scale and score of ``v`` (:func:`hookchains.analysis.chains.channel_weights`); without images
-  only ``|E|``. For readability each node keeps its ``max_edges_per_node`` strongest incoming edges,
-  and of those only the ones of at least 10 % of the strongest edge between the two layers; pen width
-  is proportional to strength within each pair of layers. Layers that are not linked get no edge;
-  invisible edges keep the columns in order;
+* edges where the network really connects two kept filters (:mod:`hookchains.core.dataflow`: a nonzero
+  weight, through activations, pooling and residual identities -- also between layers that are not
+  adjacent in the drawing, when a residual path skips a kept layer), with the one edge value of
+  :meth:`hookchains.core.dataflow.Dataflow.strength`: ``|mean over the task images of E[v, u] * r[u]|``
+  (``u``'s first-order share of ``v``'s output), without images ``|E[v, u]|``. For readability each
+  node keeps its ``max_edges_per_node`` strongest incoming edges per source layer, and of those only
+  the ones of at least 10 % of the strongest edge between the two layers; pen width is proportional
+  to strength within each pair of layers. Invisible edges keep the columns in order. A model whose
+  connections cannot be determined gets no edges and says why under the title;
 * removed gated layers/blocks (section 3.1, Eq. 6-7) appear as a thin grey "skipped" marker between
   the columns they sat between; runs of removed blocks share one marker;
 * title: the paper-style counts, e.g. "13/53 layers, 77/26560 filters" (ResNet-50 has 53 conv layers);
@@ -44,7 +45,7 @@ import graphviz
 import torch
 from torch import Tensor, nn
 
-from hookchains.analysis.chains import LayerTrace, channel_weights, trace_layers
+from hookchains.core.dataflow import Dataflow, DataflowError, trace_dataflow
 from hookchains.core.io import PathLike, atomic_write_bytes
 from hookchains.core.sites import FilterSite
 from hookchains.core.subnetwork import Subnetwork
@@ -117,8 +118,8 @@ def _node_colours(values: Tensor) -> List[Tuple[str, str]]:
     return [(_hex(c), "white" if lum < 0.5 else "black") for c, lum in zip(rgb.tolist(), luminance.tolist())]
 
 
-def _title_label(sub: Subnetwork, top_score: float, drawn: int) -> str:
-    """HTML-like label: the paper-style counts over a colour bar of the score scale."""
+def _title_label(sub: Subnetwork, top_score: float, drawn: int, note: str = "") -> str:
+    """HTML-like label: the paper-style counts over a colour bar of the score scale (and a note)."""
     c = sub.counts()
     title = f"{c['layers_kept']}/{c['layers_total']} layers, {c['filters_kept']}/{c['filters_total']} filters"
     if c["gates_total"]:
@@ -129,7 +130,9 @@ def _title_label(sub: Subnetwork, top_score: float, drawn: int) -> str:
                     for fill, _ in _node_colours(torch.linspace(0, 1, 10)))
     return (f'<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1"><TR><TD COLSPAN="12"><B>{html.escape(title)}'
             f'</B></TD></TR><TR><TD ALIGN="RIGHT"><FONT POINT-SIZE="9">score 0</FONT></TD>{cells}'
-            f'<TD ALIGN="LEFT"><FONT POINT-SIZE="9">{top_score:.3g}</FONT></TD></TR></TABLE>>')
+            f'<TD ALIGN="LEFT"><FONT POINT-SIZE="9">{top_score:.3g}</FONT></TD></TR>'
+            + (f'<TR><TD COLSPAN="12"><FONT POINT-SIZE="9">{html.escape(note)}</FONT></TD></TR>' if note else '')
+            + '</TABLE>>')
 
 
 def _strong_edges(strength: Tensor, per_node: int) -> List[Tuple[int, int, float]]:
@@ -147,21 +150,14 @@ def _strong_edges(strength: Tensor, per_node: int) -> List[Tuple[int, int, float
     return edges
 
 
-def _edge_strengths(sub: Subnetwork, model: nn.Module, trace: LayerTrace,
-                    shown: List[List[int]]) -> List[Optional[Tensor]]:
-    """Per consecutive kept pair, the (n_u, n_v) strengths between the ``shown`` filters, or None."""
-    result: List[Optional[Tensor]] = []
-    for l, linked in enumerate(trace.linked):
-        if not linked:
-            result.append(None)
-            continue
-        weights = channel_weights(sub, model, trace.sites[l + 1], absolute=True)
-        strength = weights[trace.kept[l + 1]][:, trace.kept[l]].T
-        if trace.activations is not None:
-            strength = strength * trace.activations[l].mean(0).abs()[:, None]
-        rows = [trace.kept[l].index(j) for j in shown[l]]
-        cols = [trace.kept[l + 1].index(j) for j in shown[l + 1]]
-        result.append(strength[rows][:, cols])
+def _edge_strengths(flow: Dataflow, shown: dict) -> List[Tuple[str, str, Tensor]]:
+    """Per connected pair of kept layers, ``(producer, consumer, strengths between shown filters)``."""
+    result = []
+    for producer, consumer in flow.pairs():
+        kept_p, kept_c = flow.kept[flow.position(producer)], flow.kept[flow.position(consumer)]
+        rows = [kept_p.index(j) for j in shown[producer]]
+        cols = [kept_c.index(j) for j in shown[consumer]]
+        result.append((producer, consumer, flow.strength(producer, consumer)[rows][:, cols]))
     return result
 
 
@@ -194,8 +190,8 @@ def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: O
                 max_edges_per_node: int = 3, max_nodes: Optional[int] = MAX_NODES) -> graphviz.Digraph:
     """The drawing of ``sub`` as a :class:`graphviz.Digraph` (see the module docstring for the rules).
 
-    ``model`` is needed for edges (no model: nodes only); ``images`` (the task's batch) weight them
-    by activation. Above ``max_nodes`` kept filters only the highest-scoring ``max_nodes`` are drawn
+    ``model`` is needed for edges (no model: nodes only); ``images`` (the task's batch) give them
+    their values (without: the weights). Above ``max_nodes`` kept filters only the highest-scoring ``max_nodes`` are drawn
     (every kept layer keeps its best one) and the title says so; ``None`` draws all. Nothing here
     runs ``dot``.
 
@@ -215,21 +211,26 @@ def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: O
     columns = _columns(sub, max_nodes)
     layers = [c for c in columns if c.site is not None]
     top = max((float(sub.scores[c.site.name][c.kept].max()) for c in layers), default=1.0) or 1.0
+    flow, note = None, ""
+    if model is not None and layers:
+        try:
+            flow = trace_dataflow(sub, model, images)
+        except DataflowError as error:
+            note = f"no edges drawn: {error}"
     graph = graphviz.Digraph("subnetwork")
     graph.attr(rankdir="LR", newrank="true", nodesep="0.06", ranksep="0.5", labelloc="t", fontname="Helvetica",
-               label=_title_label(sub, top, sum(len(c.kept) for c in layers)))
+               label=_title_label(sub, top, sum(len(c.kept) for c in layers), note))
     graph.attr("node", shape="box", fontname="Helvetica", fontsize="10", height="0.22", margin="0.06,0.02")
     graph.attr("edge", color="#40404099", arrowsize="0.4")
     ids = [_add_column(graph, i, c, sub, top) for i, c in enumerate(columns)]
     for before, after in zip(ids, ids[1:]):
         graph.edge(before[0], after[0], style="invis")
-    if model is None or not layers:
+    if flow is None:
         return graph
-    trace = trace_layers(sub, model, images)
-    layer_ids = [i for c, i in zip(columns, ids) if c.site is not None]
-    for l, strength in enumerate(_edge_strengths(sub, model, trace, [c.kept for c in layers])):
-        for u, v, rel in ([] if strength is None else _strong_edges(strength, max_edges_per_node)):
-            graph.edge(layer_ids[l][u], layer_ids[l + 1][v], penwidth=f"{0.4 + 3.6 * rel:.2f}",
+    layer_ids = {c.site.name: i for c, i in zip(columns, ids) if c.site is not None}
+    for producer, consumer, strength in _edge_strengths(flow, {c.site.name: c.kept for c in layers}):
+        for u, v, rel in _strong_edges(strength, max_edges_per_node):
+            graph.edge(layer_ids[producer][u], layer_ids[consumer][v], penwidth=f"{0.4 + 3.6 * rel:.2f}",
                        tooltip=f"strength {rel * float(strength.max()):.3g}")
     return graph
 
@@ -273,7 +274,7 @@ def render_graph(sub: Subnetwork, model: Optional[nn.Module], path: PathLike,
     Args:
         sub: the sub-network; model: the model it was fitted on (None: no edges).
         path: output file; format: one of :data:`GRAPH_FORMATS`.
-        images: the task's images, to weight edges by activation (None: by weights only).
+        images: the task's images, for edge values (None: by weights only).
         max_edges_per_node: strongest incoming edges kept per node.
         max_nodes: draw at most this many filters (the highest-scoring; ``None``: all).
 

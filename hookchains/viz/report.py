@@ -56,6 +56,7 @@ from torchvision.transforms.functional import to_tensor
 
 from hookchains.analysis.chains import Chain, extract_chains
 from hookchains.analysis.featvis import FeatureVisCache
+from hookchains.core.dataflow import DataflowError
 from hookchains.core.io import PathLike, atomic_write_bytes
 from hookchains.core.progress import Progress
 from hookchains.core.state import capture_featuremaps
@@ -89,6 +90,7 @@ class _Study(Predictions):
     """Predictions and chains of the task images."""
 
     chains: List[List[Chain]] = field(default_factory=list)
+    no_chains: str = "No path from the image to the logit among the kept filters."
 
 
 @dataclass
@@ -105,7 +107,11 @@ def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
     """Original-model predictions and the ``k`` chains of every image."""
     with progress.stage("chains", f"{k} per image, {len(image_set)} images"):
         p = predictions(sub, model, image_set, class_indices)
-        chains = extract_chains(sub, model, image_set.images, k=k)
+        try:
+            chains = extract_chains(sub, model, image_set.images, k=k)
+        except DataflowError as error:
+            return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
+                          chains=[[] for _ in p.predicted], no_chains=f"No chains: {error}")
     return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct, chains=chains)
 
 
@@ -204,10 +210,8 @@ class _Page:
 
     def chain(self, number: int, chain: Chain, images: Sequence[Tuple[int, str]]) -> str:
         """A chain as a titled row of steps."""
-        fallback = sum(1 for linked in chain.linked if not linked)
-        note = f"; {fallback} step(s) without a direct weight (co-activation)" if fallback else ""
         title = (f"Chain {number}: strength {chain.strength:.4g}, ending in the logit of "
-                 f"{self.study.output_names[chain.target]} (the sub-network's prediction){note}")
+                 f"{self.study.output_names[chain.target]} (the sub-network's prediction)")
         steps = "".join(self.step(f, images) for f in chain.filters)
         return f'<div class="chain"><p>{html.escape(title)}</p><ol class="steps">{steps}</ol></div>'
 
@@ -229,9 +233,9 @@ class _Page:
         for i, chains in enumerate(self.study.chains):
             rows = "".join(self.chain(n + 1, c, [(i, "")]) for n, c in enumerate(chains))
             caption = self.study.caption(i)
+            rows = rows or f"<p>{html.escape(self.study.no_chains)}</p>"
             parts.append(f'<article><h3 id="image-{i + 1}">{html.escape(caption)}</h3>'
-                         f'{self.sprites.show(self.pics.images[i], caption)}{rows or "<p>No kept layer.</p>"}'
-                         "</article>")
+                         f'{self.sprites.show(self.pics.images[i], caption)}{rows}</article>')
         return "".join(parts)
 
     def shared(self, views: List[Tuple[int, str, List[Tuple[Chain, int]]]]) -> str:

@@ -20,8 +20,7 @@ import torch
 PACKAGES = ("hookchains", "hookchains.adapters", "hookchains.cli")
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 #: Modules whose examples another branch rewrites right now (issue 10); drop the entry once that branch is in.
-PENDING = {"hookchains.analysis.chains": "branch `chains` rewrites this module and its examples (placeholders "
-                                         "sub/model/images and kbest_paths' wrong second path, here)"}
+PENDING: Dict[str, str] = {}
 
 
 def module_names() -> List[str]:

@@ -1,0 +1,17 @@
+"""A fit records its dead filters (issue 12, item 4): kept filters with no live input."""
+from __future__ import annotations
+
+import pytest
+
+import hookchains
+from hookchains.core.dataflow import find_dead_filters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_fit_records_its_dead_filters(digits_net, digits_task):
+    images, _ = digits_task
+    with hookchains.attach(digits_net, example=images[:1]) as hooks:
+        sub = hookchains.fit(hooks, images, steps=3, progress=False)
+    assert sub.dead_filters == find_dead_filters(sub, digits_net)
+    assert sub.counts()["dead_filters"] == sum(len(v) for v in sub.dead_filters.values())
