@@ -20,9 +20,9 @@ __all__ = ["DEMO_CLASSES", "DEMO_DURATION", "DEMO_FIT", "DEMO_IMAGE_SIZE", "demo
 DEMO_CLASSES = ("Egyptian cat", "espresso")
 DEMO_IMAGE_SIZE = 160
 DEMO_FIT = {"steps": 150, "lr": 0.02}
-DEMO_DURATION = ("It takes about a minute on an idle 2-core CPU and up to 20 minutes on a busy one (measured: "
-                 "19 min at load 20, 86 % of it the 150-step fit, then feature visualisation of the 47 chain "
-                 "filters); each stage prints a status line, and the last line says where the time went.")
+DEMO_DURATION = ("It takes about 1.5 minutes on an idle 2-core CPU (measured: 85 s, 62 s of it the 150-step fit) "
+                 "and up to 20 minutes on a busy one (measured: 19 min at load 20); each stage prints a status "
+                 "line, and the last line says where the time went.")
 """What the demo takes. Measured with ``hookchains demo`` on a 2-core CPU shared by other jobs (load
 average 20, one torch thread): ``time: load 3 s, fit 972 s, materialise 3 s, save 1 s, graph 3 s,
 chains 15 s, feature visualisation 105 s, heatmaps 20 s, report page 2 s, other 7 s (total 1129 s)``.
