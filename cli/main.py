@@ -210,9 +210,11 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
                              allocation=allocation, baseline_budget=baseline_budget, robustness=robustness, eps=eps,
                              pgd_steps=pgd_steps, random_control=random_control, seed=opts["seed"])
     names = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None
-    config = SweepConfig(model_spec, data_dir, n_tasks, classes_per_task, one_vs_rest, names, per_class, held_out,
-                         opts["image_size"], opts["seed"], pretrained, checkpoint, fit, opts["tau"], opts["temperature"],
-                         evaluation, batch_tasks, skip_bad_images)
+    config = SweepConfig(model=model_spec, data=data_dir, tasks=n_tasks, classes_per_task=classes_per_task,
+                         one_vs_rest=one_vs_rest, classes=names, per_class=per_class, held_out=held_out,
+                         image_size=opts["image_size"], seed=opts["seed"], pretrained=pretrained,
+                         checkpoint=checkpoint, fit=fit, tau=opts["tau"], temperature=opts["temperature"],
+                         evaluation=evaluation, batch_tasks=batch_tasks, skip_bad_images=skip_bad_images)
     records = run_sweep(config, out_dir, device=opts["device"], progress=not opts["quiet"],
                         log=None if opts["quiet"] else click.echo)
     if records and not opts["quiet"]:
