@@ -63,6 +63,7 @@ from hookchains.core.attach import attach
 from hookchains.core.sites import FilterSite
 from hookchains.core.state import eval_mode
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.forward import OutputSpec, class_scores
 
 __all__ = ["INPUT", "Dataflow", "DataflowError", "channel_weights", "find_dead_filters", "thresholded",
            "trace_dataflow"]
@@ -341,7 +342,8 @@ class _Probe:
     logits: Optional[Tensor] = None
 
 
-def _cut_forward(model: nn.Module, sites: List[FilterSite], consumers: Dict[str, int], image: Tensor) -> _Probe:
+def _cut_forward(model: nn.Module, sites: List[FilterSite], consumers: Dict[str, int], image: Tensor,
+                 output: OutputSpec) -> _Probe:
     """Forward ``image`` with every site's hooked output cut into a leaf; record each consumer's input."""
     probe, get = _Probe(), model.get_submodule
 
@@ -372,7 +374,15 @@ def _cut_forward(model: nn.Module, sites: List[FilterSite], consumers: Dict[str,
     handles += [get(name).register_forward_pre_hook(read(name, dim)) for name, dim in consumers.items()]
     try:
         probe.leaves[INPUT] = image.detach().clone().requires_grad_(True)
-        probe.logits = model(probe.leaves[INPUT]).float()
+        try:
+            raw = model(probe.leaves[INPUT])
+        except TypeError as exc:  # forward(image, metadata, ...): one image is not enough
+            raise DataflowError(f"chains: {type(model).__name__} cannot run on the image alone "
+                                f"({str(exc).splitlines()[0][:120]}); chains need a one-input model") from None
+        probe.logits = class_scores(raw, output)
+        if probe.logits.ndim != 2:
+            raise DataflowError("chains: the model makes a dense prediction (one per position); chains end at "
+                                "one class score per image")
     finally:
         for handle in handles:
             handle.remove()
@@ -547,7 +557,7 @@ def trace_dataflow(sub: Subnetwork, model: nn.Module, images: Optional[Tensor] =
     device = next(model.parameters()).device
     example = images if images is not None else torch.zeros(1, *sub.sites.input_shape[1:])
     with thresholded(sub, model), torch.enable_grad():
-        probe = _cut_forward(model, sub.sites.filters, consumers, example.to(device))
+        probe = _cut_forward(model, sub.sites.filters, consumers, example.to(device), sub.sites.output)
         flow = _structure(sub, model, probe, consumers)
         if images is not None:
             _shares(probe, flow, {s.name: s for s in sub.sites.filters})
