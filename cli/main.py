@@ -134,14 +134,14 @@ def demo(out_dir, **opts) -> None:
 
 def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> None:
     from hookchains.workflow.extract import extract as run_extract
-    from hookchains.workflow.runs import load_run
+    from hookchains.workflow.runs import read_physical
     config = config_from_options(net, opts)
     sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
                       device=opts["device"], overwrite=opts["overwrite"],
                       graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"],
                       mode=opts.get("mode", "auto"), progress=progress)
     seconds = time.perf_counter() - start
-    physical = load_run(out).physical  # filter runs only: a token run keeps the model's weights
+    physical = read_physical(out)  # filter runs only: a token run keeps the model's weights
     warnings = sub.task.get("warnings", [])
     if opts["as_json"]:
         click.echo(json.dumps({"out": str(out), "summary": sub.summary(), "counts": sub.counts(),

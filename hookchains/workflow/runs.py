@@ -44,7 +44,7 @@ from hookchains.inputs.models import ModelRef
 from hookchains.tokens.materialize import materialize_tokens
 from hookchains.tokens.result import TOKEN_FILES, TokenSubnetwork
 
-__all__ = ["RunFolder", "save_run", "load_run", "load", "is_run_folder", "prepare_run_dir", "discard_staging",
+__all__ = ["RunFolder", "save_run", "load_run", "load", "read_physical", "is_run_folder", "prepare_run_dir", "discard_staging",
            "finish_run_dir", "RUN_KIND"]
 
 TOKEN_LOGITS = "token_logits.safetensors"
@@ -83,14 +83,20 @@ class RunFolder:
 
     @property
     def physical(self) -> Optional[Dict[str, Any]]:
-        """What materialise did for a filter run (channels, parameters, MACs before/after, notes), else ``None``."""
-        path = self.path / PHYSICAL
-        return read_json(path) if path.is_file() else None
+        """What materialise did for a filter run (see :func:`read_physical`), else ``None``."""
+        return read_physical(self.path)
 
     @property
     def is_token_run(self) -> bool:
         """Whether the run holds per-image token scores of a ViT. Example: ``load_run(d).is_token_run``."""
         return isinstance(self.sub, TokenSubnetwork)
+
+
+def read_physical(folder) -> Optional[Dict[str, Any]]:
+    """A filter run's ``materialize.json`` (channels, parameters, MACs before/after, notes), without
+    reading the rest of the run; ``None`` for a token run."""
+    path = Path(folder) / PHYSICAL
+    return read_json(path) if path.is_file() else None
 
 
 def _sha256(path: Path) -> str:
