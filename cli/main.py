@@ -14,7 +14,17 @@ from typing import Optional
 
 import click
 
-from hookchains.cli.options import check_image_size, config_from_options, fit_options, output_choice, run_error
+from hookchains.cli.options import (
+    CHECKPOINT,
+    MOVED_CHECKPOINT,
+    OUTPUT,
+    check_image_size,
+    config_from_options,
+    fit_options,
+    model_options,
+    output_choice,
+    run_error,
+)
 from hookchains.inputs.data import count
 from hookchains.viz.graph import GRAPH_FORMATS
 from hookchains.workflow.demo import DEMO_DURATION
@@ -33,11 +43,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file (safetensors or state_dict)")
+@CHECKPOINT
 @click.option("--image-size", type=int, help="probe resolution (token counts depend on it)")
 @click.option("--adapter", default="auto", show_default=True, help="auto, resnet, vgg, mobilenet, vit or generic")
 @click.option("--no-fx", is_flag=True, help="skip torch.fx; read the graph from one probe forward pass")
-@click.option("--output", help="where the class scores are in a dict/tuple/list output: a key or an index")
+@OUTPUT
 @click.option("--no-check", is_flag=True, help="skip the exactness self-check of every site")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @run_error
@@ -74,10 +84,7 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True, help="timm name, torchvision:NAME, module:factory or hookchains:mobilenet_v2")
-@click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file to load")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder-style folder: one sub-folder per class")
+@model_options
 @click.option("--classes", required=True, help="comma-separated class folder names, e.g. cat,dog")
 @click.option("--per-class", default=10, show_default=True, type=int, help="images per class")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
@@ -87,7 +94,8 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
                    "auto: tokens for a timm ViT/DeiT with class-token pooling, else filters")
 @fit_options
 @run_error
-def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, skip_bad_images, out_dir, **opts) -> None:
+def extract(model_spec, pretrained, checkpoint, data_dir, output, classes, per_class, skip_bad_images, out_dir,
+            **opts) -> None:
     """Fit, threshold, materialise and draw the sub-network of a model on images of a few classes.
 
     For a ViT/DeiT (mode tokens) every image gets its own token scores; the run folder holds them,
@@ -111,7 +119,7 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
     if task.skipped:
         click.echo(f"skipped {count(len(task.skipped), 'unreadable image')}; using {len(task)}", err=True)
     out = Path(out_dir or Path("runs") / "-".join(n.replace(" ", "_") for n in names)).absolute()
-    _run_extraction(net, ref, task, out, opts, progress, start)
+    _run_extraction(net, ref, task, out, dict(opts, output=output_choice(output)), progress, start)
 
 
 @main.command(help="Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs "
@@ -139,7 +147,7 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
     sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
                       device=opts["device"], overwrite=opts["overwrite"],
                       graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"],
-                      mode=opts.get("mode", "auto"), progress=progress)
+                      mode=opts.get("mode", "auto"), output=opts.get("output"), progress=progress)
     seconds = time.perf_counter() - start
     physical = read_physical(out)  # filter runs only: a token run keeps the model's weights
     warnings = sub.task.get("warnings", [])
@@ -162,10 +170,7 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True, help="timm name, torchvision:NAME, module:factory or hookchains:mobilenet_v2")
-@click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file to load")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder-style folder: one sub-folder per class")
+@model_options
 @click.option("--tasks", "n_tasks", type=int, default=10, show_default=True, help="tasks to run (all when fewer exist)")
 @click.option("--classes-per-task", type=int, default=2, show_default=True, help="2: pairs (paper); more: multi-class (A.2)")
 @click.option("--one-vs-rest", is_flag=True, help="tasks of one class against images of all others (A.2, Fig. 10)")
@@ -194,7 +199,7 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
               help="sweep folder: results.jsonl, tasks/, plots/, report.html (a rerun resumes it)")
 @fit_options(outputs=False)
 @run_error
-def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
+def sweep(model_spec, pretrained, checkpoint, data_dir, output, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
           held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, baseline_budget, allocation, robustness,
           eps, pgd_steps, random_control, skip_bad_images, out_dir, **opts) -> None:
     """Extract and evaluate a sub-network for each of many tasks (the paper's case studies).
@@ -213,7 +218,7 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
     config = SweepConfig(model=model_spec, data=data_dir, tasks=n_tasks, classes_per_task=classes_per_task,
                          one_vs_rest=one_vs_rest, classes=names, per_class=per_class, held_out=held_out,
                          image_size=opts["image_size"], seed=opts["seed"], pretrained=pretrained,
-                         checkpoint=checkpoint, fit=fit, tau=opts["tau"], temperature=opts["temperature"],
+                         checkpoint=checkpoint, output=output_choice(output), fit=fit, tau=opts["tau"], temperature=opts["temperature"],
                          evaluation=evaluation, batch_tasks=batch_tasks, skip_bad_images=skip_bad_images)
     records = run_sweep(config, out_dir, device=opts["device"], progress=not opts["quiet"],
                         log=None if opts["quiet"] else click.echo)
@@ -230,7 +235,7 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, n_tasks, classes_per_tas
               show_default=True)
 @click.option("--out", "out_path", type=click.Path(), help="output file (default: RUN_DIR/pruned.<ext>)")
 @click.option("--unsafe-pickle", is_flag=True, help="allow --format pt (a pickled module; loading it runs code)")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@MOVED_CHECKPOINT
 @click.option("--overwrite", is_flag=True, help="replace an existing --out file")
 @run_error
 def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint, overwrite) -> None:
@@ -250,7 +255,7 @@ def export(run_dir, fmt, out_path, unsafe_pickle, checkpoint, overwrite) -> None
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(GRAPH_FORMATS), default="pdf", show_default=True)
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@MOVED_CHECKPOINT
 @run_error
 def render(run_dir, fmt, checkpoint) -> None:
     """Draw the sub-network graph of RUN_DIR with graphviz."""
@@ -266,7 +271,7 @@ def render(run_dir, fmt, checkpoint) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="where the base checkpoint lives now")
+@MOVED_CHECKPOINT
 @click.option("--figure", type=click.Path(dir_okay=False), help="also write the chains figure (.png or .pdf) for papers")
 @click.option("--overwrite", is_flag=True, help="replace an existing --figure file")
 @click.option("--quiet", "-q", is_flag=True, help="no status lines or progress bars")

@@ -1,5 +1,6 @@
-"""Shared click options of ``extract`` and ``demo`` (the method's knobs, paper defaults) and the
-one-line error handling every command uses."""
+"""Shared click options, each declared once: the method's knobs (``extract``, ``demo``, ``sweep``), the
+model and data a run loads (``extract``, ``sweep``), ``--output`` and ``--checkpoint``; and the one-line
+error handling every command uses."""
 from __future__ import annotations
 
 import functools
@@ -47,6 +48,30 @@ def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = Tr
         click.option("--json", "as_json", is_flag=True, help="print a machine-readable summary"),
     ]
     for option in reversed(method + (run_folder if outputs else [])):
+        func = option(func)
+    return func
+
+
+MODEL_SPECS = "timm name, torchvision:NAME, module:factory or hookchains:mobilenet_v2"
+OUTPUT = click.option("--output", help="where the class scores are in a dict/tuple/list output: a key or an index "
+                                       "(e.g. --output out, --output 0)")
+CHECKPOINT = click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+                          help="weights file to load (safetensors or state_dict)")
+MOVED_CHECKPOINT = click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+                                help="where the base checkpoint lives now")
+
+
+def model_options(func: Callable) -> Callable:
+    """Decorate a command with the model and data it loads: ``--model``, ``--pretrained``,
+    ``--checkpoint``, ``--data`` (passed as ``data_dir``) and ``--output``."""
+    for option in reversed([
+        click.option("--model", "model_spec", required=True, help=MODEL_SPECS),
+        click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)"),
+        CHECKPOINT,
+        click.option("--data", "data_dir", required=True, type=click.Path(),
+                     help="ImageFolder-style folder: one sub-folder per class"),
+        OUTPUT,
+    ]):
         func = option(func)
     return func
 

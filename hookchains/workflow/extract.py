@@ -30,6 +30,7 @@ from hookchains.core.state import eval_mode
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import ImageSet
 from hookchains.inputs.degenerate import check_predictions, task_warnings
+from hookchains.inputs.forward import OutputSpec, Selector, class_scores
 from hookchains.inputs.models import ModelRef
 from hookchains.tokens.fit import TOKEN_DEFAULTS, fit_tokens
 from hookchains.tokens.hooks import check_token_model, is_token_model
@@ -99,10 +100,10 @@ def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
 
 def _filter_run(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor, staging: Path,
                 config: FitConfig, tau: float, temperature: float, graph_format: Optional[str],
-                checked: Dict[str, object], progress: Progress) -> Subnetwork:
+                checked: Dict[str, object], progress: Progress, output: Selector = None) -> Subnetwork:
     """Eq. 8 on filters and gates; saves the pruned module (with ``checked`` in ``sub.task``) and, when
     asked, the graph."""
-    with attach(model, example=images[:1], tau=tau, temperature=temperature) as hooks:
+    with attach(model, example=images[:1], tau=tau, temperature=temperature, output=output) as hooks:
         with progress.stage("fit", f"up to {config.steps} steps on {len(task)} images"):
             sub = fit(hooks, images, config)
     sub.task.update(checked)
@@ -134,14 +135,16 @@ def _token_run(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: to
 
 
 def _check_task(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor,
-                progress: Progress) -> Dict[str, object]:
+                progress: Progress, output: Selector = None) -> Dict[str, object]:
     """Warn now, before the fit, when the task has nothing to explain (:mod:`hookchains.inputs.degenerate`);
-    returns what the result records (``task.warnings``, ``task.predictions``)."""
+    returns what the result records (``task.warnings``, ``task.predictions``; a dense prediction is
+    checked per position)."""
     if len(task.class_names) < 2:
         raise ValueError(f"a task needs at least 2 classes, got {len(task.class_names)} "
                          f"({', '.join(task.class_names)}): the sub-network explains how the model tells them apart")
     with torch.no_grad(), eval_mode(model):
-        logits = torch.cat([model(chunk) for chunk in images.split(32)])
+        scores = torch.cat([class_scores(model(chunk), OutputSpec(select=output)) for chunk in images.split(32)])
+    logits = scores.flatten(0, -2)  # N x P x C (dense) -> N*P x C
     check = check_predictions(logits, len(task.class_names))
     warnings = task_warnings(model_ref, check)
     for line in warnings:
@@ -179,14 +182,14 @@ def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, pro
 
 def _extract_into(staging: Path, model: nn.Module, model_ref: ModelRef, task: ImageSet, images: torch.Tensor,
                   resolved: str, config: FitConfig, tau: float, temperature: float, graph_format: Optional[str],
-                  report: bool, progress: Progress) -> Result:
+                  report: bool, progress: Progress, output: Selector) -> Result:
     """The run's files, written into ``staging`` (the model is on the images' device, in eval mode)."""
-    checked = _check_task(model, model_ref, task, images, progress)
+    checked = _check_task(model, model_ref, task, images, progress, output)
     if resolved == "tokens":
         sub = _token_run(model, model_ref, task, images, staging, config, tau, checked, progress)
     else:
         sub = _filter_run(model, model_ref, task, images, staging, config, tau, temperature, graph_format,
-                          checked, progress)
+                          checked, progress, output)
     if report:
         write_run_report(staging, sub, model, task, progress=progress)
     return sub
@@ -194,7 +197,7 @@ def _extract_into(staging: Path, model: nn.Module, model_ref: ModelRef, task: Im
 
 def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, config: Optional[FitConfig] = None,
             tau: float = 0.1, temperature: float = 0.2, device: Optional[str] = None, overwrite: bool = False,
-            graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto",
+            graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto", output: Selector = None,
             progress: Optional[Progress] = None) -> Result:
     """Fit a sub-network of ``model`` on ``task`` and write the run folder ``out``.
 
@@ -214,6 +217,9 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
         config: fit options (default: :func:`fit_config` for the resolved mode).
         tau: score threshold; temperature: gate temperature (filters only).
         mode: ``auto``, ``filters`` or ``tokens`` (see the module docstring).
+        output: where the class scores are in a dict/tuple/list output (a key, an index or a callable;
+            :class:`~hookchains.inputs.forward.OutputSpec`); recorded in the result, so loading and
+            exporting the run need it no more. Filter runs only.
         progress: status lines, bars and stage timings (:class:`~hookchains.core.progress.Progress`;
             default: silent, but still timed).
 
@@ -236,6 +242,9 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     """
     progress = progress or Progress(enabled=False)
     resolved = extraction_mode(model, mode)
+    if resolved == "tokens" and output is not None:
+        raise ValueError(f"output={output!r} selects class scores for filter runs only; a token run needs a ViT "
+                         "returning one logits tensor (use mode='filters' to score this model's filters)")
     config = config or fit_config(model, resolved)
     dev = resolve_device(device)
     staging = prepare_run_dir(Path(out), overwrite)
@@ -244,7 +253,7 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     try:
         with eval_mode(model.to(dev)):
             sub = _extract_into(staging, model, model_ref, task, images, resolved, config, tau, temperature,
-                                graph_format, report, progress)
+                                graph_format, report, progress, output)
     except BaseException:  # an error or Ctrl-C: leave no half-written folder behind
         discard_staging(staging)
         raise

@@ -27,7 +27,7 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from hookchains.core.sites import SiteMap
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.evaluate import EvalOptions, evaluate, summary_line
 from hookchains.inputs.data import class_folders
+from hookchains.inputs.forward import class_scores
 from hookchains.inputs.models import create_model, preprocessing
 from hookchains.inputs.tasks import SweepTask, TaskImages, class_indices, load_task, plan_tasks
 from hookchains.workflow.extract import fit_config, resolve_device
@@ -70,6 +71,7 @@ class SweepConfig:
         evaluation: which evaluations run (:class:`~hookchains.evaluation.evaluate.EvalOptions`).
         batch_tasks: tasks fitted together in one forward pass (:func:`hookchains.core.fit.fit_tasks`).
         skip_bad_images: leave out unreadable images instead of stopping.
+        output: where the class scores are in a dict/tuple/list output (a key or an index).
     """
 
     model: str
@@ -84,6 +86,7 @@ class SweepConfig:
     seed: int = 0
     pretrained: bool = False
     checkpoint: Optional[str] = None
+    output: Optional[Union[str, int]] = None
     fit: Dict[str, Any] = dataclasses.field(default_factory=dict)
     tau: float = 0.1
     temperature: float = 0.2
@@ -129,10 +132,10 @@ def run_sweep(config: SweepConfig, out: str | Path, *, device: Optional[str] = N
         _barrier(world)  # every process has read what is done before anyone appends
         mine = [t for t in plan if t.id not in done][rank::world]
         example = torch.zeros(1, 3, *prep.input_size, device=dev)
-        with attach(model, example=example) as checked:  # discovered and checked once for every task
+        with attach(model, example=example, output=config.output) as checked:  # discovered and checked once
             sites = checked.sites
         with torch.no_grad():
-            outputs = model(example).shape[-1]
+            outputs = class_scores(model(example), sites.output).shape[-1]
         study = _Study(config, model, sites, prep, classes, outputs, out, rank, world, dev, log)
         study.run(mine, progress)
         _barrier(world)
