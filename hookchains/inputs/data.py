@@ -38,6 +38,16 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 """File suffixes read as images (compared case-insensitively)."""
 
 
+def _not_images(ndim: int) -> str:
+    """What a batch of ``ndim`` dims is, if not images, and what to do (for :func:`validate_images`)."""
+    other = {3: "1-D signals (N, C, L)", 5: "volumes or video (N, C, D, H, W)"}.get(ndim)
+    one = "add a batch dimension with x.unsqueeze(0) if it is one image" if ndim == 3 else ""
+    if other is None:
+        return one or "pass a batch of images"
+    return (f"{one + '; ' if one else ''}{other} have no pictures to draw, so image sets, reports and heatmaps "
+            "do not take them: use attach, fit, materialize and extract_chains directly")
+
+
 def validate_images(x: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``x`` is a non-empty, finite, floating-point (N, C, H, W) batch.
 
@@ -53,8 +63,7 @@ def validate_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"images must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
     if x.ndim != 4:
-        hint = ": add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
-        raise ValueError(f"images must be a batch of shape (N, C, H, W), got shape {tuple(x.shape)}{hint}")
+        raise ValueError(f"images must be a batch of shape (N, C, H, W), got shape {tuple(x.shape)}: {_not_images(x.ndim)}")
     if x.numel() == 0:
         raise ValueError(f"images is an empty batch (shape {tuple(x.shape)}): pass at least one image")
     if not x.is_floating_point():
