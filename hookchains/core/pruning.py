@@ -12,7 +12,12 @@ concatenation) is removed only when removing it cannot change any output:
   only. This catches an activation with ``f(0) != 0`` (sigmoid), a constant added by an unwrapped
   parameter (position embeddings), and padding that makes a constant non-constant at borders;
 * no layer in the group normalises across channels (LayerNorm, GroupNorm): removing a channel
-  changes their mean and variance.
+  changes their mean and variance;
+* no reshape in the group turns its channel axis into the length axis of a single-channel conv (ECA
+  attention: ``x.mean((2, 3)).view(N, 1, C)`` into a ``Conv1d(1, 1, k)``): removing a channel would shift
+  its neighbours under the kernel. torch-pruning maps such a reshape by expanding every channel index
+  ``C`` times, and following that mapping through a network of ECA blocks took minutes per group
+  (ecaresnet50t: 122 of 146 s), so the search stops there (:class:`MixingGuard`).
 
 A channel that is zero at its site but stays gets one reason, reported per site (:data:`REASONS`).
 The rule follows DESIGN.md ("residual-coupled channels"): torch-pruning has no such rule built in.
@@ -37,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["ChannelRemoval", "REASONS", "remove_zero_channels", "constant_input_channels"]
+__all__ = ["ChannelRemoval", "MixingGuard", "REASONS", "remove_zero_channels", "constant_input_channels"]
 
 REASONS = {
     "coupled": "another producer coupled to it (residual stream, concatenation, depthwise) computes "
@@ -46,9 +51,12 @@ REASONS = {
                      "input-dependent term), or a non-zero constant (an activation with f(0) != 0, a mean) "
                      "read by a layer other than a linear or a 1 x 1 unpadded, ungrouped conv",
     "cross-channel norm": "a LayerNorm/GroupNorm in its group normalises across channels",
+    "channel mixing": "a reshape in its group moves the channels onto the length axis of a 1-channel conv "
+                      "(ECA attention): removing one would shift its neighbours under the kernel",
     "grouped conv": "a grouped (not depthwise) conv reads or writes its group; torch-pruning cannot resize it "
                     "at arbitrary indices",
-    "not prunable": "its channels reach the model output or a layer torch-pruning cannot resize",
+    "not prunable": "its group has a producer that is never fixed (an unscored layer), reaches the model "
+                    "output, or holds a layer torch-pruning cannot resize",
     "last channel": "every channel of its group could go, but a layer keeps at least one",
     "torch-pruning error": "torch-pruning failed on its group",
     "exactness fallback": "the pruned module failed the exactness check, so nothing was removed",
@@ -78,6 +86,66 @@ class ChannelRemoval:
         if count:
             reasons = self.stayed.setdefault(path, {})
             reasons[reason] = reasons.get(reason, 0) + count
+
+
+class MixingGuard:
+    """Stops torch-pruning's group search at every reshape that feeds (or is fed by) a conv/linear with a
+    single channel on the reshaped side, and records that a group reached one (:meth:`take`).
+
+    Used as a context manager around ``DependencyGraph.get_all_groups``: torch-pruning recomputes its index
+    mappings before building each group, so the guard wraps that step and replaces each such reshape's
+    flatten mappings by itself (a mapping to no index: the search does not go on)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._saved = None
+
+    def __call__(self, idxs) -> list:
+        self.hit = True
+        return []
+
+    def take(self) -> bool:
+        """Whether the group built last reached a guarded reshape (and reset)."""
+        hit, self.hit = self.hit, False
+        return hit
+
+    def _guard(self, graph) -> None:
+        for node in graph.module2node.values():
+            if node.type.name != "RESHAPE" or not (_single_channel(node, "inputs") or _single_channel(node, "outputs")):
+                continue
+            for dep in node.dependencies + [d for n in node.inputs + node.outputs for d in n.dependencies
+                                            if d.target is node]:
+                dep.index_mapping = [self if type(m).__name__ == "_FlattenIndexMapping" else m
+                                     for m in dep.index_mapping]
+
+    def __enter__(self) -> MixingGuard:
+        from torch_pruning.dependency import index_mapping
+        self._saved = original = index_mapping.update_index_mapping
+
+        def update(graph) -> None:  # called at the start of each group's search
+            self.hit = False
+            original(graph)
+            self._guard(graph)
+        index_mapping.update_index_mapping = update
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from torch_pruning.dependency import index_mapping
+        index_mapping.update_index_mapping = self._saved
+
+
+def _single_channel(node, side: str, hops: int = 3) -> bool:
+    """Whether a conv/linear with one channel towards ``node`` is reached from it on ``side`` (``"inputs"``
+    or ``"outputs"``), through at most ``hops`` elementwise ops (an activation between conv and view)."""
+    attrs = ("out_channels", "out_features") if side == "inputs" else ("in_channels", "in_features")
+    for n in getattr(node, side):
+        module = n.module
+        if isinstance(module, (_ConvNd, nn.Linear)):
+            if getattr(module, attrs[0] if isinstance(module, _ConvNd) else attrs[1]) == 1:
+                return True
+        elif hops and n.type.name == "ELEMENTWISE" and _single_channel(n, side, hops - 1):
+            return True
+    return False
 
 
 def _is_real(module) -> bool:
@@ -205,6 +273,30 @@ def _prune_items(dg, group, removable: Set[int]) -> None:
     chosen.prune()
 
 
+def _groups(dg, ignored: Sequence[nn.Module], promising: Set[nn.Module]):
+    """torch-pruning's ``get_all_groups`` (conv and linear roots, whole channel range), except that a group
+    is built only from a root in ``promising`` (a fixed producer, or a conv feeding its folded norm).
+
+    A channel is removable only where every conv/linear producing the group is fixed there, so a group
+    whose first root is not promising has nothing to remove; its members are tried as roots later, and a
+    group none of them opens is never built (on large graphs building a group dominates the time)."""
+    skip = set(ignored) | set(dg.IGNORED_LAYERS_IN_TRACING)
+    visited: Set[nn.Module] = set()
+    for module in list(dg.module2node):
+        if module in skip or module in visited or module not in promising or \
+                not isinstance(module, (_ConvNd, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        channels = None if pruner is None else pruner.get_out_channels(module)
+        if channels is None:
+            continue
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        members = {item.dep.target.module for item in group.items if dg.is_out_channel_pruning_fn(item.dep.handler)}
+        visited |= members
+        if not members & skip:
+            yield group
+
+
 def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names) -> None:
     """Record why a group's fixed channels stay; absorb constants and prune the removable ones."""
     removable, reasons, absorb = plan
@@ -258,9 +350,13 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
     removal = ChannelRemoval()
     reads = constant_input_channels(model, inputs)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[:1])
-    for group in dg.get_all_groups(ignored_layers=list(ignored)):  # groups are built after earlier prunes
-        plan = _group_plan(dg, group, fixed_mod, normed_mod, reads)
-        _remove(dg, group, plan, fixed_mod, removal, names)
+    promising = {m for m in fixed_mod if any(v is not None for v in fixed_mod[m])} | normed_mod
+    with MixingGuard() as guard:
+        for group in _groups(dg, ignored, promising):  # groups are built after earlier prunes
+            mixed = guard.take()
+            plan = (set(), dict.fromkeys(group.items[0].root_idxs, "channel mixing"), []) if mixed else \
+                _group_plan(dg, group, fixed_mod, normed_mod, reads)
+            _remove(dg, group, plan, fixed_mod, removal, names)
     for path, fixed in fixed_at.items():
         seen = removal.removed.get(path, 0) + sum(removal.stayed.get(path, {}).values())
         removal.stay(path, "not prunable", max(0, sum(v is not None for v in fixed) - seen))

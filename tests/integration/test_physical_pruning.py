@@ -120,3 +120,31 @@ def test_channels_read_as_non_zero_or_inside_grouped_convs_stay_with_their_reaso
     assert report.sites["conv3"]["stayed"] == {"grouped conv": 4}
     assert report.channels_removed == 0 and not report.pruned
     _assert_exact(module, model, sub, example)
+
+
+class EcaNet(nn.Module):
+    """conv-BN-ReLU, timm's ECA attention (a 1-D conv over the channel axis), conv-BN-ReLU, pooled linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import EcaModule
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.eca = EcaModule(16, kernel_size=3)
+        self.body = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+
+    def forward(self, x):
+        return self.head(self.body(self.eca(self.stem(x))))
+
+
+def test_channels_under_eca_attention_stay_and_the_others_go():
+    """Removing a zeroed channel before ECA's 1-D conv over channels would shift its neighbours under the
+    kernel: those channels stay ("channel mixing"); the conv after it loses exactly its zeroed filters."""
+    torch.manual_seed(0)
+    model, example = EcaNet().eval(), torch.randn(1, 3, 16, 16)
+    sub = random_subnetwork(model, example, counts={"stem.0": 6, "body.0": 10}, gates_open=True)
+    module, report = materialize(sub, model, example)
+    assert report.sites["stem.0"] == {"channels": 16, "zeroed": 10, "removed": 0, "stayed": {"channel mixing": 10}}
+    assert report.sites["body.0"]["removed"] == 14 and module.body[0].weight.shape == (10, 16, 3, 3)
+    assert module.stem[0].out_channels == 16 and module.head[2].weight.shape == (5, 10)
+    _assert_exact(module, model, sub, example)
