@@ -269,8 +269,14 @@ def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], i
     candidate = _copy_model(work)
     fixed_at, normed = _fixed_plan(candidate, sub, mult)
     ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
+    def still_exact() -> bool:
+        try:
+            return _diff(candidate, inputs, reference, sub) <= limit
+        except Exception:  # noqa: BLE001 -- a layer resized inconsistently: not exact
+            return False
+
     try:
-        removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored)
+        removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored, still_exact)
     except Exception as exc:  # torch-pruning cannot trace every graph: keep the exact zeroed module
         return work, None, [f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); "
                             "channels are zeroed, not removed"]

@@ -36,7 +36,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -59,10 +59,15 @@ REASONS = {
                     "output, or holds a layer torch-pruning cannot resize",
     "last channel": "every channel of its group could go, but a layer keeps at least one",
     "torch-pruning error": "torch-pruning failed on its group",
-    "exactness fallback": "the pruned module failed the exactness check, so nothing was removed",
+    "exactness fallback": "removing them broke the forward or changed the outputs (e.g. a reshape or split "
+                          "with hard-coded sizes: attention heads), so they stay",
 }
 """Why a zeroed channel was not removed (the key is what reports print)."""
 
+#: torch-pruning node types whose resizing may break code with hard-coded sizes: a group that holds one
+#: is checked against the reference outputs right after it is pruned, and restored if they changed
+_CHECKED_NODES = frozenset({"CONCAT", "SPLIT", "CUSTOMIZED", "MHA", "LSTM", "RESHAPE", "UNBIND", "EXPAND", "SLICE",
+                            "EMBED"})
 _CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _CROSS_CHANNEL_NAMES = ("LayerNorm", "GroupNorm", "RmsNorm", "RMSNorm")
 
@@ -242,10 +247,10 @@ def _absorb(absorb) -> None:
     """Fold constant inputs ``k`` at input index ``idx`` into each consumer's bias: ``bias += W[:, idx] * k``."""
     for module, idx, k in absorb:
         weight = module.weight
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
-                                       requires_grad=weight.requires_grad)
-        module.bias += weight[:, idx].reshape(weight.shape[0], -1).sum(1) * k
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if module.bias is None \
+            else module.bias  # a new Parameter, not in place: a restored group gets its old bias back
+        module.bias = nn.Parameter(bias + weight[:, idx].reshape(weight.shape[0], -1).sum(1) * k,
+                                   requires_grad=weight.requires_grad)
 
 
 def _site_counts(dg, group, fixed_at: Dict[nn.Module, List[Optional[float]]]) -> Dict[nn.Module, Dict[int, int]]:
@@ -297,8 +302,32 @@ def _groups(dg, ignored: Sequence[nn.Module], promising: Set[nn.Module]):
             yield group
 
 
-def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names) -> None:
-    """Record why a group's fixed channels stay; absorb constants and prune the removable ones."""
+def _backup(group):
+    """What pruning ``group`` changes (each module's parameters, buffers and public attributes such as
+    ``out_channels``), when the group holds a node of :data:`_CHECKED_NODES` and no unwrapped parameter;
+    else None."""
+    targets = [item.dep.target for item in group.items]
+    if not any(t.type.name in _CHECKED_NODES for t in targets) or any(t.type.name == "PARAMETER" for t in targets):
+        return None
+    modules = {t.module for t in targets if isinstance(t.module, nn.Module)}
+    return [(m, dict(m._parameters), dict(m._buffers), {k: v for k, v in vars(m).items() if not k.startswith("_")})
+            for m in modules]
+
+
+def _restore(saved) -> None:
+    """Undo a group's pruning from :func:`_backup`."""
+    for module, parameters, buffers, attributes in saved:
+        module._parameters.clear()
+        module._parameters.update(parameters)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        vars(module).update(attributes)
+
+
+def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names,
+            check: Optional[Callable[[], bool]] = None) -> None:
+    """Record why a group's fixed channels stay; absorb constants and prune the removable ones (and, for a
+    group :func:`_backup` saves, put it back unless ``check()`` says the outputs are unchanged)."""
     removable, reasons, absorb = plan
     counted: Dict[str, int] = {}
     for module, roots in _site_counts(dg, group, fixed_at).items():
@@ -309,14 +338,20 @@ def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names) -> None:
                 removal.stay(path, reasons.get(root, "coupled"))
     if not removable:
         return
+    saved = _backup(group) if check is not None else None
     try:
         _absorb(absorb)
         _prune_items(dg, group, removable)
+        failed = saved is not None and not check()
     except Exception as exc:  # torch-pruning cannot resize every layer: those channels stay
         removal.errors.append(f"{names.get(group.items[0].dep.target.module, '?')}: {type(exc).__name__}: "
                               f"{str(exc)[:120]}")
+        failed = "torch-pruning error"
+    if failed:
+        if saved is not None:
+            _restore(saved)
         for path, count in counted.items():
-            removal.stay(path, "torch-pruning error", count)
+            removal.stay(path, failed if isinstance(failed, str) else "exactness fallback", count)
         return
     for path, count in counted.items():
         if count:
@@ -324,7 +359,8 @@ def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names) -> None:
 
 
 def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional[float]]], normed: Sequence[str],
-                         inputs: torch.Tensor, ignored: Sequence[nn.Module] = ()) -> ChannelRemoval:
+                         inputs: torch.Tensor, ignored: Sequence[nn.Module] = (),
+                         check: Optional[Callable[[], bool]] = None) -> ChannelRemoval:
     """Remove, in place, every channel of ``model`` that is fixed (zero or a constant) wherever it is
     produced and that its consumers read as 0 or can absorb into their bias.
 
@@ -336,6 +372,10 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
         normed: paths of convs/linears whose output only feeds their (folded) norm.
         inputs: a batch (N x ...) the consumers' inputs are checked on; ``inputs[:1]`` traces the graph.
         ignored: modules whose output channels must keep their size (the classifier).
+        check: called after pruning a group that passes through a reshape, split, concatenation or
+            other op torch-pruning may resize wrongly (:data:`_CHECKED_NODES`): whether ``model`` still
+            gives the reference outputs. If not, that group is put back and its channels stay
+            (``exactness fallback``), instead of the whole model falling back.
 
     Returns:
         a :class:`ChannelRemoval` with the channels removed per fold module and why the others stayed.
@@ -356,7 +396,7 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
             mixed = guard.take()
             plan = (set(), dict.fromkeys(group.items[0].root_idxs, "channel mixing"), []) if mixed else \
                 _group_plan(dg, group, fixed_mod, normed_mod, reads)
-            _remove(dg, group, plan, fixed_mod, removal, names)
+            _remove(dg, group, plan, fixed_mod, removal, names, check)
     for path, fixed in fixed_at.items():
         seen = removal.removed.get(path, 0) + sum(removal.stayed.get(path, {}).values())
         removal.stay(path, "not prunable", max(0, sum(v is not None for v in fixed) - seen))

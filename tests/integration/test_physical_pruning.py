@@ -148,3 +148,34 @@ def test_channels_under_eca_attention_stay_and_the_others_go():
     assert report.sites["body.0"]["removed"] == 14 and module.body[0].weight.shape == (10, 16, 3, 3)
     assert module.stem[0].out_channels == 16 and module.head[2].weight.shape == (5, 10)
     _assert_exact(module, model, sub, example)
+
+
+class HardCodedSplit(nn.Module):
+    """A conv whose output is split with hard-coded sizes (as attention splits q, k, v): removing one of its
+    channels breaks the split, whatever torch-pruning does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.pair = nn.Sequential(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+        self.body = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+    def forward(self, x):
+        a, b = self.pair(self.stem(x)).split([8, 8], dim=1)
+        return self.head(self.body(a * b.sigmoid()))
+
+
+def test_a_group_that_breaks_a_hard_coded_split_is_put_back_and_the_rest_is_pruned():
+    torch.manual_seed(0)
+    model, example = HardCodedSplit().eval(), torch.randn(1, 3, 16, 16)
+    sub = random_subnetwork(model, example, counts={"stem.0": 9, "pair.0": 12, "body.0": 5}, gates_open=True)
+    module, report = materialize(sub, model, example)
+    # the one zeroed channel of the sigmoid half reads sigmoid(0) = 0.5: it could never go
+    assert report.sites["pair.0"] == {"channels": 16, "zeroed": 4, "removed": 0,
+                                      "stayed": {"read non-zero": 1, "exactness fallback": 3}}
+    assert module.pair[0].out_channels == 16  # put back whole: the split still gets 8 + 8
+    assert report.sites["stem.0"]["removed"] == 7 and module.stem[0].out_channels == 9
+    assert report.sites["body.0"]["removed"] == 7 and module.body[0].out_channels == 5
+    assert not report.notes
+    _assert_exact(module, model, sub, example)
