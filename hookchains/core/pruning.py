@@ -51,8 +51,9 @@ REASONS = {
                      "input-dependent term), or a non-zero constant (an activation with f(0) != 0, a mean) "
                      "read by a layer other than a linear or a 1 x 1 unpadded, ungrouped conv",
     "cross-channel norm": "a LayerNorm/GroupNorm in its group normalises across channels",
-    "channel mixing": "a reshape in its group moves the channels onto the length axis of a 1-channel conv "
-                      "(ECA attention): removing one would shift its neighbours under the kernel",
+    "channel mixing": "a reshape in its group moves the channels onto another axis: the length axis of a "
+                      "1-channel conv (ECA attention: removing one would shift its neighbours under the "
+                      "kernel) or attention heads (torch-pruning cannot map the indices)",
     "grouped conv": "a grouped (not depthwise) conv reads or writes its group; torch-pruning cannot resize it "
                     "at arbitrary indices",
     "not prunable": "its group has a producer that is never fixed (an unscored layer), reaches the model "
@@ -94,16 +95,21 @@ class ChannelRemoval:
 
 
 class MixingGuard:
-    """Stops torch-pruning's group search at every reshape that feeds (or is fed by) a conv/linear with a
-    single channel on the reshaped side, and records that a group reached one (:meth:`take`).
+    """Stops torch-pruning's group search where a reshape moves channels onto another axis, and records
+    that a group reached one (:meth:`take`): at every reshape that feeds (or is fed by) a conv/linear with
+    a single channel on the reshaped side (ECA), and wherever a reshape's index mapping would give more
+    indices than the widest layer of the model has channels (attention heads split off the channel axis:
+    torch-pruning expands every index by the reshape's stride, and chains of such reshapes grow the lists
+    without bound -- efficientformerv2_s1 spent minutes there).
 
-    Used as a context manager around ``DependencyGraph.get_all_groups``: torch-pruning recomputes its index
-    mappings before building each group, so the guard wraps that step and replaces each such reshape's
-    flatten mappings by itself (a mapping to no index: the search does not go on)."""
+    Used as a context manager around the group search: torch-pruning recomputes its index mappings before
+    building each group, so the guard wraps that step and replaces such flatten mappings by itself (a
+    mapping to no index: the search does not go on) or by a :class:`_Bounded` one."""
 
     def __init__(self) -> None:
         self.hit = False
         self._saved = None
+        self._limit = 0
 
     def __call__(self, idxs) -> list:
         self.hit = True
@@ -115,12 +121,14 @@ class MixingGuard:
         return hit
 
     def _guard(self, graph) -> None:
+        self._limit = self._limit or max([c for m in graph.module2node for c in _widths(m)] or [1])
         for node in graph.module2node.values():
-            if node.type.name != "RESHAPE" or not (_single_channel(node, "inputs") or _single_channel(node, "outputs")):
-                continue
-            for dep in node.dependencies + [d for n in node.inputs + node.outputs for d in n.dependencies
-                                            if d.target is node]:
-                dep.index_mapping = [self if type(m).__name__ == "_FlattenIndexMapping" else m
+            if node.type.name == "RESHAPE" and (_single_channel(node, "inputs") or _single_channel(node, "outputs")):
+                for dep in node.dependencies + [d for n in node.inputs + node.outputs for d in n.dependencies
+                                                if d.target is node]:
+                    dep.index_mapping = [self if _is_flatten(m) else m for m in dep.index_mapping]
+            for dep in node.dependencies:
+                dep.index_mapping = [_Bounded(m, self._limit, self) if _is_flatten(m) else m
                                      for m in dep.index_mapping]
 
     def __enter__(self) -> MixingGuard:
@@ -137,6 +145,30 @@ class MixingGuard:
     def __exit__(self, *exc) -> None:
         from torch_pruning.dependency import index_mapping
         index_mapping.update_index_mapping = self._saved
+
+
+class _Bounded:
+    """torch-pruning's flatten index ``mapping``, refused (``guard`` records it, no index is returned) when it
+    would give more than ``limit`` indices."""
+
+    def __init__(self, mapping, limit: int, guard: MixingGuard) -> None:
+        self.mapping, self.limit, self.guard = mapping, limit, guard
+
+    def __call__(self, idxs) -> list:
+        if not self.mapping.reverse and len(idxs) * self.mapping._stride > self.limit:
+            return self.guard(idxs)
+        return self.mapping(idxs)
+
+
+def _is_flatten(mapping) -> bool:
+    return type(mapping).__name__ == "_FlattenIndexMapping"
+
+
+def _widths(module) -> List[int]:
+    """Input and output channels (features) of a conv/linear; [] for anything else."""
+    if isinstance(module, _ConvNd):
+        return [module.in_channels, module.out_channels]
+    return [module.in_features, module.out_features] if isinstance(module, nn.Linear) else []
 
 
 def _single_channel(node, side: str, hops: int = 3) -> bool:
