@@ -51,6 +51,8 @@ REASONS = {
                      "input-dependent term), or a non-zero constant (an activation with f(0) != 0, a mean) "
                      "read by a layer other than a linear or a 1 x 1 unpadded, ungrouped conv",
     "cross-channel norm": "a LayerNorm/GroupNorm in its group normalises across channels",
+    "split": "its channels are split (q/k/v, CSP halves) by code with sizes of its own, which removing a "
+             "channel would break",
     "channel mixing": "a reshape in its group moves the channels onto another axis: the length axis of a "
                       "1-channel conv (ECA attention: removing one would shift its neighbours under the "
                       "kernel) or attention heads (torch-pruning cannot map the indices)",
@@ -107,17 +109,28 @@ class MixingGuard:
     mapping to no index: the search does not go on) or by a :class:`_Bounded` one."""
 
     def __init__(self) -> None:
-        self.hit = False
+        self.hit: Optional[str] = None
         self._saved = None
         self._limit = 0
 
-    def __call__(self, idxs) -> list:
-        self.hit = True
+    def __call__(self, idxs, reason: str = "channel mixing") -> list:
+        self.hit = self.hit or reason
         return []
 
-    def take(self) -> bool:
-        """Whether the group built last reached a guarded reshape (and reset)."""
-        hit, self.hit = self.hit, False
+    def stop_at_norm(self, idxs) -> list:
+        """The mapping into a LayerNorm/GroupNorm: the search stops there (a transformer's residual stream
+        reaches every block's norm, and searching all of it took most of mobilevitv2's materialise)."""
+        return self(idxs, "cross-channel norm")
+
+    def stop_at_split(self, idxs) -> list:
+        """The mapping through a split of the channels: the search stops there (code splits with sizes of
+        its own, ``qkv.split([1, d, d])``, which removing a channel breaks; and torch-pruning's search went
+        round mobilevitv2's split for 28 s per group)."""
+        return self(idxs, "split")
+
+    def take(self) -> Optional[str]:
+        """Why the search of the group built last was stopped (a key of :data:`REASONS`), or None; resets."""
+        hit, self.hit = self.hit, None
         return hit
 
     def _guard(self, graph) -> None:
@@ -130,13 +143,17 @@ class MixingGuard:
             for dep in node.dependencies:
                 dep.index_mapping = [_Bounded(m, self._limit, self) if _is_flatten(m) else m
                                      for m in dep.index_mapping]
+                if _blocking(dep.target.module) == "cross-channel norm":  # nothing in its group can go
+                    dep.index_mapping[0] = self.stop_at_norm
+                if any(type(m).__name__ == "_SplitIndexMapping" for m in dep.index_mapping):
+                    dep.index_mapping = [self.stop_at_split] * len(dep.index_mapping)
 
     def __enter__(self) -> MixingGuard:
         from torch_pruning.dependency import index_mapping
         self._saved = original = index_mapping.update_index_mapping
 
         def update(graph) -> None:  # called at the start of each group's search
-            self.hit = False
+            self.hit = None
             original(graph)
             self._guard(graph)
         index_mapping.update_index_mapping = update
@@ -425,8 +442,8 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
     promising = {m for m in fixed_mod if any(v is not None for v in fixed_mod[m])} | normed_mod
     with MixingGuard() as guard:
         for group in _groups(dg, ignored, promising):  # groups are built after earlier prunes
-            mixed = guard.take()
-            plan = (set(), dict.fromkeys(group.items[0].root_idxs, "channel mixing"), []) if mixed else \
+            stopped = guard.take()
+            plan = (set(), dict.fromkeys(group.items[0].root_idxs, stopped), []) if stopped else \
                 _group_plan(dg, group, fixed_mod, normed_mod, reads)
             _remove(dg, group, plan, fixed_mod, removal, names, check)
     for path, fixed in fixed_at.items():

@@ -150,32 +150,35 @@ def test_channels_under_eca_attention_stay_and_the_others_go():
     _assert_exact(module, model, sub, example)
 
 
-class HardCodedSplit(nn.Module):
-    """A conv whose output is split with hard-coded sizes (as attention splits q, k, v): removing one of its
-    channels breaks the split, whatever torch-pruning does."""
+class HardCodedHalves(nn.Module):
+    """A conv whose output is cut into halves by code with sizes of its own (as attention cuts q, k, v):
+    ``split([8, 8])``, or slices ``y[:, :8], y[:, 8:]``. Removing one of its channels breaks that."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str) -> None:
         super().__init__()
+        self.how = how
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.pair = nn.Sequential(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
         self.body = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
 
     def forward(self, x):
-        a, b = self.pair(self.stem(x)).split([8, 8], dim=1)
+        y = self.pair(self.stem(x))
+        a, b = y.split([8, 8], dim=1) if self.how == "split" else (y[:, :8], y[:, 8:])
         return self.head(self.body(a * b.sigmoid()))
 
 
-def test_a_group_that_breaks_a_hard_coded_split_is_put_back_and_the_rest_is_pruned():
+@pytest.mark.parametrize("how, stayed", [
+    ("split", {"split": 4}),  # the search stops at the split
+    ("slice", {"exactness fallback": 4})])  # the group is pruned, breaks the forward and is put back
+def test_channels_cut_by_hard_coded_sizes_stay_and_the_rest_is_pruned(how, stayed):
     torch.manual_seed(0)
-    model, example = HardCodedSplit().eval(), torch.randn(1, 3, 16, 16)
+    model, example = HardCodedHalves(how).eval(), torch.randn(1, 3, 16, 16)
     sub = random_subnetwork(model, example, counts={"stem.0": 9, "pair.0": 12, "body.0": 5}, gates_open=True)
     module, report = materialize(sub, model, example)
-    # the one zeroed channel of the sigmoid half reads sigmoid(0) = 0.5: it could never go
-    assert report.sites["pair.0"] == {"channels": 16, "zeroed": 4, "removed": 0,
-                                      "stayed": {"read non-zero": 1, "exactness fallback": 3}}
-    assert module.pair[0].out_channels == 16  # put back whole: the split still gets 8 + 8
+    assert report.sites["pair.0"] == {"channels": 16, "zeroed": 4, "removed": 0, "stayed": stayed}
+    assert module.pair[0].out_channels == 16  # whole: the halves still get 8 + 8
     assert report.sites["stem.0"]["removed"] == 7 and module.stem[0].out_channels == 9
     assert report.sites["body.0"]["removed"] == 7 and module.body[0].out_channels == 5
-    assert not report.notes
+    assert not report.notes  # no whole-model fallback
     _assert_exact(module, model, sub, example)
