@@ -198,5 +198,6 @@ class PassThrough(nn.Module):
     write into ``x``.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """``H`` itself (copied); further arguments (a transformer layer's attention mask) are ignored."""
         return x.clone()
