@@ -92,7 +92,7 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
                    err=True)
     folder = Path(out or Path("runs") / "-".join(data.classes)).absolute()
     sub, _, sliced, lines, folder = extract_text(task, folder, overwrite=opts.get("overwrite", False),
-                                                 **_fit_options(opts))
+                                                 report=not opts.get("no_report", False), **_fit_options(opts))
     _print_result(lines, folder, time.perf_counter() - start, opts,
                   {"counts": sub.counts(), "fidelity": sub.fidelity, "physical": sliced.to_json()})
 

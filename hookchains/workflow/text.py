@@ -30,6 +30,7 @@ from hookchains.core.slicing import SlicedReport, materialize_transformer
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.controls import kept_overlap, output_spread, randomized_copy
 from hookchains.inputs.text import TextData, TextInputError, load_hf, load_text_data, load_tokenizer, tokenize
+from hookchains.viz.text_report import text_report_html
 from hookchains.workflow.runs import RUN_KIND, discard_staging, finish_run_dir, prepare_run_dir
 
 __all__ = ["TextTask", "text_task", "demo_text_data", "fit_text", "text_summary", "extract_text",
@@ -149,13 +150,13 @@ def _write(folder: Path, task: TextTask, sub: Subnetwork, small: nn.Module, repo
                                                     for n in files}})
 
 
-def extract_text(task: TextTask, out, *, overwrite: bool = False, report=None, **options):
+def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool = True, **options):
     """Fit, slice, check and write a text run folder atomically (module doc).
 
     Args:
         task: from :func:`text_task`.
         out: the run folder (must not exist unless ``overwrite`` and it is an earlier run).
-        report: optional ``callable(task, sub) -> html`` writing ``report.html``.
+        report: write ``report.html`` (:func:`hookchains.viz.text_report.text_report_html`).
         **options: :class:`~hookchains.core.fit.FitConfig` fields.
 
     Returns:
@@ -166,7 +167,11 @@ def extract_text(task: TextTask, out, *, overwrite: bool = False, report=None, *
         sub = fit_text(task, **options)
         small, sliced = materialize_transformer(sub, task.model, task.inputs)
         lines = text_summary(sub, sliced, task.accuracy())
-        _write(staging, task, sub, small, sliced, lines, report(task, sub) if report else None)
+        html = text_report_html(sub, task.model, task.inputs, task.tokenizer, [
+            ("Parameters (sliced / original)", f"{sliced.params_after:,} / {sliced.params_before:,}"),
+            ("Sliced vs thresholded network, max |difference|", f"{sliced.max_abs_diff:.3g}"),
+            ("Original zero-shot accuracy", "n/a" if task.accuracy() is None else f"{task.accuracy():.3f}")])
+        _write(staging, task, sub, small, sliced, lines, html if report else None)
         folder = finish_run_dir(staging, Path(out))
     except BaseException:
         discard_staging(staging)

@@ -20,7 +20,7 @@ def bert_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bert")
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizer(vocab_file=str(vocab))
+    tokenizer = transformers.BertTokenizer(str(vocab))  # positional: vocab_file in 4.x, vocab in 5.x
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                                      vocab_size=len(WORDS) + 5, max_position_embeddings=32, architectures=["BertModel"])
@@ -79,3 +79,14 @@ def test_text_errors_are_one_line(bert_dir, text_data, tmp_path, case, message):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert message in result.output and result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_the_report_lists_layers_and_the_words_of_kept_neurons(bert_dir, text_data, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                       "--out", str(out), "--steps", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert "Heads and neurons per layer" in page and "<td>L2</td>" in page
+    words = [w for w in WORDS if f"<td>{w} (" in page or f", {w} (" in page]
+    assert words, "no task word shown for the kept neurons"
