@@ -132,7 +132,7 @@ def transformer_layers(model: nn.Module) -> List[LayerLayout]:
         for reader in (_encoder_layout, _projection_layout, _gpt2_layout):
             layouts = [reader(f"{path}.{i}", i, layer) for i, layer in enumerate(stack)]
             if all(layouts):
-                return layouts  # type: ignore[return-value]
+                return layouts
     return []
 
 

@@ -17,7 +17,7 @@ Example:
     >>> _ = (folder / "cooking.txt").write_text("Stir the sauce.\\n")
     >>> data = load_text_data(folder)
     >>> data.classes, data.labels
-    (['cooking', 'sport'], [1, 1, 0])
+    (['cooking', 'sport'], [0, 1, 1])
 """
 from __future__ import annotations
 
