@@ -50,7 +50,8 @@ __all__ = ["SlicedReport", "materialize_transformer", "parameter_count"]
 @dataclass
 class SlicedReport:
     """Physical facts of a sliced transformer: kept / total heads, neurons and layers, parameters before
-    and after, the exactness check (``max_abs_diff`` <= ``tolerance``), the method and notes."""
+    and after (the whole model, and its transformer layers alone: embeddings and heads stay), the
+    exactness check (``max_abs_diff`` <= ``tolerance``), the method and notes."""
 
     heads_kept: int
     heads_total: int
@@ -60,6 +61,8 @@ class SlicedReport:
     layers_total: int
     params_before: int
     params_after: int
+    layer_params_before: int
+    layer_params_after: int
     max_abs_diff: float
     tolerance: float
     method: str = "direct slicing"
@@ -191,6 +194,10 @@ def materialize_transformer(sub: Subnetwork, model: nn.Module, inputs, *,
     layers = transformer_layers(work)
     totals = (sum(layer.heads for layer in layers), sum(sub.scores[layer.fc_in].numel() for layer in layers))
     before = parameter_count(work)
+
+    def in_layers() -> int:
+        return sum(parameter_count(work.get_submodule(layer.path)) for layer in layers)
+    layers_before = in_layers()
     counts = _cut(work, sub)
     with torch.no_grad():
         diff = float((class_scores(call(work, inputs), sub.sites.output) - reference).abs().max())
@@ -201,5 +208,5 @@ def materialize_transformer(sub: Subnetwork, model: nn.Module, inputs, *,
     notes = [f"{counts['placeholders']} layer part(s) with nothing kept hold one zeroed head/neuron "
              "(the attention code needs one)"] if counts["placeholders"] else []
     report = SlicedReport(counts["heads"], totals[0], counts["neurons"], totals[1], counts["layers"], len(layers),
-                          before, parameter_count(work), diff, bound, notes=notes)
+                          before, parameter_count(work), layers_before, in_layers(), diff, bound, notes=notes)
     return work.eval(), report

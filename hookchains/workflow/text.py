@@ -112,7 +112,8 @@ def text_summary(sub: Subnetwork, report: Optional[SlicedReport] = None, accurac
     if accuracy is not None:
         lines.append(f"original zero-shot accuracy on the task: {accuracy:.3f}")
     if report is not None:
-        lines.append(f"materialised ({report.method}): {report.params_before:,} -> {report.params_after:,} parameters, "
+        lines.append(f"materialised ({report.method}): {report.params_before:,} -> {report.params_after:,} parameters "
+                     f"(transformer layers {report.layer_params_before:,} -> {report.layer_params_after:,}), "
                      f"max abs diff {report.max_abs_diff:.3g} (tolerance {report.tolerance:.3g})")
     return lines
 

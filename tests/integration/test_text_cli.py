@@ -90,3 +90,17 @@ def test_the_report_lists_layers_and_the_words_of_kept_neurons(bert_dir, text_da
     assert "Heads and neurons per layer" in page and "<td>L2</td>" in page
     words = [w for w in WORDS if f"<td>{w} (" in page or f", {w} (" in page]
     assert words, "no task word shown for the kept neurons"
+
+
+def test_inspect_reads_an_hf_image_model_and_extract_refuses_it_text(tmp_path, text_data):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                                    image_size=16, patch_size=4, num_labels=3)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    result = CliRunner().invoke(main, ["inspect", f"hf:{tmp_path / 'vit'}", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["kind"] == "image-classifier" and data["text_totals"]["heads"] == 8 and data["text_totals"]["neurons"] == 80
+    refused = CliRunner().invoke(main, ["extract", "--model", f"hf:{tmp_path / 'vit'}", "--text-data", str(text_data),
+                                        "--out", str(tmp_path / "r")])
+    assert refused.exit_code == 1 and "is an image model" in refused.output
