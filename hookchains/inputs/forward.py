@@ -189,9 +189,9 @@ def stack(tasks: Sequence):
 
 def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
     """Raise ``ValueError`` (one line, naming the modality) unless the primary input is a non-empty
-    batch of integer token ids ``N x L`` (text), or a non-empty, finite, floating-point batch -- ``N x C x L``, ``N x C x H x W`` or ``N x C x D x H x W``, or
-    exactly ``ndim`` dims when given (what the model was attached with) -- and every input tensor
-    holds the same ``N`` examples.
+    batch of integer token ids ``N x L`` (text), or a non-empty, finite, floating-point batch --
+    ``N x C x L``, ``N x C x H x W`` or ``N x C x D x H x W``, or exactly ``ndim`` dims when given
+    (what the model was attached with) -- and every input tensor holds the same ``N`` examples.
 
     Example:
         >>> validate_inputs(torch.zeros(2, 1, 100))

@@ -33,7 +33,7 @@ from hookchains.inputs.text import TextData, TextInputError, load_hf, load_text_
 from hookchains.viz.text_report import text_report_html
 from hookchains.workflow.runs import RUN_KIND, discard_staging, finish_run_dir, prepare_run_dir
 
-__all__ = ["TextTask", "text_task", "demo_text_data", "fit_text", "text_summary", "extract_text",
+__all__ = ["TextTask", "text_task", "zero_shot", "demo_text_data", "fit_text", "text_summary", "extract_text",
            "random_weights_text_control"]
 
 

@@ -104,3 +104,11 @@ def test_inspect_reads_an_hf_image_model_and_extract_refuses_it_text(tmp_path, t
     refused = CliRunner().invoke(main, ["extract", "--model", f"hf:{tmp_path / 'vit'}", "--text-data", str(text_data),
                                         "--out", str(tmp_path / "r")])
     assert refused.exit_code == 1 and "is an image model" in refused.output
+
+
+def test_image_commands_refuse_a_text_run_in_one_line(bert_dir, text_data, tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                     "--out", str(out), "--steps", "1", "--quiet"]).exit_code == 0
+    result = CliRunner().invoke(main, ["render", str(out)])
+    assert result.exit_code == 1 and "is a text run" in result.output and result.output.count("\n") == 1

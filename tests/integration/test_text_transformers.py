@@ -149,3 +149,23 @@ def test_mean_ablation_is_refused_for_head_sites():
     model, x = _models()["bert"]
     with hookchains.attach(model, example=_one(x)) as hooks, pytest.raises(ValueError, match="attention-head"):
         hookchains.fit(hooks, x, steps=1, ablation="mean", progress=False)
+
+
+def test_zero_shot_scores_are_cosines_of_mean_pooled_real_tokens_over_the_temperature():
+    bert, x = _bert(), _tokens()
+    model = _zero_shot(bert, x)
+    with torch.no_grad():
+        hidden = bert(**x).last_hidden_state
+        lengths = x["attention_mask"].sum(1).tolist()
+        pooled = torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths)])  # real tokens only
+        protos = torch.stack([torch.nn.functional.normalize(pooled[rows], dim=-1).mean(0) for rows in (slice(0, 3), slice(3, 6))])
+        expected = torch.nn.functional.cosine_similarity(pooled[:, None], protos[None], dim=-1) / 0.05
+        assert (model(**x) - expected).abs().max() < 1e-4
+
+
+def test_causal_objective_reads_the_last_real_token():
+    model, x = _gpt2(), _tokens()
+    with torch.no_grad():
+        logits = model.model(**x).logits
+        last = model(**x)
+    assert torch.equal(last[0], logits[0, 3]) and torch.equal(last[1], logits[1, -1])
