@@ -80,8 +80,9 @@ def _print_result(lines: List[str], folder: Path, seconds: float, opts: Dict, ex
 def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
                      data=None) -> None:
     """``hookchains extract --model hf:PATH --text-data DIR [--classes a,b] --out DIR`` (and the demo)."""
-    from hookchains.inputs.text import load_text_data
+    from hookchains.inputs.text import load_text_data, require_transformers
     from hookchains.workflow.text import extract_text, text_task
+    require_transformers()
     start = time.perf_counter()
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     data = data or load_text_data(text_data, names)
@@ -103,8 +104,9 @@ def demo_text(out: str, opts: Dict) -> None:
     with the text defaults (:data:`TEXT_FIT`, 300 steps) where the user left the image demo's defaults."""
     from click.core import ParameterSource
 
-    from hookchains.inputs.text import MINILM
+    from hookchains.inputs.text import MINILM, require_transformers
     from hookchains.workflow.text import demo_text_data
+    require_transformers()  # the install hint before anything else
     context = click.get_current_context(silent=True)
     opts = dict(opts)
     for key in ("steps", "lr", "image_size"):

@@ -68,3 +68,17 @@ def test_token_ids_are_valid_inputs_and_floats_of_two_dims_are_not():
         validate_inputs(torch.ones(0, 5, dtype=torch.long))
     with pytest.raises(ValueError):
         validate_inputs(torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("args", [["inspect", "hf:all-MiniLM-L6-v2"], ["demo", "--text"],
+                                  ["extract", "--model", "hf:x", "--text-data", "."]])
+def test_every_text_command_without_transformers_prints_the_install_hint(monkeypatch, tmp_path, args):
+    from click.testing import CliRunner
+
+    from hookchains.cli.main import main
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    (tmp_path / "a.txt").write_text("x\n")
+    (tmp_path / "b.txt").write_text("y\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output == f"Error: {INSTALL_HINT}\n"
