@@ -25,7 +25,7 @@ from torch import nn
 
 from hookchains.core.state import capture_featuremaps
 from hookchains.core.subnetwork import Subnetwork
-from hookchains.viz.html import Sprites, document, fidelity_rows, summary_html
+from hookchains.viz.html import Sprites, document, fidelity_rows
 
 __all__ = ["layer_rows", "top_words", "text_report_html", "NEURONS_PER_LAYER", "WORDS_PER_NEURON"]
 
@@ -82,11 +82,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str) -
     return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
 
 
+def _summary(sub: Subnetwork, lines: Sequence[str], extra_rows: Sequence[Tuple[str, str]]) -> str:
+    """The summary lines and the fidelity table, in the words of a text task (sentences, not images)."""
+    fid = {k: v for k, v in sub.fidelity.items() if k not in ("positions", "images")}
+    agree = f"{fid.pop('agree')}/{sub.fidelity.get('images', '?')}" if "agree" in fid else None
+    rows = [("Top-1 agreement with the original model (sentences)", agree)] if agree else []
+    rows += [(label.replace("Images", "Sentences"), value) for label, value in fidelity_rows(fid)]
+    rows += list(extra_rows)
+    return "".join(f"<p>{html.escape(line)}</p>" for line in lines) + _table(
+        ["Figure", "Value"], rows, f"The thresholded sub-network on the task sentences (τ = {sub.tau:g})")
+
+
 def text_report_html(sub: Subnetwork, model: nn.Module, inputs: Dict[str, torch.Tensor], tokenizer,
-                     extra_rows: Sequence[Tuple[str, str]] = ()) -> str:
+                     lines: Sequence[str] = (), extra_rows: Sequence[Tuple[str, str]] = ()) -> str:
     """The whole page (module doc). ``model``: the objective-wrapped original (no hooks attached);
-    ``extra_rows``: further (label, value) rows of the summary table (e.g. the sliced module's size)."""
-    rows = [*fidelity_rows(sub.fidelity), *extra_rows]
+    ``lines``: the summary lines (:func:`hookchains.workflow.text.text_summary`); ``extra_rows``: further
+    (label, value) rows of the summary table (e.g. the sliced module's size)."""
     layers = _table(["Layer", "Gate", "Heads kept", "MLP neurons kept"], layer_rows(sub),
                     "Kept attention heads (indices) and MLP neurons per layer; a removed layer passes its input through")
     words = top_words(sub, model, inputs, tokenizer)
@@ -94,6 +105,6 @@ def text_report_html(sub: Subnetwork, model: nn.Module, inputs: Dict[str, torch.
                    for label, shown in words.items() for n, pairs in shown]
     neurons = _table(["Layer", "Neuron", "Words of the task that activate it most (activation)"], neuron_rows,
                      f"Up to {NEURONS_PER_LAYER} kept neurons per layer, highest score first")
-    return document(Sprites(), [("summary", "Sub-network", summary_html(sub, rows, "sub-network")),
+    return document(Sprites(), [("summary", "Sub-network", _summary(sub, lines, extra_rows)),
                                 ("layers", "Heads and neurons per layer", layers),
                                 ("neurons", "What the kept neurons respond to", neurons)])

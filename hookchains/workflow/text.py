@@ -168,8 +168,10 @@ def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool =
         sub = fit_text(task, **options)
         small, sliced = materialize_transformer(sub, task.model, task.inputs)
         lines = text_summary(sub, sliced, task.accuracy())
-        html = text_report_html(sub, task.model, task.inputs, task.tokenizer, [
+        html = text_report_html(sub, task.model, task.inputs, task.tokenizer, lines, [
             ("Parameters (sliced / original)", f"{sliced.params_after:,} / {sliced.params_before:,}"),
+            ("Parameters of the transformer layers (sliced / original)",
+             f"{sliced.layer_params_after:,} / {sliced.layer_params_before:,}"),
             ("Sliced vs thresholded network, max |difference|", f"{sliced.max_abs_diff:.3g}"),
             ("Original zero-shot accuracy", "n/a" if task.accuracy() is None else f"{task.accuracy():.3f}")])
         _write(staging, task, sub, small, sliced, lines, html if report else None)
