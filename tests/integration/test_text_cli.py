@@ -112,3 +112,18 @@ def test_image_commands_refuse_a_text_run_in_one_line(bert_dir, text_data, tmp_p
                                      "--out", str(out), "--steps", "1", "--quiet"]).exit_code == 0
     result = CliRunner().invoke(main, ["render", str(out)])
     assert result.exit_code == 1 and "is a text run" in result.output and result.output.count("\n") == 1
+
+
+def test_a_classification_head_keeps_its_logits(bert_dir, text_data, tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "clf"
+    head = transformers.BertForSequenceClassification(transformers.BertConfig.from_pretrained(bert_dir, num_labels=3))
+    head.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bert_dir).save_pretrained(folder)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{folder}", "--text-data", str(text_data),
+                                       "--out", str(out), "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert json.loads((out / "text_task.json").read_text())["kind"] == "classifier"
+    assert data["physical"]["max_abs_diff"] <= data["physical"]["tolerance"] and data["fidelity"]["images"] == 9
