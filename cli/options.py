@@ -61,14 +61,17 @@ MOVED_CHECKPOINT = click.option("--checkpoint", type=click.Path(exists=True, dir
                                 help="where the base checkpoint lives now")
 
 
-def model_options(func: Callable) -> Callable:
+def model_options(func: Optional[Callable] = None, *, data_required: bool = True):
     """Decorate a command with the model and data it loads: ``--model``, ``--pretrained``,
-    ``--checkpoint``, ``--data`` (passed as ``data_dir``) and ``--output``."""
+    ``--checkpoint``, ``--data`` (passed as ``data_dir``; optional with ``data_required=False``, e.g. when
+    ``--text-data`` may take its place) and ``--output``."""
+    if func is None:
+        return lambda f: model_options(f, data_required=data_required)
     for option in reversed([
         click.option("--model", "model_spec", required=True, help=MODEL_SPECS),
         click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)"),
         CHECKPOINT,
-        click.option("--data", "data_dir", required=True, type=click.Path(),
+        click.option("--data", "data_dir", required=data_required, type=click.Path(),
                      help="ImageFolder-style folder: one sub-folder per class"),
         OUTPUT,
     ]):
