@@ -42,7 +42,7 @@ def check(name: str, size: int) -> tuple:
         except Exception:  # some models need their own resolution (patch size, windows, asserts)
             example = input_for(model)
         start = time.perf_counter()
-        _, report, sub = check_model(model, example)
+        _, report, sub = check_model(model, example, output=class_output(model, example))
         seconds = time.perf_counter() - start
         stayed = ", ".join(f"{k} {v}" for k, v in sorted(report.stayed().items()))
         zeroed = sum(entry["zeroed"] for entry in report.sites.values())
@@ -52,6 +52,16 @@ def check(name: str, size: int) -> tuple:
         return "pass", detail + ("; " + "; ".join(report.notes)[:160] if report.notes else "")
     except Exception as exc:  # report every failure with its reason
         return "fail", _reason(exc)
+
+
+def class_output(model, example):
+    """What a user would pass as ``--output`` for a model returning a tuple/list (0) or a dict (``logits``
+    when there is such a key, else the first); None for one tensor."""
+    with torch.no_grad():
+        out = model(example)
+    if isinstance(out, dict):
+        return "logits" if "logits" in out else next(iter(out))
+    return 0 if isinstance(out, (tuple, list)) else None
 
 
 def _reason(exc: Exception) -> str:

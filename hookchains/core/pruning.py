@@ -110,8 +110,9 @@ class MixingGuard:
 
     def __init__(self) -> None:
         self.hit: Optional[str] = None
-        self._saved = None
+        self._saved: tuple = ()
         self._limit = 0
+        self._unmapped: Set = set()  # reshape nodes torch-pruning's shape inference failed on
 
     def __call__(self, idxs, reason: str = "channel mixing") -> list:
         self.hit = self.hit or reason
@@ -136,10 +137,12 @@ class MixingGuard:
     def _guard(self, graph) -> None:
         self._limit = self._limit or max([c for m in graph.module2node for c in _widths(m)] or [1])
         for node in graph.module2node.values():
-            if node.type.name == "RESHAPE" and (_single_channel(node, "inputs") or _single_channel(node, "outputs")):
+            unmapped = node in self._unmapped
+            if unmapped or node.type.name == "RESHAPE" and (
+                    _single_channel(node, "inputs") or _single_channel(node, "outputs")):
                 for dep in node.dependencies + [d for n in node.inputs + node.outputs for d in n.dependencies
                                                 if d.target is node]:
-                    dep.index_mapping = [self if _is_flatten(m) else m for m in dep.index_mapping]
+                    dep.index_mapping = [self if unmapped or _is_flatten(m) else m for m in dep.index_mapping]
             for dep in node.dependencies:
                 dep.index_mapping = [_Bounded(m, self._limit, self) if _is_flatten(m) else m
                                      for m in dep.index_mapping]
@@ -150,18 +153,24 @@ class MixingGuard:
 
     def __enter__(self) -> MixingGuard:
         from torch_pruning.dependency import index_mapping
-        self._saved = original = index_mapping.update_index_mapping
+        self._saved = original, reshape = index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping
 
-        def update(graph) -> None:  # called at the start of each group's search
+        def update(graph) -> None:  # called when the graph is built and at the start of each group's search
             self.hit = None
             original(graph)
             self._guard(graph)
-        index_mapping.update_index_mapping = update
+
+        def update_reshape(graph, node) -> None:  # its shape inference fails on some graphs (split sizes)
+            try:
+                reshape(graph, node)
+            except Exception:  # noqa: BLE001 -- then the search stops at this reshape
+                self._unmapped.add(node)
+        index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping = update, update_reshape
         return self
 
     def __exit__(self, *exc) -> None:
         from torch_pruning.dependency import index_mapping
-        index_mapping.update_index_mapping = self._saved
+        index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping = self._saved
 
 
 class _Bounded:
@@ -438,9 +447,9 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
     normed_mod = {modules[p] for p in normed if p in modules}
     removal = ChannelRemoval()
     reads = constant_input_channels(model, inputs)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[:1])
     promising = {m for m in fixed_mod if any(v is not None for v in fixed_mod[m])} | normed_mod
     with MixingGuard() as guard:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs[:1])
         for group in _groups(dg, ignored, promising):  # groups are built after earlier prunes
             stopped = guard.take()
             plan = (set(), dict.fromkeys(group.items[0].root_idxs, stopped), []) if stopped else \

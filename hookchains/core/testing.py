@@ -13,13 +13,14 @@ from torch import nn
 from hookchains.adapters import discover
 from hookchains.core.materialize import MaterializeReport, materialize
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.inputs.forward import Selector
 
 __all__ = ["random_subnetwork", "check_model", "input_for"]
 
 
 def random_subnetwork(model: nn.Module, example: torch.Tensor, *, keep: float = 0.3, seed: int = 0,
                       tau: float = 0.1, counts: Optional[Dict[str, int]] = None,
-                      gates_open: Optional[bool] = None) -> Subnetwork:
+                      gates_open: Optional[bool] = None, output: Selector = None) -> Subnetwork:
     """A :class:`Subnetwork` of ``model`` with random scores in [tau, 1] on the kept filters.
 
     Each filter is kept with probability ``keep``, except at sites named in ``counts`` (filter site ->
@@ -34,7 +35,7 @@ def random_subnetwork(model: nn.Module, example: torch.Tensor, *, keep: float = 
         3
     """
     gen = torch.Generator().manual_seed(seed)
-    sites = discover(model, example=example)
+    sites = discover(model, example=example, output=output)
     scores = {}
     for site in sites.filters:
         if counts is not None and site.name in counts:
@@ -49,9 +50,11 @@ def random_subnetwork(model: nn.Module, example: torch.Tensor, *, keep: float = 
     return Subnetwork(sites, scores, gates, tau=tau)
 
 
-def check_model(model: nn.Module, example: torch.Tensor, seed: int = 0) -> Tuple[nn.Module, MaterializeReport, Subnetwork]:
-    """Random sub-network of ``model`` materialised and checked; raises if the contract fails."""
-    sub = random_subnetwork(model.eval(), example, seed=seed)
+def check_model(model: nn.Module, example: torch.Tensor, seed: int = 0,
+                output: Selector = None) -> Tuple[nn.Module, MaterializeReport, Subnetwork]:
+    """Random sub-network of ``model`` materialised and checked; raises if the contract fails. ``output``
+    picks the class scores of a dict/tuple/list output (:class:`~hookchains.inputs.forward.OutputSpec`)."""
+    sub = random_subnetwork(model.eval(), example, seed=seed, output=output)
     module, report = materialize(sub, model, example)
     return module, report, sub
 
