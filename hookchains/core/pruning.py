@@ -51,6 +51,8 @@ REASONS = {
                      "input-dependent term), or a non-zero constant (an activation with f(0) != 0, a mean) "
                      "read by a layer other than a linear or a 1 x 1 unpadded, ungrouped conv",
     "cross-channel norm": "a LayerNorm/GroupNorm in its group normalises across channels",
+    "search limit": "torch-pruning's search of its group went round a cycle of index mappings and was "
+                    "stopped (see pruning.SEARCH_STEPS)",
     "split": "its channels are split (q/k/v, CSP halves) by code with sizes of its own, which removing a "
              "channel would break",
     "channel mixing": "a reshape in its group moves the channels onto another axis: the length axis of a "
@@ -113,6 +115,7 @@ class MixingGuard:
         self._saved: tuple = ()
         self._limit = 0
         self._unmapped: Set = set()  # reshape nodes torch-pruning's shape inference failed on
+        self.steps, self.budget = 0, 0  # index mappings applied in the current group's search, and the most allowed
 
     def __call__(self, idxs, reason: str = "channel mixing") -> list:
         self.hit = self.hit or reason
@@ -150,13 +153,16 @@ class MixingGuard:
                     dep.index_mapping[0] = self.stop_at_norm
                 if any(type(m).__name__ == "_SplitIndexMapping" for m in dep.index_mapping):
                     dep.index_mapping = [self.stop_at_split] * len(dep.index_mapping)
+                if not isinstance(dep.index_mapping[0], _Counted):
+                    dep.index_mapping[0] = _Counted(dep.index_mapping[0], self)
+        self.budget = self.budget or SEARCH_STEPS * sum(len(n.dependencies) for n in graph.module2node.values())
 
     def __enter__(self) -> MixingGuard:
         from torch_pruning.dependency import index_mapping
         self._saved = original, reshape = index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping
 
         def update(graph) -> None:  # called when the graph is built and at the start of each group's search
-            self.hit = None
+            self.hit, self.steps = None, 0
             original(graph)
             self._guard(graph)
 
@@ -171,6 +177,24 @@ class MixingGuard:
     def __exit__(self, *exc) -> None:
         from torch_pruning.dependency import index_mapping
         index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping = self._saved
+
+
+SEARCH_STEPS = 4
+"""A group's search may follow each dependency of the graph this many times on average; beyond that it is
+going round a cycle of index mappings (focalnet_tiny_srf: minutes) and is stopped (``search limit``)."""
+
+
+class _Counted:
+    """An index ``mapping`` (or the identity, for None) that counts the steps of the group search."""
+
+    def __init__(self, mapping, guard: MixingGuard) -> None:
+        self.mapping, self.guard = mapping, guard
+
+    def __call__(self, idxs) -> list:
+        self.guard.steps += 1
+        if self.guard.steps > self.guard.budget:
+            return self.guard(idxs, "search limit")
+        return idxs if self.mapping is None else self.mapping(idxs)
 
 
 class _Bounded:
