@@ -90,8 +90,9 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
 @click.option("--mode", type=click.Choice(EXTRACT_MODES), default="auto", show_default=True,
-              help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT (section 4.5); "
-                   "auto: tokens for a timm ViT/DeiT with class-token pooling, else filters")
+              help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT or per-sentence tokens "
+                   "of an hf: encoder (section 4.5); auto: tokens for a timm ViT/DeiT with class-token pooling, else "
+                   "filters (hf: models too)")
 @fit_options
 @run_error
 def extract(model_spec, pretrained, checkpoint, data_dir, text_data, classes, per_class, skip_bad_images, out_dir,
