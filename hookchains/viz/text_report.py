@@ -121,7 +121,8 @@ def token_grid_html(words: Sequence[str], kept: torch.Tensor, labels: Sequence[s
                     caption: str) -> str:
     """One sentence's token-by-layer grid: a row per layer (``kept``: layers x words, bool), pruned words
     greyed and struck through, then a row with the first token's Eq. 10 attribution over the words
-    (``attribution``: words, shaded by value, the largest darkest).
+    (``attribution``: words, shaded by value relative to the largest over the other words, since the
+    first token's share of itself dominates).
 
     Example:
         >>> '<s>' in token_grid_html(["[CLS]", "rain"], torch.tensor([[True, False]]), ["L1"],
@@ -135,8 +136,8 @@ def token_grid_html(words: Sequence[str], kept: torch.Tensor, labels: Sequence[s
                         f'<td style="color:#bbb;background:#f3f3f3"><s>{html.escape(w)}</s></td>'
                         for w, k in zip(words, row))
         rows.append(f'<tr><th scope="row">{html.escape(label)}</th>{cells}</tr>')
-    top = max(float(attribution.max()), 1e-12)
-    shade = "".join(f'<td style="background:rgba(200,60,0,{float(a) / top:.2f})">{float(a):.2f}</td>'
+    top = max(float(attribution[1:].max()) if len(attribution) > 1 else 0.0, 1e-12)  # the words, not [CLS] itself
+    shade = "".join(f'<td style="background:rgba(200,60,0,{min(float(a) / top, 1.0):.2f})">{float(a):.2f}</td>'
                     for a in attribution)
     rows.append(f'<tr><th scope="row">[CLS] draws on (Eq. 10)</th>{shade}</tr>')
     return (f"<table><caption>{html.escape(caption)}</caption><tr><th scope=\"col\">Layer</th>{head}</tr>"
