@@ -18,8 +18,8 @@ TEXT_FIT = {"lr": 0.02, "lam_gate": 0.05}
 image demo (the paper's 0.005 pruned nothing in 300 steps on MiniLM), and ``lam_gate`` 0.05 (with 1 every
 layer closed and stayed closed); the rest is the core fit's default."""
 
-TEXT_DEMO_DURATION = ("measured: fit, slicing and report in 119 s on one torch thread of a 2-core CPU shared with "
-                      "other jobs (load 6-7); 300 steps at most")
+TEXT_DEMO_DURATION = ("measured from a fresh venv: 93 s with OMP_NUM_THREADS=1 and 669 s with torch's default "
+                      "threads, on a 2-core CPU shared with other jobs (load 8-9); 300 steps at most")
 
 
 def _fit_options(opts: Dict, defaults: Optional[Dict] = None) -> Dict:
