@@ -36,7 +36,7 @@ from hookchains.core.sites import FilterSite, SiteMap
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import augmented_views
 from hookchains.inputs.models import preprocessing
-from hookchains.viz.graph import build_graph, graph_bytes, render_graph
+from hookchains.viz.graph import build_graph, graph_bytes, layout, render_graph
 from hookchains.viz.report import write_chains_figure, write_report
 
 CHROMIUM = "/usr/bin/chromium"
@@ -270,17 +270,43 @@ def _dot_nodes(source: str) -> Dict[str, str]:
     return dict(re.findall(r"^\s*(n\d+_\d+) \[label=(\S+)", source, re.M))
 
 
-def test_large_subnetworks_draw_only_the_highest_scoring_filters(resnet):
+def test_large_subnetworks_draw_chain_filters_then_the_best_and_say_how_many_more(resnet):
     model, sub = resnet
     kept = sub.kept_filters()
     source = build_graph(sub, model, max_nodes=len(KEPT_LAYERS) + 2).source
     drawn = set(_dot_nodes(source).values())
-    assert len(drawn) == len(KEPT_LAYERS) + 2 and "(drawn: the" in source
+    assert len(drawn) == len(KEPT_LAYERS) + 2 and f"(drawn: {len(drawn)};" in source
     for name in kept:  # every kept layer keeps its best filter
         site = sub.sites.filter(name)
         best = max(kept[name], key=lambda j: float(sub.scores[name][j]))
         assert f"{site.label}_{best}" in drawn
-    assert "(drawn: the" not in build_graph(sub, model).source  # under the cap: everything
+    more = [int(n) for n in re.findall(r'more\d+ \[label="\+(\d+) more"', source)]
+    assert sum(more) == 3 * len(KEPT_LAYERS) - len(drawn) and len(more) == len(KEPT_LAYERS)  # each lost 1 or 2
+    assert source.count(" kept)") == len(KEPT_LAYERS) and "(3 kept)" in source
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    chains = extract_chains(sub, model, images, k=2)
+    source = build_graph(sub, model, images=images, max_nodes=len(KEPT_LAYERS) + 2).source
+    drawn = set(_dot_nodes(source).values())
+    assert {f.label for per_image in chains for c in per_image for f in c.filters} <= drawn
+    for target in {c.target for per_image in chains for c in per_image}:  # output classes are nodes
+        assert re.search(rf'out{target} \[label="class {target}"', source)
+        assert re.search(rf'n\d+_\d+ -> out{target} \[style=dashed', source)
+    assert "(drawn: the" not in build_graph(sub, model).source and "more" not in build_graph(sub, model).source
+
+
+def test_tied_scores_are_coloured_by_importance(resnet):
+    model, sub = resnet
+    tied = dataclasses.replace(sub, scores={k: (v > 0).float() for k, v in sub.scores.items()})
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    lay = layout(tied, model, images=images)
+    assert lay.colour_by == "importance" and layout(sub, model, images=images).colour_by == "score"
+    flow = trace_dataflow(tied, model, images)
+    for producer, consumer in flow.pairs()[:3]:  # the strongest filter of a layer has importance 1
+        total = flow.strength(producer, consumer).sum(1)
+        best = flow.kept[flow.position(producer)][int(total.argmax())]
+        assert lay.importance[(producer, best)] == pytest.approx(1.0)
+    fills = set(re.findall(r'fillcolor="(#[0-9a-f]{6})"', build_graph(tied, model, images=images).source))
+    assert len(fills) > 3 and "importance 0 (scores tie)" in build_graph(tied, model, images=images).source
 
 
 def test_dot_source_has_one_ranked_column_per_kept_layer_and_a_skipped_marker(resnet):
@@ -291,7 +317,7 @@ def test_dot_source_has_one_ranked_column_per_kept_layer_and_a_skipped_marker(re
     assert set(_dot_nodes(source).values()) == labels and len(labels) == 3 * len(KEPT_LAYERS)
     clusters = re.findall(r"subgraph cluster_\d+ \{\s*(.*)", source)
     assert len(clusters) == len(KEPT_LAYERS) and all("rank=same" in c for c in clusters)
-    order = [re.search(r"label=(\S+)", c).group(1) for c in clusters]
+    order = [re.search(r'label="(\S+) \(3 kept\)"', c).group(1) for c in clusters]
     assert order == [sub.sites.filter(name).label for name in KEPT_LAYERS]
     assert "style=\"rounded,dashed\"" in clusters[order.index("L2B1SC")]
     marker = re.search(r"skip(\d+) \[label=\"skipped\s+L3B2\"", source)
@@ -387,7 +413,7 @@ def test_dot_renders_real_pdf_svg_and_png(resnet, tmp_path):
     svg = render_graph(sub, model, tmp_path / "sub.svg", "svg")
     root = ET.parse(svg).getroot()
     texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
-    assert root.tag == "{http://www.w3.org/2000/svg}svg" and {"L2B1SC", "skipped", "L3B2"} <= texts
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and {"L2B1SC (3 kept)", "skipped", "L3B2"} <= texts
     assert any(t and t.startswith("L4B2C2_") for t in texts)
     with Image.open(render_graph(sub, model, tmp_path / "sub.png", "png")) as png:
         assert png.format == "PNG" and png.width > 600
