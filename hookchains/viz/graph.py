@@ -27,7 +27,8 @@ The drawing is a Graphviz graph laid out left to right:
 * title: the paper-style counts, e.g. "13/53 layers, 77/26560 filters" (ResNet-50 has 53 conv layers);
   each column's label says how many filters the layer keeps;
 * above ``max_nodes`` (200) kept filters, every filter a chain uses is drawn, then each layer's best,
-  then the highest-scoring (ties: the most important); each layer with undrawn filters ends in
+  then the highest-scoring (ties: the most important) while a layer has fewer than
+  ``2 * max_nodes / layers``; each layer with undrawn filters ends in
   "+N more", and the title says how many are drawn.
 
 :func:`layout` computes what is drawn (:class:`Layout`); the HTML explorer
@@ -62,7 +63,7 @@ from hookchains.core.sites import FilterSite
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.viz.heatmap import apply_colormap
 
-__all__ = ["GRAPH_FORMATS", "Column", "Layout", "build_graph", "graph_bytes", "layout", "render_graph"]
+__all__ = ["GRAPH_FORMATS", "MAX_NODES", "Column", "Layout", "build_graph", "graph_bytes", "layout", "render_graph"]
 
 GRAPH_FORMATS = ("pdf", "svg", "png", "dot")
 MAX_NODES = 200  # the paper's drawings hold 77-158 filters; beyond ~200 a graph stops being readable
@@ -180,10 +181,11 @@ def _shown_filters(sub: Subnetwork, max_nodes: Optional[int], rank: Callable[[Fi
     for n, j in required:
         chosen[n].add(j)
     budget = max_nodes - sum(len(v) for v in chosen.values())
+    cap = max(2 * max_nodes // len(kept), 1)  # no layer takes the whole budget
     for n, j in sorted(((n, j) for n, idx in kept.items() for j in idx), key=lambda f: (rank(f), f), reverse=True):
         if budget <= 0:
             break
-        if j not in chosen[n]:
+        if j not in chosen[n] and len(chosen[n]) < cap:
             chosen[n].add(j)
             budget -= 1
     return {n: sorted(v) for n, v in chosen.items()}

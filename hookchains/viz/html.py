@@ -25,7 +25,7 @@ from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["Sprites", "Predictions", "predictions", "thumb", "fidelity_rows", "summary_html", "image_grid",
-           "document", "IMAGE_PX", "Result"]
+           "document", "IMAGE_PX", "Result", "CSS"]
 
 IMAGE_PX = 128  # px of a task image in the page
 Result = Union[Subnetwork, TokenSubnetwork]
@@ -114,7 +114,7 @@ def thumb(image: Tensor, size: int) -> bytes:
     return buffer.getvalue()
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1a1a1a;
 background:#fff;margin:0;line-height:1.45}
 main{max-width:1200px;margin:0 auto;padding:1rem 1.25rem 3rem}
@@ -213,5 +213,5 @@ def document(sprites: Sprites, sections: Sequence[Tuple[str, str, str]]) -> str:
                    for key, title, content in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-'
             f'Security-Policy" content="{_CSP}"><meta name="viewport" content="width=device-width, '
-            f'initial-scale=1"><title>NeuroChains report</title><style>{_CSS}</style></head><body>'
+            f'initial-scale=1"><title>NeuroChains report</title><style>{CSS}</style></head><body>'
             f"{sprites.definitions()}<main><h1>NeuroChains report</h1>{body}</main></body></html>")

@@ -1,0 +1,290 @@
+'use strict';
+(function () {
+  const D = JSON.parse(document.getElementById('explorer-data').textContent);
+  const NS = 'http://www.w3.org/2000/svg';
+  const svg = document.getElementById('graph');
+  const panel = document.getElementById('panel');
+  const nodes = new Map(D.nodes.map(n => [n.id, n]));
+  const shapes = new Map();
+  const COLW = 104, SKIPW = 64, ROWH = 24, NODEW = 86, NODEH = 19, TOP = 46;
+  const JET = [[0, 0, .5], [0, 0, 1], [0, .5, 1], [0, 1, 1], [.5, 1, .5], [1, 1, 0], [1, .5, 0], [1, 0, 0], [.5, 0, 0]];
+
+  function make(tag, attrs, parent, text) {
+    const e = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+  function html(tag, attrs, parent, text) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+  function jet(v) {
+    const p = Math.min(Math.max(v, 0), 1) * (JET.length - 1), lo = Math.min(Math.floor(p), JET.length - 2), f = p - lo;
+    const c = JET[lo].map((a, i) => a * (1 - f) + JET[lo + 1][i] * f);
+    return {fill: 'rgb(' + c.map(a => Math.round(255 * a)).join(',') + ')',
+            text: (0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]) < 0.5 ? '#fff' : '#000'};
+  }
+  function picture(id, alt, parent, cls) {
+    const img = html('img', {alt: alt, class: cls || 'pic'}, parent);
+    img.src = D.pics[id];
+    return img;
+  }
+
+  // ------------------------------------------------------------------ the graph
+  const edgeLayer = make('g', {class: 'edges'}, svg), chainLayer = make('g', {class: 'chainlines'}, svg);
+  const nodeLayer = make('g', {class: 'nodes'}, svg);
+  const pos = new Map();
+  let height = 0;
+  let x = 0;
+  D.columns.forEach(col => {
+    if (col.kind === 'skipped') x -= (COLW - SKIPW) / 2;
+    make('text', {x: x + NODEW / 2, y: 14, class: 'colhead'}, nodeLayer, col.label);
+    make('text', {x: x + NODEW / 2, y: 28, class: 'colsub'}, nodeLayer, col.kind === 'layer' ? col.kept + ' kept' : (col.detail || ''));
+    col.nodes.forEach((id, k) => pos.set(id, [x, TOP + k * ROWH]));
+    let y = TOP + col.nodes.length * ROWH;
+    if (col.more) make('text', {x: x + NODEW / 2, y: y + 12, class: 'more'}, nodeLayer, '+' + col.more + ' more');
+    height = Math.max(height, y + 24);
+    x += col.kind === 'skipped' ? (COLW + SKIPW) / 2 : COLW;
+  });
+  for (const [a, b, w] of D.edges) {
+    const [x1, y1] = pos.get(a), [x2, y2] = pos.get(b);
+    const sx = x1 + NODEW, sy = y1 + NODEH / 2, ex = x2, ey = y2 + NODEH / 2, m = (sx + ex) / 2;
+    make('path', {d: `M${sx},${sy} C${m},${sy} ${m},${ey} ${ex},${ey}`, 'stroke-width': 0.4 + 3 * w,
+                  class: 'edge', 'data-from': a, 'data-to': b}, edgeLayer);
+  }
+  for (const n of D.nodes) {
+    const [x, y] = pos.get(n.id);
+    const col = n.value === null ? {fill: '#fff', text: '#000'} : jet(n.value);
+    const g = make('g', {class: 'node' + (n.kind === 'output' ? ' output' : ''), tabindex: 0, role: 'button',
+                         'aria-label': n.aria, 'data-id': n.id, transform: `translate(${x},${y})`}, nodeLayer);
+    make('rect', {width: NODEW, height: NODEH, rx: n.kind === 'output' ? 10 : 3, fill: col.fill}, g);
+    make('text', {x: NODEW / 2, y: 14, fill: col.text}, g, n.label);
+    make('title', {}, g, n.aria);
+    shapes.set(n.id, g);
+  }
+  const width = x;
+
+  // ------------------------------------------------------------------ pan and zoom
+  let view = {x: 0, y: 0, w: width, h: height};
+  function apply() { svg.setAttribute('viewBox', `${view.x} ${view.y} ${view.w} ${view.h}`); }
+  function fit() {
+    const box = svg.getBoundingClientRect(), pad = 12;
+    const top = document.querySelector('.legend').offsetHeight + pad, bottom = document.querySelector('.tools').offsetHeight + pad;
+    const scale = Math.min(box.width / (width + 2 * pad), (box.height - top - bottom) / height, 1.6) || 1;
+    view = {w: box.width / scale, h: box.height / scale, x: (width - box.width / scale) / 2, y: -top / scale};
+    apply();
+  }
+  function zoom(factor, cx, cy) {
+    const box = svg.getBoundingClientRect();
+    const px = view.x + view.w * ((cx === undefined ? box.width / 2 : cx - box.left) / box.width);
+    const py = view.y + view.h * ((cy === undefined ? box.height / 2 : cy - box.top) / box.height);
+    view = {x: px - (px - view.x) * factor, y: py - (py - view.y) * factor, w: view.w * factor, h: view.h * factor};
+    apply();
+  }
+  svg.addEventListener('wheel', e => { e.preventDefault(); zoom(e.deltaY > 0 ? 1.15 : 1 / 1.15, e.clientX, e.clientY); },
+                       {passive: false});
+  let drag = null;
+  svg.addEventListener('pointerdown', e => { if (!e.target.closest('.node')) drag = [e.clientX, e.clientY, view.x, view.y]; });
+  window.addEventListener('pointerup', () => { drag = null; });
+  svg.addEventListener('pointermove', e => {
+    if (!drag) return;
+    const box = svg.getBoundingClientRect();
+    view.x = drag[2] - (e.clientX - drag[0]) * view.w / box.width;
+    view.y = drag[3] - (e.clientY - drag[1]) * view.h / box.height;
+    apply();
+  });
+  document.getElementById('zoom-in').addEventListener('click', () => zoom(1 / 1.3));
+  document.getElementById('zoom-out').addEventListener('click', () => zoom(1.3));
+  document.getElementById('zoom-fit').addEventListener('click', fit);
+  window.addEventListener('resize', fit);
+
+  // ------------------------------------------------------------------ highlighting
+  function clear() {
+    svg.classList.remove('focus');
+    chainLayer.textContent = '';
+    for (const g of shapes.values()) g.classList.remove('hl', 'sel', 'cmp-a', 'cmp-b', 'cmp-both');
+    for (const e of edgeLayer.children) e.classList.remove('hl');
+  }
+  function highlight(chains, selected) {
+    clear();
+    svg.classList.add('focus');
+    const seen = new Set();
+    for (const ch of chains) {
+      ch.nodes.forEach((id, k) => {
+        shapes.get(id).classList.add('hl');
+        if (k === 0) return;
+        const key = ch.nodes[k - 1] + '>' + id;
+        if (seen.has(key)) return;
+        seen.add(key);
+        const [x1, y1] = pos.get(ch.nodes[k - 1]), [x2, y2] = pos.get(id), m = (x1 + NODEW + x2) / 2;
+        make('path', {d: `M${x1 + NODEW},${y1 + NODEH / 2} C${m},${y1 + NODEH / 2} ${m},${y2 + NODEH / 2} ${x2},${y2 + NODEH / 2}`,
+                      class: 'chainline'}, chainLayer);
+      });
+    }
+    if (selected) shapes.get(selected).classList.add('sel');
+    document.getElementById('graph-status').textContent =
+      chains.length ? chains.length + ' chain(s) highlighted' : 'no chain highlighted';
+  }
+
+  // ------------------------------------------------------------------ panels
+  function start(title) {
+    panel.textContent = '';
+    html('h2', {id: 'panel-title', tabindex: -1}, panel, title);
+    return panel;
+  }
+  function facts(rows, parent) {
+    const t = html('table', {class: 'facts'}, parent);
+    for (const [k, v] of rows) { const r = html('tr', {}, t); html('th', {scope: 'row'}, r, k); html('td', {}, r, v); }
+  }
+  function chainList(chains, parent) {
+    const ol = html('ol', {class: 'chains'}, parent);
+    for (const ch of chains) {
+      const li = html('li', {}, ol);
+      const b = html('button', {type: 'button', class: 'linkish'}, li, ch.title);
+      b.addEventListener('click', () => highlight([ch]));
+      html('div', {class: 'path'}, li, ch.nodes.map(id => nodes.get(id).label).join(' → '));
+    }
+    if (!chains.length) html('p', {class: 'muted'}, parent, 'No chain.');
+  }
+  function imageCaption(i) { return D.images[i].caption; }
+
+  function showNode(id) {
+    const n = nodes.get(id), p = start(n.label);
+    p.dataset.view = 'node';
+    facts(n.facts, p);
+    if (n.featvis !== null) {
+      html('h3', {}, p, 'Feature visualisation');
+      if (n.featvisFailed) html('p', {class: 'bad featvis-failed'}, p, 'Failed: ' + n.featvisFailed + ' (not shown).');
+      else picture(n.featvis, 'Feature visualisation of ' + n.label, p, 'pic featvis');
+    }
+    const through = D.chains.filter(ch => ch.nodes.includes(id));
+    if (n.maps.length) {
+      html('h3', {}, p, 'Heatmap on every task image, by peak activation');
+      const grid = html('div', {class: 'maps'}, p);
+      for (const [i, pic, peak] of [...n.maps].sort((a, b) => b[2] - a[2])) {
+        const f = html('figure', {class: 'map'}, grid);
+        const alt = `Heatmap of ${n.label} on ${imageCaption(i)} (peak ${peak.toPrecision(3)})`;
+        if (pic === null) html('span', {class: 'muted'}, f, 'no spatial map'); else picture(pic, alt, f);
+        html('figcaption', {}, f, `image ${i + 1} · peak ${peak.toPrecision(3)}`);
+      }
+    } else if (n.kind !== 'output') {
+      html('p', {class: 'muted'}, p, 'No chain uses this filter: pictures are computed for chain filters only.');
+    }
+    html('h3', {}, p, `Chains through ${n.label} (${through.length})`);
+    chainList(through, p);
+    highlight(through, id);
+  }
+  function showImage(i) {
+    const im = D.images[i], p = start('Image ' + (i + 1));
+    p.dataset.view = 'image';
+    picture(im.pic, im.caption, p, 'pic');
+    html('p', {class: im.wrong ? 'bad' : ''}, p, im.caption);
+    const chains = D.chains.filter(ch => ch.image === i);
+    html('h3', {}, p, 'Its chains');
+    chainList(chains, p);
+    highlight(chains);
+  }
+  function groupChains(g) {
+    const members = new Set(D.groups[g].images);
+    return D.chains.filter(ch => members.has(ch.image));
+  }
+  function showGroup(g) {
+    const group = D.groups[g], p = start('Class ' + group.name);
+    p.dataset.view = 'class';
+    const chains = groupChains(g);
+    const used = new Set(chains.flatMap(ch => ch.nodes));
+    const rep = group.images.find(i => !D.images[i].wrong && D.chains.some(ch => ch.image === i));
+    html('p', {}, p, `The class's sub-network: ${used.size} nodes on the ${chains.length} chains of its ` +
+         `${group.images.length} images` + (rep === undefined ? '.' : `; heatmaps on image ${rep + 1}.`));
+    const grid = html('div', {class: 'classnet'}, p);
+    D.columns.forEach(col => {
+      const ids = col.nodes.filter(id => used.has(id));
+      if (!ids.length) return;
+      const c = html('div', {class: 'classcol'}, grid);
+      html('div', {class: 'colhead'}, c, col.label);
+      for (const id of ids) {
+        const n = nodes.get(id), f = html('figure', {class: 'map'}, c);
+        const m = n.maps.find(x => x[0] === rep);
+        if (m && m[1] !== null) picture(m[1], `Heatmap of ${n.label} on image ${rep + 1}`, f);
+        const b = html('button', {type: 'button', class: 'linkish'}, html('figcaption', {}, f), n.label);
+        b.addEventListener('click', () => showNode(id));
+      }
+    });
+    highlight(chains);
+  }
+  function showCompare(a, b) {
+    const p = start(`Compare ${D.groups[a].name} and ${D.groups[b].name}`);
+    p.dataset.view = 'compare';
+    const ca = new Set(groupChains(a).flatMap(ch => ch.nodes)), cb = new Set(groupChains(b).flatMap(ch => ch.nodes));
+    clear();
+    svg.classList.add('focus');
+    const sets = {both: [], a: [], b: []};
+    for (const id of new Set([...ca, ...cb])) {
+      const k = ca.has(id) && cb.has(id) ? 'both' : ca.has(id) ? 'a' : 'b';
+      sets[k].push(id);
+      shapes.get(id).classList.add('hl', 'cmp-' + k);
+    }
+    for (const [k, title] of [['both', 'Shared'], ['a', D.groups[a].name + ' only'], ['b', D.groups[b].name + ' only']]) {
+      html('h3', {}, p, `${title} (${sets[k].length})`);
+      const ul = html('ul', {class: 'inline cmp-' + k}, p);
+      for (const id of sets[k]) {
+        const btn = html('button', {type: 'button', class: 'linkish'}, html('li', {}, ul), nodes.get(id).label);
+        btn.addEventListener('click', () => showNode(id));
+      }
+    }
+    const wrong = [...D.groups[a].images, ...D.groups[b].images].filter(i => D.images[i].wrong);
+    for (const i of wrong) {
+      html('h3', {}, p, 'Misclassified: ' + D.images[i].caption);
+      chainList(D.chains.filter(ch => ch.image === i), p);
+    }
+    document.getElementById('graph-status').textContent = 'comparing two classes';
+  }
+
+  // ------------------------------------------------------------------ controls and keyboard
+  const imageSelect = document.getElementById('pick-image'), groupSelect = document.getElementById('pick-class');
+  const cmpA = document.getElementById('cmp-a'), cmpB = document.getElementById('cmp-b');
+  D.images.forEach((im, i) => html('option', {value: i}, imageSelect, `${i + 1}: ${im.label}`));
+  D.groups.forEach((g, i) => { for (const s of [groupSelect, cmpA, cmpB]) html('option', {value: i}, s, g.name); });
+  if (D.groups.length > 1) cmpB.value = 1;
+  imageSelect.addEventListener('change', () => { if (imageSelect.value !== '') showImage(+imageSelect.value); });
+  groupSelect.addEventListener('change', () => { if (groupSelect.value !== '') showGroup(+groupSelect.value); });
+  document.getElementById('cmp-go').addEventListener('click', () => showCompare(+cmpA.value, +cmpB.value));
+  document.getElementById('reset').addEventListener('click', () => { clear(); start('Details').dataset.view = 'none'; });
+  for (const b of document.querySelectorAll('[data-image]')) b.addEventListener('click', () => showImage(+b.dataset.image));
+
+  nodeLayer.addEventListener('click', e => { const g = e.target.closest('.node'); if (g) showNode(g.dataset.id); });
+  nodeLayer.addEventListener('keydown', e => {
+    const g = e.target.closest('.node');
+    if (!g) return;
+    const id = g.dataset.id, c = nodes.get(id).column, col = D.columns[c].nodes, k = col.indexOf(id);
+    let next = null;
+    if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); showNode(id); return; }
+    if (e.key === 'ArrowDown') next = col[k + 1];
+    if (e.key === 'ArrowUp') next = col[k - 1];
+    if (e.key === 'ArrowRight' || e.key === 'ArrowLeft') {
+      const step = e.key === 'ArrowRight' ? 1 : -1;
+      for (let j = c + step; j >= 0 && j < D.columns.length && !next; j += step) {
+        const other = D.columns[j].nodes;
+        if (other.length) next = other[Math.min(k, other.length - 1)];
+      }
+    }
+    if (next) { e.preventDefault(); shapes.get(next).focus(); }
+  });
+  document.addEventListener('keydown', e => {
+    if (e.key === 'Escape') { clear(); }
+    if (e.target.closest && e.target.closest('input,select,textarea')) return;
+    if (e.key === '+' || e.key === '=') zoom(1 / 1.3);
+    if (e.key === '-') zoom(1.3);
+    if (e.key === '0') fit();
+  });
+
+  for (const img of document.querySelectorAll('img[data-pic]')) img.src = D.pics[img.dataset.pic];
+  fit();
+  document.body.dataset.ready = String(performance.now());
+  document.dispatchEvent(new Event('explorer-ready'));
+})();
