@@ -44,12 +44,17 @@ import functools
 import hashlib
 import html
 import json
+import os
+import sys
+import webbrowser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from hookchains.viz.html import CSS
 
-__all__ = ["Pictures", "explorer_page", "script_hash"]
+__all__ = ["Pictures", "explorer_page", "open_in_browser", "script_hash", "serve_page"]
 
 
 class Pictures:
@@ -167,3 +172,41 @@ def explorer_page(data: Mapping[str, Any], pictures: Pictures, sections: Sequenc
             f'<h1>{html.escape(heading)}</h1>{explorer}{body}</main>'
             f'<script type="application/json" id="explorer-data">{payload}</script>'
             f"<script>{_script()}</script></body></html>")
+
+
+def serve_page(page: Path, port: int = 0) -> ThreadingHTTPServer:
+    """A server on ``127.0.0.1:port`` (0: any free port) that answers ``/`` with ``page`` and 404 otherwise.
+
+    The page is read once; call ``serve_forever()`` on the result and ``server_close()`` when done.
+
+    Example:
+        >>> import threading, urllib.request
+        >>> _ = Path("runs").mkdir(exist_ok=True), Path("runs/p.html").write_text("<p>hi</p>")
+        >>> server = serve_page(Path("runs/p.html"))
+        >>> threading.Thread(target=server.serve_forever, daemon=True).start()
+        >>> urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/").read()
+        b'<p>hi</p>'
+        >>> server.shutdown(); server.server_close()
+    """
+    body = Path(page).read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 -- the http.server name
+            found = self.path in ("/", "/index.html")
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8" if found else "text/plain")
+            self.send_header("Content-Length", str(len(body) if found else 9))
+            self.end_headers()
+            self.wfile.write(body if found else b"not found")
+
+        def log_message(self, *args: Any) -> None:  # quiet: the CLI prints the URL once
+            pass
+
+    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+
+def open_in_browser(page: Path) -> bool:
+    """Open ``page`` (a file) in the user's web browser; False when none can be opened (no display on
+    Linux, or :mod:`webbrowser` finds no browser)."""
+    graphical = sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    return bool(graphical) and webbrowser.open(Path(page).resolve().as_uri())
