@@ -254,8 +254,9 @@ def layout(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: Option
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
         ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
         >>> sub = random_subnetwork(model, torch.randn(1, 3, 32, 32), keep=0.5)
-        >>> [len(c.shown) for c in layout(sub).columns]
-        [4, 4]
+        >>> lay = layout(sub, max_nodes=3)     # at least each layer's best filter; the rest is "+N more"
+        >>> [c.site.label for c in lay.columns], lay.drawn, sum(c.hidden for c in lay.columns) + lay.drawn
+        (['0', '2'], 3, 8)
     """
     if max_edges_per_node < 0:
         raise ValueError(f"max_edges_per_node must be >= 0, got {max_edges_per_node}")
