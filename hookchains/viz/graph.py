@@ -47,6 +47,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import graphviz
 import torch
+from timm.data import ImageNetInfo
 from torch import Tensor, nn
 
 from hookchains.analysis.chains import Chain, extract_chains
@@ -63,13 +65,31 @@ from hookchains.core.sites import FilterSite
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.viz.heatmap import apply_colormap
 
-__all__ = ["GRAPH_FORMATS", "MAX_NODES", "Column", "Layout", "build_graph", "graph_bytes", "layout", "render_graph"]
+__all__ = ["GRAPH_FORMATS", "MAX_NODES", "Column", "Layout", "build_graph", "graph_bytes", "imagenet_names", "layout",
+           "output_names", "render_graph"]
 
 GRAPH_FORMATS = ("pdf", "svg", "png", "dot")
 MAX_NODES = 200  # the paper's drawings hold 77-158 filters; beyond ~200 a graph stops being readable
 _EDGE_FLOOR = 0.10  # edges below this fraction of the strongest edge of their layer pair are dropped
 _DOT_MISSING = ("Graphviz's `dot` program is not on PATH; install it (apt-get install graphviz, brew install "
                 "graphviz, or conda install -c conda-forge graphviz) or use format='dot'")
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_names() -> Tuple[List[str], List[str]]:
+    """ImageNet-1k class descriptions and synsets (timm's tables, no network)."""
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)], list(info.label_names())
+
+
+def output_names(count: int, class_indices: Mapping[str, int]) -> List[str]:
+    """A name per model output: ImageNet's for 1000 outputs, else ``class i``; task names win.
+
+    Example: ``output_names(3, {"cat": 1})`` is ``['class 0', 'cat', 'class 2']``."""
+    names = list(imagenet_names()[0]) if count == 1000 else [f"class {i}" for i in range(count)]
+    for name, index in class_indices.items():
+        names[index] = name
+    return names
 
 
 def _hex(rgb: Sequence[float]) -> str:
@@ -238,14 +258,23 @@ def _edges(flow: Dataflow, shown: Dict[str, List[int]], per_node: int) -> List[T
     return result
 
 
+def _task_names(sub: Subnetwork, flow: Optional[Dataflow]) -> Dict[int, str]:
+    """Model output -> name from the task's class indices (and ImageNet's names for 1000 outputs)."""
+    indices = {k: int(v) for k, v in sub.task.get("class_indices", {}).items()}
+    ends = [flow.connected[(p, flow.classifier)] for p in flow.feeds.get(flow.classifier, [])
+            if (p, flow.classifier) in flow.connected] if flow is not None else []
+    count = int(ends[0].shape[1]) if ends else 1 + max(indices.values(), default=-1)
+    return {i: name for i, name in enumerate(output_names(count, indices))}
+
+
 def layout(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: Optional[Tensor] = None,
-           chains: Optional[List[List[Chain]]] = None, output_names: Optional[Mapping[int, str]] = None,
+           chains: Optional[List[List[Chain]]] = None, names: Optional[Mapping[int, str]] = None,
            max_edges_per_node: int = 3, max_nodes: Optional[int] = MAX_NODES) -> Layout:
     """What to draw of ``sub`` (module docstring): columns, colours, edges, output classes, chains.
 
     ``chains`` (default: computed when ``model`` and ``images`` are given) are always drawn and give
-    the output nodes; ``output_names`` name model outputs (default ``sub.task["class_indices"]``,
-    else ``"class i"``).
+    the output nodes; ``names`` name model outputs (default: :func:`output_names` with
+    ``sub.task["class_indices"]``, ImageNet's names for 1000 outputs).
 
     Example:
         >>> import torch
@@ -278,7 +307,7 @@ def layout(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: Option
     colour = {f: importance.get(f, 0.0) if colour_by == "importance" else s / top for f, s in scores.items()}
     required = {(f.site, f.index) for per_image in chains for c in per_image for f in c.filters}
     shown = _shown_filters(sub, max_nodes, lambda f: (scores[f], importance.get(f, 0.0)), required)
-    names = {int(v): k for k, v in sub.task.get("class_indices", {}).items()} if output_names is None else output_names
+    names = names if names is not None else _task_names(sub, flow)
     ends = sorted({((c.filters[-1].site, c.filters[-1].index), c.target) for p in chains for c in p if c.filters})
     outputs = [(t, names.get(t, f"class {t}")) for t in sorted({t for _, t in ends})]
     edges = _edges(flow, shown, max_edges_per_node) if flow is not None else []
@@ -349,7 +378,7 @@ def build_graph(sub: Subnetwork, model: Optional[nn.Module] = None, *, images: O
         >>> print(build_graph(sub).source.splitlines()[0])
         digraph subnetwork {
     """
-    lay = layout(sub, model, images=images, chains=chains, output_names=output_names,
+    lay = layout(sub, model, images=images, chains=chains, names=output_names,
                  max_edges_per_node=max_edges_per_node, max_nodes=max_nodes)
     graph = graphviz.Digraph("subnetwork")
     graph.attr(rankdir="LR", newrank="true", nodesep="0.06", ranksep="0.5", labelloc="t", fontname="Helvetica",

@@ -295,7 +295,7 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
     with progress.stage("report page"):
         pics.images = {i: thumb(to_tensor(image_set.raw[i]), IMAGE_PX) for i in range(len(image_set))}
         lay = layout(sub, model, images=image_set.images, chains=study.chains,
-                     output_names=dict(enumerate(study.output_names)), max_nodes=max_nodes)
+                     names=dict(enumerate(study.output_names)), max_nodes=max_nodes)
         table = Pictures()
         data = _explorer_data(sub, study, lay, pics, table)
         page = explorer_page(data, table, [("summary", "Sub-network", _summary(sub)),
