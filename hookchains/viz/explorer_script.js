@@ -193,6 +193,19 @@
     const members = new Set(D.groups[g].images);
     return D.chains.filter(ch => members.has(ch.image));
   }
+  function heatmaps(ids, image, parent) {
+    const grid = html('div', {class: 'maps'}, parent);
+    for (const id of ids) {
+      const n = nodes.get(id), m = n.maps.find(x => x[0] === image);
+      if (!m) continue;
+      const f = html('figure', {class: 'map'}, grid);
+      if (m[1] === null) html('span', {class: 'muted'}, f, 'no spatial map');
+      else picture(m[1], `Heatmap of ${n.label} on image ${image + 1} (peak ${m[2].toPrecision(3)})`, f);
+      const b = html('button', {type: 'button', class: 'linkish'}, html('figcaption', {}, f), n.label);
+      b.addEventListener('click', () => showNode(id));
+      html('div', {}, f, 'peak ' + m[2].toPrecision(3));
+    }
+  }
   function showGroup(g) {
     const group = D.groups[g], p = start('Class ' + group.name);
     p.dataset.view = 'class';
@@ -241,6 +254,10 @@
     for (const i of wrong) {
       html('h3', {}, p, 'Misclassified: ' + D.images[i].caption);
       chainList(D.chains.filter(ch => ch.image === i), p);
+      for (const [g, used] of [[a, ca], [b, cb]]) {
+        html('h4', {}, p, `How the filters of ${D.groups[g].name}'s chains fire on image ${i + 1}`);
+        heatmaps([...used], i, p);
+      }
     }
     document.getElementById('graph-status').textContent = 'comparing two classes';
   }

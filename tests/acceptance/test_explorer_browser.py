@@ -3,6 +3,7 @@
 seconds, a sub-network extracted and reported by the CLI, as a user runs it."""
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from benchmarks.digits import build, train, write_images  # pytest pythonpath ["."]
 from hookchains.cli.main import main
 from hookchains.core.io import write_tensors
+from hookchains.workflow.runs import load_run
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -139,6 +141,19 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     assert browser.switch_to.active_element.get_attribute("data-id") == data["columns"][0]["nodes"][1]
     browser.save_screenshot(str(tmp_path / "keyboard.png"))
     assert (tmp_path / "keyboard.png").stat().st_size > 10_000
+    assert browser.get_log("browser") == []
+
+
+def test_a_loaded_run_shows_the_explorer_inline_in_a_notebook(run_dir, browser, tmp_path):
+    shown = load_run(run_dir)._repr_html_()
+    assert load_run(run_dir).sub.summary() in html.unescape(shown)
+    notebook = tmp_path / "cell.html"  # what Jupyter does with the HTML: put it in its page
+    notebook.write_text(f"<!DOCTYPE html><html><body>{shown}</body></html>")
+    browser.get(notebook.as_uri())
+    browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph .node")) == len(_data(run_dir)["nodes"])
+    browser.switch_to.default_content()
     assert browser.get_log("browser") == []
 
 
