@@ -3,7 +3,8 @@
 The page holds one JSON document (``<script type="application/json" id="explorer-data">``) and one
 inline script (``explorer_script.js`` next to this module) that draws it as inline SVG: layers as
 columns, nodes coloured by a value in [0, 1] on the ``jet`` map, pan (drag), zoom (wheel, +/-, the
-buttons) and fit-to-screen on load. A click (or Enter) on a node opens the side panel; an image, a
+buttons) and fit-to-screen on load. The graph is one Tab stop (a roving tabindex: the arrow keys move
+between nodes, Enter opens one). A click (or Enter) on a node opens the side panel; an image, a
 class or a pair of classes can be picked to light up their chains. The script is allowed by a
 ``sha256`` hash in the page's Content-Security-Policy, which forbids every request (``default-src
 'none'``; pictures are ``data:`` URIs), so the page works from ``file://`` and offline.
@@ -11,7 +12,7 @@ class or a pair of classes can be picked to light up their chains. The script is
 The data model is generic (filter runs fill it in :mod:`hookchains.viz.report`; other kinds of run
 may add their own nodes and facts):
 
-* ``title``: the graph's title; ``colour``: ``{"by": what the colour encodes, "low": ..., "high": ...}``;
+* ``title``: the graph's title; ``note`` (optional): a warning shown under it; ``colour``: ``{"by": what the colour encodes, "low": ..., "high": ...}``;
 * ``columns``: ``[{"label", "kind" ("layer", "skipped" or "output"), "kept" (units the column keeps),
   "more" (kept units not drawn), "nodes" (node ids, top to bottom), optional "detail" (a second
   line under the label)}]`` in network order;
@@ -157,7 +158,8 @@ def explorer_page(data: Mapping[str, Any], pictures: Pictures, sections: Sequenc
     legend = (f'<div class="legend"><strong id="graph-title">{html.escape(data["title"])}</strong>'
               f'colour: {html.escape(colour["by"])} {html.escape(colour["low"])}<span class="bar"></span>'
               f'{html.escape(colour["high"])} · <span style="color:#d4008f">magenta</span>: highlighted chains · '
-              "click or Tab + Enter a node; arrows move; drag to pan, wheel or +/− to zoom</div>")
+              "click or Tab + Enter a node; arrows move; drag to pan, wheel or +/− to zoom"
+              + (f'<br><span class="bad">{html.escape(data["note"])}</span>' if data.get("note") else "") + "</div>")
     explorer = (f'<div class="explorer"><div class="stage">{legend}<svg id="graph" role="group" '
                 f'aria-labelledby="graph-title" preserveAspectRatio="xMidYMid meet"></svg>{_CONTROLS}</div>'
                 '<aside id="panel" aria-live="polite" aria-label="Details"><h2>Details</h2><p>Click a filter, or '

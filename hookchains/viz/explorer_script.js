@@ -60,7 +60,7 @@
   for (const n of D.nodes) {
     const [x, y] = pos.get(n.id);
     const col = n.value === null ? {fill: '#fff', text: '#000'} : jet(n.value);
-    const g = make('g', {class: 'node' + (n.kind === 'output' ? ' output' : ''), tabindex: 0, role: 'button',
+    const g = make('g', {class: 'node' + (n.kind === 'output' ? ' output' : ''), tabindex: shapes.size ? -1 : 0, role: 'button',
                          'aria-label': n.aria, 'data-id': n.id, transform: `translate(${x},${y})`}, nodeLayer);
     make('rect', {width: NODEW, height: NODEH, rx: n.kind === 'output' ? 10 : 3, fill: col.fill}, g);
     make('text', {x: NODEW / 2, y: 14, fill: col.text}, g, n.label);
@@ -274,7 +274,11 @@
   document.getElementById('reset').addEventListener('click', () => { clear(); start('Details').dataset.view = 'none'; });
   for (const b of document.querySelectorAll('[data-image]')) b.addEventListener('click', () => showImage(+b.dataset.image));
 
-  nodeLayer.addEventListener('click', e => { const g = e.target.closest('.node'); if (g) showNode(g.dataset.id); });
+  function rove(id) {  // the one node that Tab reaches
+    for (const g of nodeLayer.querySelectorAll('.node[tabindex="0"]')) g.setAttribute('tabindex', -1);
+    shapes.get(id).setAttribute('tabindex', 0);
+  }
+  nodeLayer.addEventListener('click', e => { const g = e.target.closest('.node'); if (g) { rove(g.dataset.id); showNode(g.dataset.id); } });
   nodeLayer.addEventListener('keydown', e => {
     const g = e.target.closest('.node');
     if (!g) return;
@@ -290,7 +294,7 @@
         if (other.length) next = other[Math.min(k, other.length - 1)];
       }
     }
-    if (next) { e.preventDefault(); shapes.get(next).focus(); }
+    if (next) { e.preventDefault(); rove(next); shapes.get(next).focus(); }
   });
   document.addEventListener('keydown', e => {
     if (e.key === 'Escape') { clear(); }

@@ -210,7 +210,7 @@ def _explorer_data(sub: Subnetwork, study: _Study, lay: Layout, pics: _Pictures,
     title = f"{counts['layers_kept']}/{counts['layers_total']} layers, {counts['filters_kept']}/" \
             f"{counts['filters_total']} filters kept" + (f"; {lay.drawn} drawn" if lay.drawn < counts["filters_kept"] else "")
     names = study.image_set.class_names
-    return {"title": title,
+    return {"title": title, "note": lay.note,
             "colour": {"by": lay.colour_by if lay.colour_by == "score" else "importance (the scores tie)",
                        "low": "0", "high": f"{lay.top:.3g}" if lay.colour_by == "score" else "1"},
             "columns": columns, "nodes": nodes + outputs, "edges": edges,

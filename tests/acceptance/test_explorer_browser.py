@@ -128,17 +128,23 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     assert panel.get_attribute("data-view") == "compare" and "Shared (" in panel.text
 
     browser.find_element(By.TAG_NAME, "body").click()
-    for _ in range(30):  # Tab through the controls to the first node
+    for _ in range(30):  # Tab through the controls to the graph (one Tab stop: the node last clicked)
         browser.switch_to.active_element.send_keys(Keys.TAB)
         if browser.switch_to.active_element.get_attribute("data-id"):
             break
     focused = browser.switch_to.active_element
-    first = data["columns"][0]["nodes"][0]
-    assert focused.get_attribute("data-id") == first and focused.get_attribute("aria-label")
+    assert focused.get_attribute("data-id") == node_id and focused.get_attribute("aria-label")  # the last clicked
     focused.send_keys(Keys.ENTER)
-    assert panel.find_element(By.TAG_NAME, "h2").text == next(n["label"] for n in data["nodes"] if n["id"] == first)
-    focused.send_keys(Keys.ARROW_DOWN)
-    assert browser.switch_to.active_element.get_attribute("data-id") == data["columns"][0]["nodes"][1]
+    assert panel.find_element(By.TAG_NAME, "h2").text == node["label"]
+    column = data["columns"][node["column"]]["nodes"]
+    k = column.index(node_id)
+    focused.send_keys(Keys.ARROW_DOWN if k + 1 < len(column) else Keys.ARROW_UP)
+    k = k + 1 if k + 1 < len(column) else k - 1
+    assert browser.switch_to.active_element.get_attribute("data-id") == column[k]
+    browser.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
+    right = next(c["nodes"] for c in data["columns"][node["column"] + 1:] if c["nodes"])
+    assert browser.switch_to.active_element.get_attribute("data-id") == right[min(k, len(right) - 1)]
+    assert len(browser.find_elements(By.CSS_SELECTOR, '#graph .node[tabindex="0"]')) == 1  # the graph: one Tab stop
     browser.save_screenshot(str(tmp_path / "keyboard.png"))
     assert (tmp_path / "keyboard.png").stat().st_size > 10_000
     assert browser.get_log("browser") == []

@@ -230,7 +230,7 @@ def test_size_vs_fidelity_scatter_links_each_task_to_its_row(sweep):
     measured = [r for r in RECORDS if r.get("size", {}).get("filters_kept") is not None
                 and r.get("fidelity", {}).get("kl") is not None]
     assert [p[0] for p in points] == [f"task-{r['task']}" for r in measured] and points
-    for anchor, label, cx, cy in points:
+    for anchor, label, _, _ in points:
         assert f'<tr id="{anchor}">' in page
         record = next(r for r in measured if f"task-{r['task']}" == anchor)
         assert f"{record['size']['filters_kept']} filters kept, KL {record['fidelity']['kl']:.3f}" in label

@@ -35,7 +35,7 @@ from hookchains.core.metrics import fidelity
 from hookchains.core.progress import Progress
 from hookchains.core.sites import FilterSite, SiteMap
 from hookchains.core.subnetwork import Subnetwork
-from hookchains.inputs.data import augmented_views
+from hookchains.inputs.data import ImageSet, augmented_views
 from hookchains.inputs.models import preprocessing
 from hookchains.viz.graph import build_graph, graph_bytes, layout, render_graph
 from hookchains.viz.report import write_chains_figure, write_report
@@ -137,6 +137,18 @@ def test_a_concatenation_is_refused_in_one_line_and_drawn_without_edges():
     source = build_graph(sub, net, images=ONES).source
     assert "no edges drawn: chains: the input of fc passes through CatBackward0" in source
     assert not _visible_edges(source)
+
+
+def test_a_report_without_chains_says_why_and_still_draws_every_filter(tmp_path):
+    net = BranchNet()
+    sub = _sub(net, [("c1", "c1"), ("c2", "c2"), ("c3", "c3")], {n: torch.ones(2) for n in ("c1", "c2", "c3")})
+    views = ImageSet(ONES.repeat(2, 1, 1, 1), torch.tensor([0, 1]), ["a", "b"], ["a.png", "b.png"],
+                     [Image.new("RGB", (2, 2))] * 2)
+    page = write_report(tmp_path, sub, net, views, featvis_steps=2, featvis_size=32).read_text()
+    data = _data(page)
+    assert data["chains"] == [] and data["edges"] == [] and "CatBackward0" in data["note"]
+    assert [len(c["nodes"]) for c in data["columns"]] == [2, 2, 2, 0]  # every kept filter; no output reached
+    assert "No chains: chains: the input of fc passes through CatBackward0" in page
 
 
 class BNNet(nn.Module):
