@@ -436,9 +436,11 @@ def render_graph(sub: Subnetwork, model: Optional[nn.Module], path: PathLike,
     Args:
         sub: the sub-network; model: the model it was fitted on (None: no edges).
         path: output file; format: one of :data:`GRAPH_FORMATS`.
-        images: the task's images, for edge values (None: by weights only).
+        images: the task's images, for edge values, the chains (always drawn) and the output classes
+            (None: edges by weights only, no output nodes).
         max_edges_per_node: strongest incoming edges kept per node.
-        max_nodes: draw at most this many filters (the highest-scoring; ``None``: all).
+        max_nodes: about this many filters are drawn (every chain filter, then the highest-scoring; each
+            layer says "+N more"; ``None``: all).
 
     Example:
         >>> import torch
