@@ -2,8 +2,9 @@
 
 The page holds one JSON document (``<script type="application/json" id="explorer-data">``) and one
 inline script (``explorer_script.js`` next to this module) that draws it as inline SVG: layers as
-columns, nodes coloured by a value in [0, 1] on the ``jet`` map, pan (drag), zoom (wheel, +/-, the
-buttons) and fit-to-screen on load. The graph is one Tab stop (a roving tabindex: the arrow keys move
+columns (wrapped into up to 6 rows, in order, when that shows them larger on the screen), nodes coloured by a value in [0, 1] on the ``jet`` map, pan (drag), zoom (wheel, +/-, the
+buttons) and fit-to-screen on load; "Chain filters only" redraws the graph with just the filters
+the chains use (each layer then says "k of K kept"). The graph is one Tab stop (a roving tabindex: the arrow keys move
 between nodes, Enter opens one). A click (or Enter) on a node opens the side panel; an image, a
 class or a pair of classes can be picked to light up their chains. The script is allowed by a
 ``sha256`` hash in the page's Content-Security-Policy, which forbids every request (``default-src
@@ -100,7 +101,7 @@ font-size:.85rem;pointer-events:none}
 background:linear-gradient(90deg,#000080,#0000ff,#0080ff,#00ffff,#80ff80,#ffff00,#ff8000,#ff0000,#800000)}
 .tools{position:absolute;left:.5rem;bottom:.4rem;display:flex;flex-wrap:wrap;gap:.3rem;align-items:center;font-size:.85rem;
 background:#ffffffe6;padding:.25rem;border-radius:4px}
-.tools select,.tools button{font-size:.85rem}
+.tools select,.tools button{font-size:.85rem}.tools button[aria-pressed=true]{background:#d4008f;color:#fff}
 #panel{border:1px solid #ccc;border-radius:4px;padding:.5rem .75rem;overflow-y:auto;overflow-x:hidden;min-width:0}
 #panel h2{margin-top:0;font-size:1.15rem}#panel h3{font-size:.95rem;margin:.8rem 0 .3rem}
 .facts th,.facts td{font-size:.85rem;padding:.1rem .4rem}
@@ -130,7 +131,8 @@ background:#ffffffe6;padding:.25rem;border-radius:4px}
 
 _CONTROLS = """<div class="tools" role="toolbar" aria-label="Graph controls">
 <button type="button" id="zoom-in" aria-label="Zoom in">+</button><button type="button" id="zoom-out"
-aria-label="Zoom out">−</button><button type="button" id="zoom-fit">Fit</button>
+aria-label="Zoom out">−</button><button type="button" id="zoom-fit">Fit</button><button type="button"
+id="compact" aria-pressed="false" title="Draw only the filters the chains use">Chain filters only</button>
 <label>Image <select id="pick-image"><option value="">–</option></select></label>
 <label>Class <select id="pick-class"><option value="">–</option></select></label>
 <label>Compare <select id="cmp-a" aria-label="First class"></select></label><select id="cmp-b"

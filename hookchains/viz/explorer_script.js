@@ -38,44 +38,93 @@
   // ------------------------------------------------------------------ the graph
   const edgeLayer = make('g', {class: 'edges'}, svg), chainLayer = make('g', {class: 'chainlines'}, svg);
   const nodeLayer = make('g', {class: 'nodes'}, svg);
-  const pos = new Map();
-  let height = 0;
-  let x = 0;
-  D.columns.forEach(col => {
-    if (col.kind === 'skipped') x -= (COLW - SKIPW) / 2;
-    make('text', {x: x + NODEW / 2, y: 14, class: 'colhead'}, nodeLayer, col.label);
-    make('text', {x: x + NODEW / 2, y: 28, class: 'colsub'}, nodeLayer, col.kind === 'layer' ? col.kept + ' kept' : (col.detail || ''));
-    col.nodes.forEach((id, k) => pos.set(id, [x, TOP + k * ROWH]));
-    let y = TOP + col.nodes.length * ROWH;
-    if (col.more) make('text', {x: x + NODEW / 2, y: y + 12, class: 'more'}, nodeLayer, '+' + col.more + ' more');
-    height = Math.max(height, y + 24);
-    x += col.kind === 'skipped' ? (COLW + SKIPW) / 2 : COLW;
-  });
-  for (const [a, b, w] of D.edges) {
+  const pos = new Map(), colOf = new Map(), onChains = new Set(D.chains.flatMap(ch => ch.nodes));
+  const BANDGAP = 36;
+  let width = 0, height = 0, visible = [], compactNow = false;
+  function area() {  // the part of the graph's box that the legend and the tools leave free
+    const box = svg.getBoundingClientRect(), pad = 12;
+    const top = document.querySelector('.legend').offsetHeight + pad, bottom = document.querySelector('.tools').offsetHeight + pad;
+    return {box, pad, top, w: box.width - 2 * pad, h: Math.max(box.height - top - bottom, 50)};
+  }
+  function bands(entries) {  // wrap the columns into the number of rows that shows them largest
+    const free = area(), total = entries.reduce((t, e) => t + e.w, 0);
+    let best = null;
+    for (let n = 1; n <= Math.min(6, entries.length); n++) {
+      const rows = [[]];
+      let used = 0;
+      for (const e of entries) {
+        if (used + e.w > total / n + 1 && rows[rows.length - 1].length && rows.length < n) { rows.push([]); used = 0; }
+        rows[rows.length - 1].push(e);
+        used += e.w;
+      }
+      const w = Math.max(...rows.map(r => r.reduce((t, e) => t + e.w, 0)));
+      const h = rows.reduce((t, r) => t + Math.max(...r.map(e => e.h)), 0) + BANDGAP * (rows.length - 1);
+      const scale = Math.min(free.w / w, free.h / h);
+      if (!best || scale > best.scale * 1.05) best = {rows, w, h, scale};
+    }
+    return best;
+  }
+  function curve(a, b, attrs, parent) {
     const [x1, y1] = pos.get(a), [x2, y2] = pos.get(b);
-    const sx = x1 + NODEW, sy = y1 + NODEH / 2, ex = x2, ey = y2 + NODEH / 2, m = (sx + ex) / 2;
-    make('path', {d: `M${sx},${sy} C${m},${sy} ${m},${ey} ${ex},${ey}`, 'stroke-width': 0.4 + 3 * w,
-                  class: 'edge', 'data-from': a, 'data-to': b}, edgeLayer);
+    const sx = x1 + NODEW, sy = y1 + NODEH / 2, ex = x2, ey = y2 + NODEH / 2;
+    const m = ex > sx ? (sx + ex) / 2 : null;  // a wrapped edge loops from the end of a row to the next
+    const d = m === null ? `M${sx},${sy} C${sx + 60},${sy} ${ex - 60},${ey} ${ex},${ey}`
+                         : `M${sx},${sy} C${m},${sy} ${m},${ey} ${ex},${ey}`;
+    return make('path', Object.assign({d: d}, attrs), parent);
   }
-  for (const n of D.nodes) {
-    const [x, y] = pos.get(n.id);
-    const col = n.value === null ? {fill: '#fff', text: '#000'} : jet(n.value);
-    const g = make('g', {class: 'node' + (n.kind === 'output' ? ' output' : ''), tabindex: shapes.size ? -1 : 0, role: 'button',
-                         'aria-label': n.aria, 'data-id': n.id, transform: `translate(${x},${y})`}, nodeLayer);
-    make('rect', {width: NODEW, height: NODEH, rx: n.kind === 'output' ? 10 : 3, fill: col.fill}, g);
-    make('text', {x: NODEW / 2, y: 14, fill: col.text}, g, n.label);
-    make('title', {}, g, n.aria);
-    shapes.set(n.id, g);
+  function draw(compact) {  // compact: only the filters the chains use
+    compactNow = compact;
+    for (const layer of [edgeLayer, chainLayer, nodeLayer]) layer.textContent = '';
+    pos.clear(); colOf.clear(); shapes.clear();
+    visible = [];
+    const entries = [];
+    for (const col of D.columns) {
+      const ids = compact ? col.nodes.filter(id => onChains.has(id)) : col.nodes;
+      if (compact && col.kind === 'layer' && !ids.length) continue;
+      entries.push({col, ids, w: col.kind === 'skipped' ? SKIPW : COLW, h: TOP + ids.length * ROWH + 24});
+    }
+    const layout = bands(entries);
+    let top = 0;
+    for (const row of layout.rows) {
+      let x = 0;
+      for (const {col, ids, w} of row) {
+        const cx = x + (col.kind === 'skipped' ? SKIPW / 2 : NODEW / 2);
+        const sub = col.kind !== 'layer' ? (col.detail || '') : compact ? `${ids.length} of ${col.kept} kept` : col.kept + ' kept';
+        make('text', {x: cx, y: top + 14, class: 'colhead'}, nodeLayer, col.label);
+        make('text', {x: cx, y: top + 28, class: 'colsub'}, nodeLayer, sub);
+        ids.forEach((id, k) => { pos.set(id, [x, top + TOP + k * ROWH]); colOf.set(id, visible.length); });
+        visible.push(ids);
+        const more = col.kind === 'layer' ? col.kept - ids.length : 0;
+        if (more) make('text', {x: cx, y: top + TOP + ids.length * ROWH + 12, class: 'more'}, nodeLayer, '+' + more + ' more');
+        x += w;
+      }
+      top += Math.max(...row.map(e => e.h)) + BANDGAP;
+    }
+    width = layout.w;
+    height = top - BANDGAP;
+    for (const [a, b, w] of D.edges.filter(([a, b]) => pos.has(a) && pos.has(b))) {
+      curve(a, b, {'stroke-width': 0.4 + 3 * w, class: 'edge', 'data-from': a, 'data-to': b}, edgeLayer);
+    }
+    for (const n of D.nodes.filter(n => pos.has(n.id))) {
+      const [nx, ny] = pos.get(n.id);
+      const col = n.value === null ? {fill: '#fff', text: '#000'} : jet(n.value);
+      const g = make('g', {class: 'node' + (n.kind === 'output' ? ' output' : ''), tabindex: shapes.size ? -1 : 0,
+                           role: 'button', 'aria-label': n.aria, 'data-id': n.id, transform: `translate(${nx},${ny})`},
+                     nodeLayer);
+      make('rect', {width: NODEW, height: NODEH, rx: n.kind === 'output' ? 10 : 3, fill: col.fill}, g);
+      make('text', {x: NODEW / 2, y: 14, fill: col.text}, g, n.label);
+      make('title', {}, g, n.aria);
+      shapes.set(n.id, g);
+    }
   }
-  const width = x;
+  draw(false);
 
   // ------------------------------------------------------------------ pan and zoom
   let view = {x: 0, y: 0, w: width, h: height};
   function apply() { svg.setAttribute('viewBox', `${view.x} ${view.y} ${view.w} ${view.h}`); }
   function fit() {
-    const box = svg.getBoundingClientRect(), pad = 12;
-    const top = document.querySelector('.legend').offsetHeight + pad, bottom = document.querySelector('.tools').offsetHeight + pad;
-    const scale = Math.min(box.width / (width + 2 * pad), (box.height - top - bottom) / height, 1.6) || 1;
+    const {box, top, w, h} = area();
+    const scale = Math.min(w / width, h / height, 1.6) || 1;
     view = {w: box.width / scale, h: box.height / scale, x: (width - box.width / scale) / 2, y: -top / scale};
     apply();
   }
@@ -101,7 +150,7 @@
   document.getElementById('zoom-in').addEventListener('click', () => zoom(1 / 1.3));
   document.getElementById('zoom-out').addEventListener('click', () => zoom(1.3));
   document.getElementById('zoom-fit').addEventListener('click', fit);
-  window.addEventListener('resize', fit);
+  window.addEventListener('resize', () => { draw(compactNow); fit(); if (last) highlight(...last); });
 
   // ------------------------------------------------------------------ highlighting
   function clear() {
@@ -110,7 +159,9 @@
     for (const g of shapes.values()) g.classList.remove('hl', 'sel', 'cmp-a', 'cmp-b', 'cmp-both');
     for (const e of edgeLayer.children) e.classList.remove('hl');
   }
+  let last = null;
   function highlight(chains, selected) {
+    last = [chains, selected];
     clear();
     svg.classList.add('focus');
     const seen = new Set();
@@ -121,12 +172,10 @@
         const key = ch.nodes[k - 1] + '>' + id;
         if (seen.has(key)) return;
         seen.add(key);
-        const [x1, y1] = pos.get(ch.nodes[k - 1]), [x2, y2] = pos.get(id), m = (x1 + NODEW + x2) / 2;
-        make('path', {d: `M${x1 + NODEW},${y1 + NODEH / 2} C${m},${y1 + NODEH / 2} ${m},${y2 + NODEH / 2} ${x2},${y2 + NODEH / 2}`,
-                      class: 'chainline'}, chainLayer);
+        curve(ch.nodes[k - 1], id, {class: 'chainline'}, chainLayer);
       });
     }
-    if (selected) shapes.get(selected).classList.add('sel');
+    if (selected && shapes.has(selected)) shapes.get(selected).classList.add('sel');
     document.getElementById('graph-status').textContent =
       chains.length ? chains.length + ' chain(s) highlighted' : 'no chain highlighted';
   }
@@ -271,6 +320,15 @@
   imageSelect.addEventListener('change', () => { if (imageSelect.value !== '') showImage(+imageSelect.value); });
   groupSelect.addEventListener('change', () => { if (groupSelect.value !== '') showGroup(+groupSelect.value); });
   document.getElementById('cmp-go').addEventListener('click', () => showCompare(+cmpA.value, +cmpB.value));
+  const compact = document.getElementById('compact');
+  compact.addEventListener('click', () => {
+    const on = compact.getAttribute('aria-pressed') !== 'true';
+    compact.setAttribute('aria-pressed', String(on));
+    draw(on);
+    fit();
+    if (last) highlight(...last);
+    document.getElementById('graph-status').textContent = on ? 'chain filters only' : 'all drawn filters';
+  });
   document.getElementById('reset').addEventListener('click', () => { clear(); start('Details').dataset.view = 'none'; });
   for (const b of document.querySelectorAll('[data-image]')) b.addEventListener('click', () => showImage(+b.dataset.image));
 
@@ -282,15 +340,15 @@
   nodeLayer.addEventListener('keydown', e => {
     const g = e.target.closest('.node');
     if (!g) return;
-    const id = g.dataset.id, c = nodes.get(id).column, col = D.columns[c].nodes, k = col.indexOf(id);
+    const id = g.dataset.id, c = colOf.get(id), col = visible[c], k = col.indexOf(id);
     let next = null;
     if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); showNode(id); return; }
     if (e.key === 'ArrowDown') next = col[k + 1];
     if (e.key === 'ArrowUp') next = col[k - 1];
     if (e.key === 'ArrowRight' || e.key === 'ArrowLeft') {
       const step = e.key === 'ArrowRight' ? 1 : -1;
-      for (let j = c + step; j >= 0 && j < D.columns.length && !next; j += step) {
-        const other = D.columns[j].nodes;
+      for (let j = c + step; j >= 0 && j < visible.length && !next; j += step) {
+        const other = visible[j];
         if (other.length) next = other[Math.min(k, other.length - 1)];
       }
     }

@@ -146,6 +146,12 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     assert browser.switch_to.active_element.get_attribute("data-id") == right[min(k, len(right) - 1)]
     assert len(browser.find_elements(By.CSS_SELECTOR, '#graph .node[tabindex="0"]')) == 1  # the graph: one Tab stop
     browser.save_screenshot(str(tmp_path / "keyboard.png"))
+    drawn = {e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")}
+    browser.find_element(By.ID, "compact").click()  # only the filters the chains use
+    compact = {e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")}
+    assert compact == {i for c in data["chains"] for i in c["nodes"]} and compact < drawn
+    browser.find_element(By.ID, "compact").click()
+    assert {e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")} == drawn
     assert (tmp_path / "keyboard.png").stat().st_size > 10_000
     assert browser.get_log("browser") == []
 
