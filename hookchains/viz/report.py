@@ -6,7 +6,9 @@ as one interactive page (:mod:`hookchains.viz.explorer`), whose spine is the sub
 
 * the summary and fidelity figures (``sub.summary()``, ``sub.counts()``, ``sub.fidelity``) and the task
   images with their true class and the original model's prediction (a click shows the image's chains);
-* a click on a filter: its layer, score, importance, its feature visualisation (the pattern the filter
+* a click on a filter: its layer, score, importance, its degradation when removed (Fig. 2, measured
+  here for the filters the chains use: :func:`hookchains.evaluation.faithfulness.faithfulness`), its
+  feature visualisation (the pattern the filter
   maximises, :mod:`hookchains.analysis.featvis`; a flat one is marked as failed, never shown) and its
   heatmap on every task image sorted by peak activation (:mod:`hookchains.viz.heatmap`, appendix A.4,
   from the original model; normalised per map, so each is captioned with its peak), with the chains
@@ -53,17 +55,19 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
+from torch import Tensor, nn
 from torchvision.transforms.functional import to_tensor
 
 from hookchains.analysis.chains import Chain, extract_chains
 from hookchains.analysis.featvis import FeatureVisCache, featvis_failure
+from hookchains.core.attach import attach
 from hookchains.core.dataflow import DataflowError
 from hookchains.core.io import PathLike, atomic_write_bytes
 from hookchains.core.progress import Progress
 from hookchains.core.sites import FilterSite
 from hookchains.core.state import capture_featuremaps
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.evaluation.faithfulness import faithfulness
 from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
 from hookchains.viz.explorer import Pictures, explorer_page
@@ -89,11 +93,13 @@ class _Study(Predictions):
 
 @dataclass
 class _Pictures:
-    """PNG bytes: feature visualisations by filter, heatmaps (and peaks) by (image, filter)."""
+    """PNG bytes: feature visualisations by filter, heatmaps (and peaks) by (image, filter); and the
+    degradation (Fig. 2) of the filters whose removal was measured."""
 
     featvis: Dict[Key, bytes]
     heatmaps: Dict[Tuple[int, str, int], Tuple[Optional[bytes], float]]
     images: Dict[int, bytes] = field(default_factory=dict)
+    degradation: Dict[Key, float] = field(default_factory=dict)
 
 
 def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
@@ -130,6 +136,19 @@ def _heatmaps(sub: Subnetwork, model: nn.Module, image_set: ImageSet, wanted: Se
             overlay = featuremap_heatmap(fmap, to_tensor(image_set.raw[i]))
             result[(i, name, channel)] = (thumb(overlay, size), float(fmap.relu().max()))
     return result
+
+
+def _degradation(sub: Subnetwork, model: nn.Module, images: Tensor, filters: Set[Key],
+                 progress: Progress) -> Dict[Key, float]:
+    """Fig. 2's degradation of each of ``filters``: the mean drop of the thresholded network's
+    probability of the original's predicted class when the filter is removed (zero ablation only)."""
+    if sub.ablation != "zero" or not filters:
+        return {}
+    with progress.stage("degradation", f"removing each of {len(filters)} chain filters"), \
+            attach(model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature) as hooks:
+        result = faithfulness(hooks, sub, images, filters=filters)
+    keys = [(n, j) for n, idx in sub.kept_filters().items() for j in idx if (n, j) in filters]
+    return dict(zip(keys, result.degradation))
 
 
 def _model_key(model: nn.Module) -> str:
@@ -170,8 +189,9 @@ def _filter_node(sub: Subnetwork, lay: Layout, column: int, site: FilterSite, j:
     facts = [("Layer", f"{site.label} ({site.name})"), ("Score", f"{score:.4g}")]
     if key in lay.importance:
         facts.append(("Importance in its layer", f"{lay.importance[key]:.3f}"))
-    facts += [("Degradation when removed", "not measured in a single run (hookchains sweep measures it)"),
-              ("Chains through it", str(uses))]
+    degradation = (f"{pics.degradation[key]:+.4f} (mean drop of the predicted class's probability)"
+                   if key in pics.degradation else "not measured (only chain filters of zero-ablation runs are)")
+    facts += [("Degradation when removed", degradation), ("Chains through it", str(uses))]
     png = pics.featvis.get(key)
     maps = [[i, None if pics.heatmaps[(i, *key)][0] is None else table.add(pics.heatmaps[(i, *key)][0]),
              pics.heatmaps[(i, *key)][1]] for i in range(n_images)] if png is not None else []
@@ -273,7 +293,7 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
 
     Example:
         >>> import torch
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> from hookchains.core.testing import random_subnetwork
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
         ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
@@ -292,6 +312,7 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
     filters = {(f.site, f.index) for per_image in study.chains for c in per_image for f in c.filters}
     wanted = {(i, site, j) for i in range(len(image_set)) for site, j in filters}
     pics = _pictures(run_dir, sub, model, image_set, wanted, _THUMB, featvis_steps, featvis_size, progress)
+    pics.degradation = _degradation(sub, model, image_set.images, filters, progress)
     with progress.stage("report page"):
         pics.images = {i: thumb(to_tensor(image_set.raw[i]), IMAGE_PX) for i in range(len(image_set))}
         lay = layout(sub, model, images=image_set.images, chains=study.chains,
@@ -353,7 +374,7 @@ def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, mode
 
     Example:
         >>> import torch
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> from hookchains.core.testing import random_subnetwork
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
         ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()

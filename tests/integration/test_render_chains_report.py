@@ -561,6 +561,26 @@ def test_report_data_holds_the_chains_their_filters_and_a_heatmap_per_image(repo
     assert [g["images"] for g in data["groups"]] == [[0, 1], [2, 3]]
 
 
+def test_degradation_in_the_panel_equals_removing_the_filter_from_the_thresholded_network(report, resnet):
+    path, views, _, _ = report
+    model, sub = resnet
+    nodes = [n for n in _data(path.read_text())["nodes"] if n["maps"]]  # the chain filters
+    with torch.no_grad():
+        predicted = model(views.images).argmax(-1)
+        with thresholded(sub, model):
+            base = model(views.images).softmax(-1)[torch.arange(len(views)), predicted]
+    for node in nodes[:4]:
+        site, index = node["id"].rsplit(":", 1)
+        scores = {k: v.clone() for k, v in sub.scores.items()}
+        scores[site][int(index)] = 0.0
+        with torch.no_grad(), thresholded(dataclasses.replace(sub, scores=scores), model):
+            removed = model(views.images).softmax(-1)[torch.arange(len(views)), predicted]
+        shown = dict(node["facts"])["Degradation when removed"]
+        assert float(shown.split()[0]) == pytest.approx(float((base - removed).mean()), abs=1e-4)
+    assert all("not measured" in dict(n["facts"])["Degradation when removed"]
+               for n in _data(path.read_text())["nodes"] if not n["maps"] and n["kind"] == "unit")
+
+
 def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
@@ -613,8 +633,8 @@ def test_report_prints_its_stages_and_shows_the_task_warnings(resnet, tmp_path):
     page = write_report(tmp_path, flagged, model, views, featvis_steps=2, featvis_size=32, progress=progress)
     lines = [line for line in stream.getvalue().splitlines() if line.endswith(" ...")]
     assert [line.split(":")[0].removesuffix(" ...") for line in lines] == [
-        "chains", "feature visualisation", "heatmaps", "report page"]
-    assert list(progress.seconds) == ["chains", "feature visualisation", "heatmaps", "report page"]
+        "chains", "feature visualisation", "heatmaps", "degradation", "report page"]
+    assert list(progress.seconds) == ["chains", "feature visualisation", "heatmaps", "degradation", "report page"]
     text = page.read_text()
     warning = '<p class="bad" role="alert">Warning: the model predicts the same class &lt;b&gt;</p>'
     assert warning in text and text.index(warning) < text.index(html.escape(sub.summary()))
