@@ -38,7 +38,7 @@
   // ------------------------------------------------------------------ the graph
   const edgeLayer = make('g', {class: 'edges'}, svg), chainLayer = make('g', {class: 'chainlines'}, svg);
   const nodeLayer = make('g', {class: 'nodes'}, svg);
-  const pos = new Map(), colOf = new Map(), onChains = new Set(D.chains.flatMap(ch => ch.nodes));
+  const pos = new Map(), colOf = new Map(), gapOf = new Map(), onChains = new Set(D.chains.flatMap(ch => ch.nodes));
   const BANDGAP = 36;
   let width = 0, height = 0, visible = [], compactNow = false;
   function area() {  // the part of the graph's box that the legend and the tools leave free
@@ -67,15 +67,15 @@
   function curve(a, b, attrs, parent) {
     const [x1, y1] = pos.get(a), [x2, y2] = pos.get(b);
     const sx = x1 + NODEW, sy = y1 + NODEH / 2, ex = x2, ey = y2 + NODEH / 2;
-    const m = ex > sx ? (sx + ex) / 2 : null;  // a wrapped edge loops from the end of a row to the next
-    const d = m === null ? `M${sx},${sy} C${sx + 60},${sy} ${ex - 60},${ey} ${ex},${ey}`
-                         : `M${sx},${sy} C${m},${sy} ${m},${ey} ${ex},${ey}`;
+    const m = (sx + ex) / 2, gap = gapOf.get(a);  // a wrapped edge runs back along the gap under its row
+    const d = ex > sx ? `M${sx},${sy} C${m},${sy} ${m},${ey} ${ex},${ey}`
+      : `M${sx},${sy} C${sx + 30},${sy} ${sx + 30},${gap} ${sx},${gap} L${ex},${gap} C${ex - 30},${gap} ${ex - 30},${ey} ${ex},${ey}`;
     return make('path', Object.assign({d: d}, attrs), parent);
   }
   function draw(compact) {  // compact: only the filters the chains use
     compactNow = compact;
     for (const layer of [edgeLayer, chainLayer, nodeLayer]) layer.textContent = '';
-    pos.clear(); colOf.clear(); shapes.clear();
+    pos.clear(); colOf.clear(); gapOf.clear(); shapes.clear();
     visible = [];
     const entries = [];
     for (const col of D.columns) {
@@ -98,7 +98,9 @@
         if (more) make('text', {x: cx, y: top + TOP + ids.length * ROWH + 12, class: 'more'}, nodeLayer, '+' + more + ' more');
         x += w;
       }
-      top += Math.max(...row.map(e => e.h)) + BANDGAP;
+      const bottom = top + Math.max(...row.map(e => e.h));
+      for (const {ids} of row) for (const id of ids) gapOf.set(id, bottom + BANDGAP / 2 - 6);
+      top = bottom + BANDGAP;
     }
     width = layout.w;
     height = top - BANDGAP;
