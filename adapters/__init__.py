@@ -1,7 +1,7 @@
 """Adapters find sites (filters, gates, tokens) in a model; they never run the optimisation.
 
 ``discover(model)`` picks the first registered family adapter that recognises the model (ResNet,
-VGG, MobileNet/EfficientNet, ViT/DeiT, then any added with :func:`register_adapter`) and falls back
+VGG, MobileNet/EfficientNet, ViT/DeiT, Hugging Face transformers, then any added with :func:`register_adapter`) and falls back
 to the generic adapter, which works on any model through torch.fx or, when the model does not trace,
 one probe forward pass.
 
@@ -25,6 +25,7 @@ from hookchains.inputs.forward import OutputSpec, Selector, call, detect_kind, m
 
 from .base import Adapter
 from .families import MobileNetAdapter, ResNetAdapter, VGGAdapter, ViTAdapter
+from .transformers import TransformersAdapter
 
 __all__ = ["Adapter", "ADAPTERS", "discover", "get_adapter", "register_adapter", "probe_output", "default_example",
            "default_input_shape"]
@@ -51,8 +52,8 @@ def register_adapter(cls: Type[Adapter]) -> Type[Adapter]:
         ...     @classmethod
         ...     def matches(cls, model):
         ...         return type(model).__name__ == "Tiny"
-        >>> list(ADAPTERS)[-2:]
-        ['tiny', 'generic']
+        >>> list(ADAPTERS)[-3:]
+        ['transformers', 'tiny', 'generic']
         >>> del ADAPTERS["tiny"]
     """
     if not (isinstance(cls, type) and issubclass(cls, Adapter)) or cls is Adapter:
@@ -63,6 +64,9 @@ def register_adapter(cls: Type[Adapter]) -> Type[Adapter]:
     ADAPTERS[cls.name] = cls
     ADAPTERS[Adapter.name] = generic
     return cls
+
+
+register_adapter(TransformersAdapter)  # Hugging Face layers, by module structure (no transformers import)
 
 
 def get_adapter(model: nn.Module, adapter: str = "auto") -> Adapter:

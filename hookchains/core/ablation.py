@@ -43,8 +43,8 @@ def use_ablation(hooks, ablation: str, tasks: Sequence[torch.Tensor]) -> None:
     task's images (hooks off) into ``hooks.means``; ``"zero"`` clears them.
 
     Raises:
-        ValueError: an unknown ablation, or mean ablation with several tasks in one batch (each task
-            would need its own means: fit them one by one).
+        ValueError: an unknown ablation, mean ablation with several tasks in one batch (each task
+            would need its own means: fit them one by one), or mean ablation with attention-head sites.
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS} (got {ablation!r})")
@@ -52,6 +52,9 @@ def use_ablation(hooks, ablation: str, tasks: Sequence[torch.Tensor]) -> None:
     if ablation == "mean":
         if len(tasks) != 1:
             raise ValueError(f"mean ablation needs one task per fit (got {len(tasks)}): fit the tasks one by one")
+        if any(site.on_input or site.width > 1 for site in hooks.sites.filters):
+            raise ValueError("mean ablation is not available for attention-head sites (transformers models): "
+                             "use ablation='zero'")
         with hooks.using("off"):
             hooks.means = channel_means(hooks.model, hooks.sites, tasks[0])
 

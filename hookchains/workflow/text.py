@@ -1,0 +1,182 @@
+"""NeuroChains on a Hugging Face text model: task -> fit -> sliced sub-network -> run folder.
+
+``hookchains extract --model hf:PATH --text-data DIR`` and ``hookchains demo --text`` run this. The
+objective depends on the model (:mod:`hookchains.core.objectives`): an embedding model (MiniLM) becomes a
+zero-shot classifier over fixed class prototypes (the original's mean embedding of each class's
+sentences), a model with a classification head keeps its logits, a causal LM its next-token
+distribution at the last position. The fit is :func:`hookchains.fit` (one loop for every model); the
+result is sliced physically (:func:`hookchains.core.slicing.materialize_transformer`) and checked exact.
+
+A text run folder holds ``subnetwork.json`` + ``scores.safetensors`` (the result), ``text_task.json``
+(model, classes, sentences, labels, objective), ``pruned.safetensors`` (the sliced module's weights),
+``materialize.json`` (the :class:`~hookchains.core.slicing.SlicedReport`), ``summary.txt``, ``report.html``
+and ``manifest.json``; it is written atomically (:mod:`hookchains.workflow.runs`).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from hookchains.core.attach import attach
+from hookchains.core.fit import fit
+from hookchains.core.io import atomic_write_bytes, write_json, write_tensors
+from hookchains.core.objectives import ZERO_SHOT_TEMPERATURE, OutputLogits, ZeroShotClassifier, class_prototypes
+from hookchains.core.slicing import SlicedReport, materialize_transformer
+from hookchains.core.subnetwork import Subnetwork
+from hookchains.evaluation.controls import kept_overlap, output_spread, randomized_copy
+from hookchains.inputs.text import TextData, TextInputError, load_hf, load_text_data, load_tokenizer, tokenize
+from hookchains.viz.text_report import text_report_html
+from hookchains.workflow.runs import RUN_KIND, discard_staging, finish_run_dir, prepare_run_dir
+
+__all__ = ["TextTask", "text_task", "zero_shot", "demo_text_data", "fit_text", "text_summary", "extract_text",
+           "random_weights_text_control"]
+
+
+@dataclass
+class TextTask:
+    """A text task ready to fit: the objective-wrapped ``model``, the tokenised ``inputs`` (N x L ids
+    and mask), the sentences, the model ``kind`` and where it was loaded from, the tokenizer."""
+
+    model: nn.Module
+    inputs: Dict[str, torch.Tensor]
+    data: TextData
+    kind: str
+    source: str
+    tokenizer: Any
+    temperature: float = ZERO_SHOT_TEMPERATURE
+
+    def example(self) -> Dict[str, torch.Tensor]:
+        """The first example as a one-row batch (attach's probe)."""
+        return {k: v[:1] for k, v in self.inputs.items()}
+
+    @torch.no_grad()
+    def accuracy(self) -> Optional[float]:
+        """The original's zero-shot accuracy on the task (embedding models; ``None`` for the others,
+        whose outputs are not the task's classes)."""
+        if self.kind != "embedding":
+            return None
+        return float((self.model(**self.inputs).argmax(-1) == torch.tensor(self.data.labels)).float().mean())
+
+
+def zero_shot(hf: nn.Module, inputs: Dict[str, torch.Tensor], labels: List[int], classes: int,
+              temperature: float = ZERO_SHOT_TEMPERATURE) -> ZeroShotClassifier:
+    """The zero-shot objective of ``hf`` with prototypes from its own embeddings of each class's sentences."""
+    label = torch.tensor(labels)
+    batches = [{k: v[label == c] for k, v in inputs.items()} for c in range(classes)]
+    return ZeroShotClassifier(hf, class_prototypes(hf, batches), temperature).eval()
+
+
+def text_task(spec: str, data: TextData, temperature: float = ZERO_SHOT_TEMPERATURE) -> TextTask:
+    """Load ``hf:PATH`` and its tokenizer offline and wrap the model in its objective.
+
+    Raises:
+        TextInputError: transformers missing, no model or tokenizer at ``spec``, or an image model.
+    """
+    hf, kind, where = load_hf(spec)
+    if kind == "image-classifier":
+        raise TextInputError(f"hf:{where} is an image model: give it images (hookchains extract --images), "
+                             "not --text-data")
+    tokenizer = load_tokenizer(where)
+    inputs = tokenize(tokenizer, data.texts)
+    model = (zero_shot(hf, inputs, data.labels, len(data.classes), temperature) if kind == "embedding"
+             else OutputLogits(hf, "last" if kind == "causal-lm" else None).eval())
+    return TextTask(model, inputs, data, kind, where, tokenizer, temperature)
+
+
+def demo_text_data() -> TextData:
+    """The bundled demo task: 10 short sentences each of ``cooking``, ``sport``, ``weather``."""
+    return load_text_data(Path(__file__).resolve().parents[1] / "assets" / "text_demo.jsonl")
+
+
+def fit_text(task: TextTask, **options) -> Subnetwork:
+    """:func:`hookchains.fit` on the task (hooks attached and removed here); ``options``: FitConfig fields."""
+    with attach(task.model, example=task.example()) as hooks:
+        return fit(hooks, task.inputs, **options)
+
+
+def text_summary(sub: Subnetwork, report: Optional[SlicedReport] = None, accuracy: Optional[float] = None) -> List[str]:
+    """The lines the CLI prints: kept heads / neurons / layers, fidelity, the fit's steps, the slicing."""
+    kept = sub.kept_filters()
+    totals = {kind: sum(s.channels for s in sub.sites.filters if s.kind == kind) for kind in ("head", "neuron")}
+    counts = {kind: sum(len(kept.get(s.name, ())) for s in sub.sites.filters if s.kind == kind) for kind in totals}
+    fid, cfg = sub.fidelity, sub.config
+    lines = [f"heads {counts['head']}/{totals['head']}, MLP neurons {counts['neuron']}/{totals['neuron']}, "
+             f"layers {len(sub.sites.gates) - len(sub.removed_gates)}/{len(sub.sites.gates)}; "
+             f"top-1 agreement {fid.get('agree')}/{fid.get('positions')}, KL {fid.get('kl', float('nan')):.4f}; "
+             f"{cfg.get('steps_run')} steps ({cfg.get('ended')})"]
+    if accuracy is not None:
+        lines.append(f"original zero-shot accuracy on the task: {accuracy:.3f}")
+    if report is not None:
+        lines.append(f"materialised ({report.method}): {report.params_before:,} -> {report.params_after:,} parameters "
+                     f"(transformer layers {report.layer_params_before:,} -> {report.layer_params_after:,}), "
+                     f"max abs diff {report.max_abs_diff:.3g} (tolerance {report.tolerance:.3g})")
+    return lines
+
+
+def random_weights_text_control(task: TextTask, sub: Subnetwork, seed: int = 0, **options) -> Dict[str, Any]:
+    """The same fit on a re-initialised copy (:func:`hookchains.evaluation.controls.randomized_copy`); an
+    embedding model's prototypes are recomputed with the random weights, so the task stays a task of
+    that model. Returns its summary lines, counts, fidelity, kept overlap and output spreads."""
+    inner = randomized_copy(task.model.model, seed)
+    twin = (zero_shot(inner, task.inputs, task.data.labels, len(task.data.classes), task.temperature)
+            if task.kind == "embedding" else OutputLogits(inner, getattr(task.model, "position", None)).eval())
+    with attach(twin, sites=sub.sites, tau=sub.tau, temperature=sub.temperature, score_max=None) as hooks:
+        control = fit(hooks, task.inputs, **options)
+    with torch.no_grad():
+        spread = {"real": output_spread(task.model(**task.inputs)), "random": output_spread(twin(**task.inputs))}
+    return {"summary": text_summary(control), "counts": control.counts(), "fidelity": dict(control.fidelity),
+            "overlap": kept_overlap(sub, control), "output_spread": spread}
+
+
+def _write(folder: Path, task: TextTask, sub: Subnetwork, small: nn.Module, report: SlicedReport,
+           lines: List[str], html: Optional[str]) -> None:
+    sub.task = {"class_names": list(task.data.classes), "labels": list(task.data.labels), "texts": list(task.data.texts)}
+    sub.save(folder)
+    write_json(folder / "text_task.json", {"model": task.source, "kind": task.kind, "classes": task.data.classes,
+                                           "texts": task.data.texts, "labels": task.data.labels,
+                                           "temperature": task.temperature, "original_accuracy": task.accuracy()})
+    write_tensors(folder / "pruned.safetensors", {k: v.contiguous() for k, v in small.state_dict().items()})
+    write_json(folder / "materialize.json", report.to_json())
+    atomic_write_bytes(folder / "summary.txt", ("\n".join(lines) + "\n").encode())
+    if html is not None:
+        atomic_write_bytes(folder / "report.html", html.encode())
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    write_json(folder / "manifest.json", {"kind": RUN_KIND, "version": 1, "modality": "text",
+                                          "files": {n: hashlib.sha256((folder / n).read_bytes()).hexdigest()
+                                                    for n in files}})
+
+
+def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool = True, **options):
+    """Fit, slice, check and write a text run folder atomically (module doc).
+
+    Args:
+        task: from :func:`text_task`.
+        out: the run folder (must not exist unless ``overwrite`` and it is an earlier run).
+        report: write ``report.html`` (:func:`hookchains.viz.text_report.text_report_html`).
+        **options: :class:`~hookchains.core.fit.FitConfig` fields.
+
+    Returns:
+        ``(sub, sliced module, SlicedReport, summary lines, run folder)``.
+    """
+    staging = prepare_run_dir(Path(out), overwrite)
+    try:
+        sub = fit_text(task, **options)
+        small, sliced = materialize_transformer(sub, task.model, task.inputs)
+        lines = text_summary(sub, sliced, task.accuracy())
+        html = text_report_html(sub, task.model, task.inputs, task.tokenizer, lines, [
+            ("Parameters (sliced / original)", f"{sliced.params_after:,} / {sliced.params_before:,}"),
+            ("Parameters of the transformer layers (sliced / original)",
+             f"{sliced.layer_params_after:,} / {sliced.layer_params_before:,}"),
+            ("Sliced vs thresholded network, max |difference|", f"{sliced.max_abs_diff:.3g}"),
+            ("Original zero-shot accuracy", "n/a" if task.accuracy() is None else f"{task.accuracy():.3f}")])
+        _write(staging, task, sub, small, sliced, lines, html if report else None)
+        folder = finish_run_dir(staging, Path(out))
+    except BaseException:
+        discard_staging(staging)
+        raise
+    return sub, small, sliced, lines, folder

