@@ -3,6 +3,7 @@ data that saves as safetensors + JSON. The token twin of :class:`hookchains.core
 from __future__ import annotations
 
 import dataclasses
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -88,6 +89,10 @@ class TokenSubnetwork:
             "patches_in_last_block": (masks[:, -1, self.prefix_tokens:].sum(1)).tolist(),
             "images": int(masks.shape[0]),
         }
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the summary line."""
+        return f"<p><strong>TokenSubnetwork</strong>: {html.escape(self.summary())}</p>"
 
     def summary(self) -> str:
         """One line: 'keeps K/2364 token slots per image (P %, mean of N); last block keeps ...; KL ...'.
