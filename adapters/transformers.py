@@ -7,7 +7,8 @@ The mapping of the paper's vocabulary onto a transformer layer (docs/design.md, 
   (one score per head, multiplying that head's slice of the context vector on its way into the output
   projection: ``FilterSite.on_input``, ``width = head_dim``);
 * **gate sites**: whole layers (shape-preserving, Eq. 6-7): a closed layer passes its input through;
-* **token sites**: none yet.
+* **token sites** (BERT-like encoders given token ids): the sequence entering each layer, one site per
+  layer, the first token ([CLS]) never pruned (:mod:`hookchains.tokens.encoder`).
 
 Recognised layouts (no ``transformers`` import: the structure is read from module attributes):
 
@@ -35,12 +36,12 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from hookchains.core.sites import FilterSite, GateSite, SiteMap
+from hookchains.core.sites import FilterSite, GateSite, SiteMap, TokenSite
 from hookchains.inputs.forward import OutputSpec, primary
 
 from .base import Adapter
 
-__all__ = ["LayerLayout", "TransformersAdapter", "transformer_layers"]
+__all__ = ["LayerLayout", "TransformersAdapter", "transformer_layers", "encoder_layers"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,21 @@ def _out_width(module: nn.Module) -> int:
     return int(getattr(module, "out_features", 0) or getattr(module, "nf", 0))
 
 
+def encoder_layers(model: nn.Module) -> List[LayerLayout]:
+    """The layers of ``model`` when they are BERT-like (``attention.self.query/key/value``), else ``[]``."""
+    layers = transformer_layers(model)
+    return layers if all(len(layer.qkv) == 3 and layer.attention.endswith(".self") for layer in layers) else []
+
+
+def _token_sites(model: nn.Module, example) -> List[TokenSite]:
+    """One token site per BERT-like encoder layer when ``example`` is token ids (``N x L`` integers):
+    the sequence of ``L`` tokens entering the layer, the first one never pruned."""
+    ids = primary(example) if example is not None else None
+    if ids is None or ids.ndim != 2 or ids.is_floating_point():
+        return []
+    return [TokenSite(layer.path, f"L{layer.index + 1}", int(ids.shape[1]), 1) for layer in encoder_layers(model)]
+
+
 class TransformersAdapter(Adapter):
     """Hugging Face transformer layers (BERT/MiniLM, HF ViT, GPT-2): heads and MLP neurons are filter
     sites, layers are gate sites. Found by module structure, so a model wrapped in an objective
@@ -173,4 +189,4 @@ class TransformersAdapter(Adapter):
                                   members=(layer.path,), filter_sites=(heads.name, neurons.name)))
         notes = ["transformer layers read from module structure: attention heads (scored on their context "
                  "vector before the output projection) and MLP neurons are filter sites, layers are gates"]
-        return SiteMap(filters, gates, [], self.name, "structure", None, tuple(primary(example).shape), notes, output)
+        return SiteMap(filters, gates, _token_sites(model, example), self.name, "structure", None, tuple(primary(example).shape), notes, output)

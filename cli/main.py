@@ -1,4 +1,4 @@
-"""``hookchains`` command: inspect, extract, demo, sweep, export, render, report.
+"""``hookchains`` command: inspect, extract, demo, sweep, export, render, report, view.
 
 Every command is a thin layer over the public API (``hookchains.adapters.discover``,
 ``hookchains.workflow.extract.extract``, ``hookchains.workflow.runs``, ``hookchains.workflow.export``); errors that a user can fix
@@ -97,8 +97,9 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
 @click.option("--mode", type=click.Choice(EXTRACT_MODES), default="auto", show_default=True,
-              help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT (section 4.5); "
-                   "auto: tokens for a timm ViT/DeiT with class-token pooling, else filters")
+              help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT or per-sentence tokens "
+                   "of an hf: encoder (section 4.5); auto: tokens for a timm ViT/DeiT with class-token pooling, else "
+                   "filters (hf: models too)")
 @fit_options
 @run_error
 def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, classes, per_class, skip_bad_images,
@@ -302,8 +303,10 @@ def render(run_dir, fmt, checkpoint) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="no status lines or progress bars")
 @run_error
 def report(run_dir, checkpoint, figure, overwrite, quiet) -> None:
-    """Write the self-contained HTML report of RUN_DIR (graph, chains, heatmaps, feature visualisations;
-    for a ViT token run: kept patches and attribution heatmaps per block, as in the paper's Fig. 7).
+    """Write RUN_DIR/report.html: one self-contained, interactive page (the explorer: the graph; click a
+    filter for its feature visualisation and heatmaps, pick an image or a class for its chains; open it
+    with `hookchains view RUN_DIR`); for a ViT token run: kept patches and attribution heatmaps per
+    block, as in the paper's Fig. 7.
     Each stage prints a status line and the end where the time went (on stderr; stdout: the files)."""
     from hookchains.core.io import check_new_file
     from hookchains.core.progress import Progress
@@ -320,6 +323,32 @@ def report(run_dir, checkpoint, figure, overwrite, quiet) -> None:
         click.echo(str(write_chains_figure(figure, run_dir, run.sub, model, run.task, progress=progress)))
     if not quiet:
         click.echo(progress.breakdown(), err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="localhost port when the page is served (0: any free port)")
+@click.option("--serve", is_flag=True, help="serve on localhost and print the URL even when a browser could open")
+@run_error
+def view(run_dir, port, serve) -> None:
+    """Open RUN_DIR's explorer page (RUN_DIR/report.html, written by `hookchains report`) in the web
+    browser; when none can be opened (e.g. no display), serve it on localhost and print the URL (Ctrl-C stops)."""
+    from hookchains.viz.explorer import open_in_browser, serve_page
+    page = Path(run_dir) / "report.html"
+    if not page.is_file():
+        raise ValueError(f"{page} does not exist; write it first with `hookchains report {run_dir}`")
+    if not serve and open_in_browser(page):
+        click.echo(str(page))
+        return
+    server = serve_page(page, port)
+    click.echo(f"http://127.0.0.1:{server.server_port}/  (serving {page}; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":  # pragma: no cover

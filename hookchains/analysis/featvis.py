@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -37,12 +38,15 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from hookchains.core.io import PathLike, save_png
 from hookchains.core.state import eval_mode, frozen_weights, get_module
 
-__all__ = ["FeatureVisCache", "visualize_filter"]
+__all__ = ["FLAT_STD", "FeatureVisCache", "featvis_failure", "visualize_filter"]
+
+FLAT_STD = 0.02  # a visualisation whose pixels vary less than this (std, in [0, 1]) did not optimise
 
 # Square root of the ImageNet RGB colour covariance (Lucid's "SVD sqrt"),
 # scaled so its largest column has unit norm: maps decorrelated -> RGB.
@@ -272,3 +276,24 @@ class FeatureVisCache:
             raise LookupError(f"{target} is not cached and this cache has no model to compute it")
         save_png(visualize_filter(self.model, module_path, channel, **params), target)
         return target.read_bytes()
+
+
+def featvis_failure(png: bytes, min_std: float = FLAT_STD) -> Optional[str]:
+    """Why a feature visualisation (PNG bytes) shows nothing, or None when it looks optimised.
+
+    A filter whose activation could not be raised within the budget leaves the image at its flat
+    grey start; such a picture is not the filter's feature. The test: the standard deviation of all
+    pixel values (RGB in [0, 1]) is below ``min_std``.
+
+    Example:
+        >>> buffer = io.BytesIO()
+        >>> Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="PNG")
+        >>> featvis_failure(buffer.getvalue())
+        'flat image (pixel std 0.000 < 0.02): the optimisation did not move it'
+    """
+    with Image.open(io.BytesIO(png)) as picture:
+        pixels = torch.frombuffer(bytearray(picture.convert("RGB").tobytes()), dtype=torch.uint8).float() / 255
+    std = float(pixels.std()) if pixels.numel() > 1 else 0.0
+    if std < min_std:
+        return f"flat image (pixel std {std:.3f} < {min_std:g}): the optimisation did not move it"
+    return None

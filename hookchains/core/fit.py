@@ -278,7 +278,6 @@ def _optimise(chains: ScoreHooks, recipe: Recipe, images: torch.Tensor, teacher_
                 running = [i for i, t in enumerate(tracks) if not t.stopped]
                 for i in running:
                     tracks[i].record(recipe, cfg, kls[i], penalties[i], chains.kept_counts(i))
-                recipe.after_step(chains, [None if t.stopped else kl for t, kl in zip(tracks, kls)], cfg)
                 _confirm(chains, recipe, images, teacher_logp, {i: tracks[i] for i in running}, cfg, layout)
                 bar.set_postfix(_progress(tracks))
                 if all(t.stopped for t in tracks):

@@ -44,11 +44,14 @@ def _hidden(output) -> torch.Tensor:
     return output["last_hidden_state"] if isinstance(output, dict) else output[0]
 
 
-def mean_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+def mean_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pool_weights: Optional[torch.Tensor] = None, **inputs) -> torch.Tensor:
     """Sentence embeddings, N x D: the mean of the last hidden states over real (unmasked) tokens, as
-    sentence-transformers' ``Pooling(mode="mean")`` computes them (not normalised)."""
+    sentence-transformers' ``Pooling(mode="mean")`` computes them (not normalised). ``pool_weights``
+    (N x L', L' the length of the last hidden states) replaces the attention mask as the pooling's
+    weights: token pruning (:mod:`hookchains.tokens.encoder`) passes the kept tokens' weights there."""
     hidden = _hidden(model(input_ids=input_ids, attention_mask=attention_mask, **inputs))
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    weights = (attention_mask if pool_weights is None else pool_weights).unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
 
@@ -69,7 +72,8 @@ class ZeroShotClassifier(nn.Module):
         prototypes: K x D class prototypes (:func:`class_prototypes`); fixed (a buffer, never learned).
         temperature: softmax temperature of the cosine similarities (default :data:`ZERO_SHOT_TEMPERATURE`).
 
-    Input: ``input_ids`` and ``attention_mask`` (N x L, integer), optional ``token_type_ids``.
+    Input: ``input_ids`` and ``attention_mask`` (N x L, integer), optional ``token_type_ids`` and
+    ``pool_weights`` (see :func:`mean_pooled`).
     Output: N x K class scores (logits).
     """
 
@@ -80,8 +84,9 @@ class ZeroShotClassifier(nn.Module):
         self.model, self.temperature = model, float(temperature)
         self.register_buffer("prototypes", F.normalize(prototypes.detach().float(), dim=-1))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
-        embedding = F.normalize(mean_pooled(self.model, input_ids, attention_mask, **inputs), dim=-1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pool_weights: Optional[torch.Tensor] = None, **inputs) -> torch.Tensor:
+        embedding = F.normalize(mean_pooled(self.model, input_ids, attention_mask, pool_weights, **inputs), dim=-1)
         return embedding @ self.prototypes.to(embedding.dtype).T / self.temperature
 
 

@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["Recipe", "Ste", "Gradual", "Paper", "Mask", "HardConcrete", "RECIPES", "GATE_BOUND", "default_recipe", "recipe_named"]
+__all__ = ["Recipe", "Ste", "Paper", "Mask", "HardConcrete", "RECIPES", "GATE_BOUND", "default_recipe", "recipe_named"]
 
 # Recipes other than "paper" keep |alpha / T| <= GATE_BOUND (and |a| <= GATE_BOUND for masks): the
 # forward pass uses rounded values, and a saturated sigmoid would stop a closed gate from reopening.
@@ -117,10 +117,6 @@ class Recipe:
             return False
         return abs(kept[-1] - kept[-1 - cfg.patience]) <= cfg.size_tol * max(kept[-1 - cfg.patience], 1)
 
-    def after_step(self, chains, kls: List[Optional[float]], cfg) -> None:
-        """After a step is recorded, with each task's KL of that step (``None`` for a task that has
-        stopped); default: nothing."""
-
     def importance(self, chains, task: int) -> Dict[str, torch.Tensor]:
         """Per filter site, the values that rank filters for :mod:`hookchains.evaluation.curve` (default: ``S``)."""
         return {}
@@ -140,99 +136,6 @@ class Ste(Recipe):
 
     def project(self, chains, cfg) -> None:
         _clamp(chains, 0.0, self.m_max)
-
-
-@dataclass
-class Gradual(Ste):
-    """Gradual pruning of the learned scores under the KL bound (module doc, "Default").
-
-    The scores are learned as in :class:`Ste` (straight-through, ``lam * ||S||_1``, KL weight by dual
-    ascent); in addition, after each step only the ``k`` highest scores of each task stay (the others
-    are set to 0, removed) and ``k`` shrinks by the share ``rate`` per step while the thresholded
-    network's KL is within ``kl_target``. When a shrink takes the KL above the target, ``k`` holds
-    until the KL is back within it and ``rate`` halves; once ``rate`` is below ``min_rate`` the size is
-    final, and the fit converges when the KL is within ``kl_tol`` (the usual stop rule). Gates stay
-    open (a block whose filters are all removed carries nothing: :meth:`Subnetwork.counts` no longer
-    counts its layers). Source: gradual magnitude pruning (Zhu & Gupta 2017), with the magnitude
-    replaced by the learned score and the schedule driven by the KL instead of a fixed target size.
-
-    Attributes:
-        m_max: upper bound of ``S`` (``None``: unbounded, the default; 1: the paper's).
-        rate: share of the kept filters removed per step while the KL allows it.
-        min_rate: the rate below which ``k`` stops shrinking.
-        warmup: steps of plain :class:`Ste` before the first removal (the scores first separate).
-    """
-
-    name = "gradual"
-    m_max: Optional[float] = None
-    rate: float = 0.05
-    min_rate: float = 0.002
-    warmup: int = 10
-    _state: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_rate <= self.rate < 1:
-            raise ValueError(f"gradual recipe: need 0 < min_rate <= rate < 1 (got min_rate={self.min_rate}, "
-                             f"rate={self.rate})")
-
-    def start(self, chains, cfg) -> List[Dict[str, Any]]:
-        super().start(chains, cfg)
-        total = sum(s.channels for s in chains.sites.filters)
-        tasks = chains.task_count
-        self._state = {"step": 0, "k": [float(total)] * tasks, "rate": [self.rate] * tasks, "held": [False] * tasks,
-                       "removed_at": {n: torch.zeros_like(chains.per_task(s), dtype=torch.long)
-                                      for n, s in chains.scores.items()}}
-        return [{"params": list(chains.scores.values())}]
-
-    def travel(self, chains) -> float:
-        return 0.0
-
-    def after_step(self, chains, kls: List[Optional[float]], cfg) -> None:
-        """Shrink (or hold) each task's ``k`` from its KL this step and remove all but the top ``k``."""
-        state = self._state
-        state["step"] += 1
-        if state["step"] <= self.warmup:
-            return
-        target = cfg.kl_target if cfg.kl_target is not None else cfg.kl_tol
-        for task, kl in enumerate(kls):
-            if kl is None:  # this task has stopped
-                continue
-            if kl > target:
-                if not state["held"][task]:
-                    state["rate"][task] /= 2
-                state["held"][task] = True
-            elif state["rate"][task] >= self.min_rate:
-                state["held"][task] = False
-                state["k"][task] = max(1.0, state["k"][task] * (1 - state["rate"][task]))
-        self._keep_top(chains)
-
-    def _keep_top(self, chains) -> None:
-        names = list(chains.scores)
-        with torch.no_grad():
-            values = torch.cat([chains.per_task(chains.scores[n]) for n in names], -1)
-            for task, k in enumerate(self._state["k"]):
-                row = values[task]
-                cut = torch.topk(row, int(k)).values[-1] if int(k) < row.numel() else None
-                drop = (row < cut) if cut is not None else torch.zeros_like(row, dtype=torch.bool)
-                values[task][drop] = 0.0
-            start = 0
-            for n in names:
-                scores, width = chains.per_task(chains.scores[n]), chains.per_task(chains.scores[n]).shape[-1]
-                new = values[:, start:start + width]
-                removed = self._state["removed_at"][n]
-                removed[(new < chains.tau) & (scores >= chains.tau) & (removed == 0)] = self._state["step"]
-                scores.copy_(new)
-                start += width
-
-    def importance(self, chains, task: int) -> Dict[str, torch.Tensor]:
-        """``S`` for kept filters; a removed filter ranks by when it was removed (later = higher), below ``tau``."""
-        last = max(self._state["step"], 1)
-        out = {}
-        for n, s in chains.scores.items():
-            score = chains.per_task(s)[task].detach().cpu().float()
-            when = self._state["removed_at"][n][task].cpu().float()
-            out[n] = torch.where(score >= chains.tau, score, chains.tau * when / (last + 1))
-        return out
 
 
 @dataclass
@@ -391,7 +294,7 @@ class HardConcrete(Mask):
         return torch.sigmoid(self._state["logits"][name] - _BETA * math.log(-_GAMMA / _ZETA))
 
 
-RECIPES = {"ste": Ste, "gradual": Gradual, "paper": Paper, "mask": Mask, "l0": HardConcrete}
+RECIPES = {"ste": Ste, "paper": Paper, "mask": Mask, "l0": HardConcrete}
 
 
 def default_recipe() -> Recipe:

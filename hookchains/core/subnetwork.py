@@ -9,6 +9,7 @@ when ``G < 0.5`` (its filters are not counted); a layer whose scores are all bel
 """
 from __future__ import annotations
 
+import html
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,10 @@ class Subnetwork:
                            f"{kind}_layers_kept": sum(s.name in kept for s in sites),
                            f"{kind}_layers_total": len(sites)})
         return counts
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the summary line (the explorer: ``load_run(folder)`` after ``hookchains report``)."""
+        return f"<p><strong>Subnetwork</strong>: {html.escape(self.summary())}</p>"
 
     def summary(self) -> str:
         """One line like the paper's: 'retains 13/53 layers and 77/26560 filters; ...'."""

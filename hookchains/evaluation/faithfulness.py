@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,8 @@ def _untied(scores: List[float], degradation: List[float]) -> Tuple[float, int]:
 
 
 def faithfulness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, *,
-                 teacher: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> Faithfulness:
+                 teacher: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+                 filters: Optional[Collection[Tuple[str, int]]] = None) -> Faithfulness:
     """Remove each kept filter of ``sub`` in turn and measure what the thresholded network loses.
 
     Args:
@@ -160,10 +161,12 @@ def faithfulness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, *,
         images: the images to average over (the paper: the 20 fitting images).
         teacher: the original model's logits on ``images`` (default: computed with the hooks off).
         batch_size: images per forward pass (default: all at once).
+        filters: only these kept filters ``(site name, index)`` (default: every kept filter); the
+            report measures the filters its chains use.
 
     Returns:
-        a :class:`Faithfulness`; one forward pass over the images per kept filter, and one backward
-        pass for the Taylor importance.
+        a :class:`Faithfulness`; one forward pass over the images per measured filter, and one
+        backward pass for the Taylor importance (of every kept filter).
 
     Example:
         >>> import hookchains, torch
@@ -190,6 +193,8 @@ def faithfulness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, *,
         for name, indices in sub.kept_filters().items():
             score = chains.scores[name]
             for index in indices:
+                if filters is not None and (name, index) not in filters:
+                    continue
                 kept_value = score[index].clone()
                 score[index] = 0.0
                 removed = logits_of(chains, images, "hard", batch_size)
@@ -199,6 +204,9 @@ def faithfulness(chains: ScoreHooks, sub: Subnetwork, images: torch.Tensor, *,
                 degradation.append(float((base - _class_prob(removed, predicted)).mean()))
                 negative.append(float((quotient(teacher, removed) < 0).float().mean()))
     taylor = taylor_importance(chains, sub, images, teacher=teacher, batch_size=batch_size)
+    if filters is not None:
+        taylor = [t for t, key in zip(taylor, ((n, j) for n, idx in sub.kept_filters().items() for j in idx))
+                  if key in filters]
     rho_untied, untied = _untied(scores, degradation)
     return Faithfulness(labels, scores, degradation, negative, spearman(scores, degradation),
                         spearman(scores, negative), taylor, rho_untied, untied, spearman(taylor, degradation))

@@ -53,7 +53,9 @@ KL 0.006, 20/20 agreement, 50/102 slots kept, stopped after 85 steps.
 
 The path mirrors the filter path of :mod:`hookchains.core`: :mod:`.hooks` (``TokenChains``, the
 twin of ``ScoreHooks``), :mod:`.fit` (``fit_tokens``), :mod:`.result` (``TokenSubnetwork``),
-:mod:`.materialize` (``materialize_tokens``) and :mod:`.attribution` (Eq. 10, Fig. 7).
+:mod:`.materialize` (``materialize_tokens``) and :mod:`.attribution` (Eq. 10, Fig. 7). The same path
+serves BERT-like text encoders wrapped in a text objective (per-sentence scores, padding never kept):
+:mod:`.encoder` holds what differs for them.
 
 Example (random weights, a tiny ViT, a few steps):
 

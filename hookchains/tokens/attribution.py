@@ -53,14 +53,17 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.layers import Attention
 from torch import Tensor, nn
 
+from hookchains.adapters.transformers import encoder_layers
 from hookchains.core.fit import chunks
 from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
+from hookchains.inputs.forward import call
+from hookchains.tokens.encoder import check_text_token_model, eager_attention
 from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["Heatmaps", "rollout", "attention_maps", "token_attribution", "class_token_heatmaps",
-           "patch_token_heatmaps", "kept_patches_figure"]
+           "patch_token_heatmaps", "kept_patches_figure", "text_token_attribution"]
 
 Masks = Union[None, Tensor, TokenSubnetwork]
 
@@ -211,6 +214,42 @@ def token_attribution(model: nn.Module, images: Tensor, masks: Masks = None, *, 
     """
     attentions = attention_maps(model, images, masks, batch_size=batch_size)
     return rollout(attentions, _presence(masks, int(model.num_prefix_tokens)), normalize=normalize)
+
+
+@torch.no_grad()
+def text_token_attribution(model: nn.Module, inputs, tsub: TokenSubnetwork, *, normalize: bool = True) -> Tensor:
+    """Eq. 10 on the ``hard`` network of a text token result: ``N x layers x T x T`` (on the CPU).
+
+    The head-averaged probabilities are those transformers' eager attention returns (switched on for
+    the pass, restored after) with the result's token bias added to the padding mask; rows and
+    columns of tokens absent from a layer (pruned or padding) are 0, as in :func:`rollout`.
+
+    Args:
+        model: the text objective the result was fitted on (:mod:`hookchains.tokens.encoder`).
+        inputs: its ``input_ids`` and ``attention_mask`` (``N x T``), in the order of the fit.
+        tsub: the :class:`~hookchains.tokens.TokenSubnetwork`.
+
+    Example: ``text_token_attribution(task.model, task.inputs, tsub)[n, -1, 0]`` -- what sentence
+    ``n``'s first token draws on, word by word, after the last layer.
+    """
+    check_text_token_model(model)
+    layers = encoder_layers(model)
+    captured: List[Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(output[1].float().mean(1).cpu())
+
+    with eval_mode(model), eager_attention(model), TokenChains(model, tsub.scores.shape[0], tau=tsub.tau,
+                                                               sites=tsub.sites, valid=tsub.valid) as chains:
+        chains.load_scores(tsub.scores.to(chains.scores.device))
+        handles = [model.get_submodule(layer.attention).register_forward_hook(hook) for layer in layers]
+        try:
+            with chains.using("hard"):
+                call(model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return rollout(torch.stack(captured, 1), tsub.masks, normalize=normalize)
 
 
 def _presence(masks: Masks, prefix: int) -> Optional[Tensor]:

@@ -1,5 +1,6 @@
-"""``TokenChains``: per-image token scores on a timm ViT applied through forward pre-hooks, and the
-checks that a ViT can drop tokens exactly (paper section 4.5; the design is in :mod:`hookchains.tokens`)."""
+"""``TokenChains``: per-image token scores on a timm ViT (or per-sentence scores on a BERT-like text
+encoder, :mod:`hookchains.tokens.encoder`) applied through forward pre-hooks, and the checks that the
+model can drop tokens exactly (paper section 4.5; the design is in :mod:`hookchains.tokens`)."""
 from __future__ import annotations
 
 import inspect
@@ -13,10 +14,12 @@ from torch import nn
 from hookchains.adapters import discover
 from hookchains.adapters.families import ViTAdapter
 from hookchains.core.attach import MODES, HookOwner
+from hookchains.core.objectives import OutputLogits, ZeroShotClassifier
 from hookchains.core.sites import TokenSite
+from hookchains.tokens.encoder import check_text_token_model, eager_attention, ste_context_hooks, with_key_bias
 
-__all__ = ["TokenChains", "check_token_model", "is_token_model", "token_presence", "vit_parameter_counts",
-           "mark_hook", "token_hooks_on", "TINY"]
+__all__ = ["TokenChains", "check_token_model", "is_token_model", "is_text_model", "token_presence",
+           "vit_parameter_counts", "mark_hook", "token_hooks_on", "TINY"]
 
 TINY = 1e-12  # log(TINY) stands for log(0) where a finite, differentiable value is needed
 FLOOR = 1e-4  # mode ste: pruned keys enter the softmax at this weight, then the hook zeroes them
@@ -40,6 +43,9 @@ def check_token_model(model: nn.Module) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"token pruning needs a torch.nn.Module, got {type(model).__name__}")
+    if is_text_model(model):
+        check_text_token_model(model)
+        return
     name = type(model).__name__
     if not ViTAdapter.matches(model):
         raise ValueError(f"{name} is not a timm ViT/DeiT: token pruning (paper section 4.5) needs `blocks`, "
@@ -57,8 +63,15 @@ def check_token_model(model: nn.Module) -> None:
                              "cannot be excluded from its attention")
 
 
+def is_text_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a text objective (:mod:`hookchains.core.objectives`): its token sites are those
+    of :mod:`hookchains.tokens.encoder`, its inputs token ids."""
+    return isinstance(model, (ZeroShotClassifier, OutputLogits))
+
+
 def is_token_model(model: nn.Module) -> bool:
-    """Whether :func:`check_token_model` accepts ``model`` (a timm ViT/DeiT with class-token pooling).
+    """Whether :func:`check_token_model` accepts ``model`` (a timm ViT/DeiT with class-token pooling, or a
+    text objective around a BERT-like encoder).
 
     Example:
         >>> import timm
@@ -112,13 +125,14 @@ def mark_hook(hook):
 
 
 def token_hooks_on(model: nn.Module) -> bool:
-    """Whether :class:`TokenChains` hooks are attached to ``model``'s blocks."""
-    return any(getattr(h, "hookchains_tokens", False) for b in model.blocks for h in b._forward_pre_hooks.values())
+    """Whether :class:`TokenChains` hooks are attached to any of ``model``'s modules."""
+    return any(getattr(h, "hookchains_tokens", False) for m in model.modules() for h in m._forward_pre_hooks.values())
 
 
-def _token_sites(model: nn.Module, example: torch.Tensor) -> List[TokenSite]:
-    sites = discover(model, "vit", example=example).tokens
-    if len(sites) != len(model.blocks) or len({s.tokens for s in sites}) != 1:
+def _token_sites(model: nn.Module, example) -> List[TokenSite]:
+    sites = discover(model, "transformers" if is_text_model(model) else "vit", example=example).tokens
+    expected = len(sites) if is_text_model(model) else len(model.blocks)
+    if not sites or len(sites) != expected or len({s.tokens for s in sites}) != 1:
         raise ValueError(f"{type(model).__name__}: expected one token site of equal length per block, "
                          f"found {[(s.name, s.tokens) for s in sites]}")
     return sites
@@ -131,6 +145,10 @@ class TokenChains(HookOwner):
     tokens always have presence 1). A forward pass must carry the images of the current row selection
     (:meth:`select`; default: all ``N``, in order), because every image has its own scores. Set the
     mode with :meth:`using`: for mode ``ste`` it also switches timm to its manual attention path.
+
+    A text objective around a BERT-like encoder works the same way, one row per sentence
+    (:mod:`hookchains.tokens.encoder`); ``valid`` (``N x T`` bool, the attention mask) marks its real
+    tokens: a padded position has presence 0 (never kept, never a key, not in the L1 term).
 
     Example:
         >>> import timm, torch
@@ -146,7 +164,8 @@ class TokenChains(HookOwner):
     """
 
     def __init__(self, model: nn.Module, num_images: int, *, tau: float = 0.1,
-                 example: Optional[torch.Tensor] = None, sites: Optional[Sequence[TokenSite]] = None) -> None:
+                 example=None, sites: Optional[Sequence[TokenSite]] = None,
+                 valid: Optional[torch.Tensor] = None) -> None:
         check_token_model(model)
         if num_images < 1 or not 0.0 <= tau <= 1.0:
             raise ValueError(f"need num_images >= 1 and 0 <= tau <= 1, got {num_images} and {tau}")
@@ -155,11 +174,19 @@ class TokenChains(HookOwner):
         self.tokens, self.prefix = self.sites[0].tokens, self.sites[0].prefix_tokens
         device = next(model.parameters()).device
         self.scores = nn.Parameter(torch.ones(num_images, len(self.sites), self.tokens, device=device))
-        self.mode, self._rows = "soft", None
+        self.valid = (torch.ones(num_images, self.tokens, dtype=torch.bool) if valid is None else valid.bool()).to(device)
+        if tuple(self.valid.shape) != (num_images, self.tokens):
+            raise ValueError(f"valid must be {num_images} x {self.tokens} (the attention mask), got {tuple(self.valid.shape)}")
+        self.mode, self._rows, self.text = "soft", None, is_text_model(model)
         blocks = [model.get_submodule(site.name) for site in self.sites]
         self._handles = [b.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
         self._attentions = [b.attn for b in blocks if isinstance(getattr(b, "attn", None), Attention)]
-        if len(self._attentions) == len(blocks):  # "ste" reweights timm's attention probabilities
+        if self.text:  # "ste" recomputes the context from eager attention's probabilities
+            self._handles += [module.register_forward_hook(mark_hook(hook))
+                              for module, hook in ste_context_hooks(model, self._reweight)]
+            if isinstance(model, ZeroShotClassifier):  # a pruned token leaves the mean pooling too
+                self._handles.append(model.register_forward_pre_hook(self._pool_hook(), with_kwargs=True))
+        elif len(self._attentions) == len(blocks):  # "ste" reweights timm's attention probabilities
             self._handles += [a.attn_drop.register_forward_hook(self._ste_hook(i))
                               for i, a in enumerate(self._attentions)]
 
@@ -168,8 +195,8 @@ class TokenChains(HookOwner):
         """Presence ``m`` (``n x blocks x T``) of the selected rows; see :func:`token_presence`.
 
         Example: ``chains.presence()[0, -1, 0]`` is 1 (the class token)."""
-        scores = self.scores if self._rows is None else self.scores[self._rows]
-        return token_presence(scores, self.prefix)
+        scores, valid = (self.scores, self.valid) if self._rows is None else (self.scores[self._rows], self.valid[self._rows])
+        return token_presence(scores, self.prefix) * valid[:, None, :]
 
     def kept(self) -> torch.Tensor:
         """Cumulative keep mask (``n x blocks x T`` bool) of the selected rows.
@@ -193,22 +220,52 @@ class TokenChains(HookOwner):
         kept_value = torch.zeros_like(m) if mode == "mask" else torch.log(m.clamp_min(TINY))
         return torch.where(m >= self.tau, kept_value, torch.full_like(m, float("-inf")))[:, None, None, :]
 
+    def token_weight(self, block: int, mode: Optional[str] = None) -> torch.Tensor:
+        """Weight ``n x T`` of each token leaving ``block`` where an output reads every token (the mean
+        pooling of a text embedding): ``m`` (soft), ``m`` if kept else 0 (hard; ste with the gradient of
+        ``m``), kept as 0/1 (mask).
+
+        Example: ``chains.token_weight(-1, "mask")`` -- the tokens kept in the last block."""
+        mode = mode or self.mode
+        m = self.presence()[:, block]
+        if mode == "soft":
+            return m
+        if mode == "mask":
+            return (m >= self.tau).to(m.dtype)
+        hard = self._hard_weight(m)
+        return hard + (m - m.detach()) if mode == "ste" else hard
+
     def _hard_weight(self, m: torch.Tensor) -> torch.Tensor:
         return torch.where(m >= self.tau, m, torch.zeros_like(m))
 
-    def _ste_hook(self, block: int):
+    def _reweight(self, block: int, probs: torch.Tensor) -> Optional[torch.Tensor]:
         """Mode ``ste``: the softmax ran with weights ``u = max(hard, FLOOR)``; multiplying by ``w / u``,
         where ``w`` has the hard value (``m`` if kept, else 0) and the gradient of ``m``, and renormalising
         gives exactly the ``hard`` probabilities, plus a gradient for pruned keys too: that of
-        re-admitting them (``d/dw_j`` of ``sum_j w_j e^(z_ij) v_j / sum_j w_j e^(z_ij)`` at ``w_j = 0``)."""
+        re-admitting them (``d/dw_j`` of ``sum_j w_j e^(z_ij) v_j / sum_j w_j e^(z_ij)`` at ``w_j = 0``).
+        ``None`` in the other modes."""
+        if self.mode != "ste":
+            return None
+        m = self.presence()[:, block]
+        hard = self._hard_weight(m)
+        ratio = (hard + (m - m.detach())) / hard.clamp_min(FLOOR).detach()
+        weighted = probs * ratio[:, None, None, :].to(probs.dtype)
+        return weighted / weighted.sum(-1, keepdim=True)
+
+    def _ste_hook(self, block: int):
+        """timm: ``attn_drop``'s input is the softmax; see :meth:`_reweight`."""
         def hook(module, args, probs):
-            if self.mode != "ste":
+            return self._reweight(block, probs)
+        return mark_hook(hook)
+
+    def _pool_hook(self):
+        """Text embedding: the pooling reads the last layer's token weights times the attention mask."""
+        def hook(module, args, kwargs):
+            if self.mode == "off":
                 return None
-            m = self.presence()[:, block]
-            hard = self._hard_weight(m)
-            ratio = (hard + (m - m.detach())) / hard.clamp_min(FLOOR).detach()
-            weighted = probs * ratio[:, None, None, :].to(probs.dtype)
-            return weighted / weighted.sum(-1, keepdim=True)
+            mask = kwargs["attention_mask"] if "attention_mask" in kwargs else args[1]
+            weights = self.token_weight(len(self.sites) - 1)
+            return args, {**kwargs, "pool_weights": weights * mask.to(weights.dtype)}
         return mark_hook(hook)
 
     def _hook(self, block: int):
@@ -220,9 +277,11 @@ class TokenChains(HookOwner):
                 raise ValueError(f"token scores are for {rows} images x {self.tokens} tokens, but block "
                                  f"{block} got a sequence of shape {tuple(x.shape)}: feed the images the scores "
                                  "belong to (see TokenChains.select), at the size used to create them")
+            bias = self.key_bias(block)
+            if self.text:  # combined with the model's own (padding) mask
+                return None if bias is None else with_key_bias(args, kwargs, bias)
             if kwargs.get("attn_mask") is not None:
                 raise ValueError("the model was called with its own attn_mask; token pruning cannot combine masks")
-            bias = self.key_bias(block)
             return None if bias is None else (args, {**kwargs, "attn_mask": bias.to(x.dtype)})
         return mark_hook(hook)
 
@@ -234,7 +293,7 @@ class TokenChains(HookOwner):
         Example: ``with chains.using("mask"): logits = model(images)``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "ste" and len(self._attentions) != len(self.sites):
+        if mode == "ste" and not self.text and len(self._attentions) != len(self.sites):
             raise ValueError("mode 'ste' reweights timm Attention probabilities; this model's blocks use another "
                              "attention class: use mode 'hard' (fit_tokens(..., recipe='paper') trains 'soft')")
         previous, self.mode = self.mode, mode
@@ -243,7 +302,11 @@ class TokenChains(HookOwner):
             for a in self._attentions:
                 a.fused_attn = False
         try:
-            yield self
+            if mode == "ste" and self.text:  # and on transformers' eager one
+                with eager_attention(self.model):
+                    yield self
+            else:
+                yield self
         finally:
             self.mode = previous
             for a, flag in zip(self._attentions, fused):
@@ -280,4 +343,5 @@ class TokenChains(HookOwner):
         """``mean_n ||s_n||_1`` over patch scores (prefix scores are not parameters of the method).
 
         Example: ``loss = kl + lam * chains.l1()``."""
-        return self.scores[..., self.prefix:].abs().sum() / self.scores.shape[0]
+        valid = self.valid[:, None, self.prefix:].to(self.scores.dtype)
+        return (self.scores[..., self.prefix:].abs() * valid).sum() / self.scores.shape[0]

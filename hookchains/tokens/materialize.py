@@ -8,12 +8,24 @@ import torch
 from torch import nn
 
 from hookchains.core.materialize import TOLERANCE, MaterializeError
+from hookchains.core.objectives import ZeroShotClassifier
 from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
-from hookchains.tokens.hooks import TINY, TokenChains, check_token_model, mark_hook, token_hooks_on
+from hookchains.inputs.forward import call, count, map_tensors, validate_inputs
+from hookchains.tokens.encoder import with_key_bias
+from hookchains.tokens.fit import rows_of
+from hookchains.tokens.hooks import TINY, TokenChains, check_token_model, is_text_model, mark_hook, token_hooks_on
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["TokenDroppedViT", "materialize_tokens"]
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class TokenDroppedViT(nn.Module):
@@ -25,6 +37,11 @@ class TokenDroppedViT(nn.Module):
     sequence; in ``hard`` mode the kept tokens' weights ``log m`` go in as ``attn_mask`` on the gathered
     keys. The class token stays first, so the head's class-token pooling is unchanged. The hooks exist
     only during :meth:`forward`; the wrapped model is borrowed, not copied.
+
+    A text objective (:mod:`hookchains.tokens.encoder`) runs sentence by sentence the same way: its
+    padded positions are never kept, so the layers see no padding and get the token weights alone as
+    their attention mask; an embedding's mean pooling reads the tokens left after the last layer with
+    their weights (``pool_weights``).
 
     ``forward(images, rows=None)``: row ``j`` of ``images`` is fitting image ``rows[j]`` (default: all
     fitting images, in order) -- the masks are per image and apply to those images only.
@@ -44,21 +61,23 @@ class TokenDroppedViT(nn.Module):
         super().__init__()
         if mode not in ("hard", "mask"):
             raise ValueError(f"mode must be 'hard' (kept tokens weighted by their scores) or 'mask', got {mode!r}")
-        self.model, self.mode, self.tsub = model, mode, tsub
+        self.model, self.mode, self.tsub, self.text = model, mode, tsub, is_text_model(model)
         self.block_names = [site.name for site in tsub.sites]
         self.gather: List[List[torch.Tensor]] = []
         self.bias: List[List[Optional[torch.Tensor]]] = []
+        self.pool: List[torch.Tensor] = []  # text embedding: the pooling weights of the last layer's tokens
         presence, masks = tsub.presence, tsub.masks
         for n in range(masks.shape[0]):
             previous, gathers, biases = torch.arange(masks.shape[2]), [], []
             for i in range(masks.shape[1]):
                 kept = torch.nonzero(masks[n, i]).flatten()
                 gathers.append(torch.searchsorted(previous, kept))
-                weights = torch.log(presence[n, i, kept].clamp_min(TINY))[None, None, None]
-                biases.append(weights if mode == "hard" else None)
+                weights = presence[n, i, kept] if mode == "hard" else torch.ones(len(kept))
+                biases.append(torch.log(weights.clamp_min(TINY))[None, None, None] if mode == "hard" else None)
                 previous = kept
             self.gather.append(gathers)
             self.bias.append(biases)
+            self.pool.append(weights[None])
         self.max_abs_diff: Optional[float] = None
 
     def tokens_per_block(self) -> torch.Tensor:
@@ -72,32 +91,41 @@ class TokenDroppedViT(nn.Module):
             x, n = args[0], current["n"]
             x = x.index_select(1, self.gather[n][block].to(x.device))
             bias = self.bias[n][block]
+            if self.text:  # no padding is left: the token weights are the whole mask
+                return with_key_bias((x, *args[1:]), kwargs, bias, replace=True)
             kwargs = {**kwargs, "attn_mask": None if bias is None else bias.to(device=x.device, dtype=x.dtype)}
             return (x, *args[1:]), kwargs
         return mark_hook(hook)
 
-    def forward(self, images: torch.Tensor, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def _pool_hook(self, current: Dict[str, int]):
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "pool_weights": self.pool[current["n"]].to(self.model.prototypes.device)}
+        return mark_hook(hook)
+
+    def forward(self, images, rows: Optional[Sequence[int]] = None) -> torch.Tensor:
         rows = list(range(len(self.gather))) if rows is None else [int(r) for r in rows]
-        if len(rows) != images.shape[0] or not all(0 <= r < len(self.gather) for r in rows):
-            raise ValueError(f"got {images.shape[0]} images for rows {rows[:8]}: this module holds the kept "
-                             f"tokens of {len(self.gather)} fitting images; pass rows=[indices] for a subset")
+        if len(rows) != count(images) or not all(0 <= r < len(self.gather) for r in rows):
+            raise ValueError(f"got {count(images)} inputs for rows {rows[:8]}: this module holds the kept "
+                             f"tokens of {len(self.gather)} fitting inputs; pass rows=[indices] for a subset")
         if token_hooks_on(self.model):
             raise RuntimeError("TokenChains hooks are attached to the wrapped model; detach them first")
         current = {"n": 0}
         handles = [self.model.get_submodule(name).register_forward_pre_hook(self._hook(i, current), with_kwargs=True)
                    for i, name in enumerate(self.block_names)]
+        if isinstance(self.model, ZeroShotClassifier):
+            handles.append(self.model.register_forward_pre_hook(self._pool_hook(current), with_kwargs=True))
         try:
             outs = []
             for j, n in enumerate(rows):
                 current["n"] = n
-                outs.append(self.model(images[j:j + 1]))
+                outs.append(call(self.model, rows_of(images, slice(j, j + 1))))
             return torch.cat(outs)
         finally:
             for handle in handles:
                 handle.remove()
 
     @torch.no_grad()
-    def check(self, images: torch.Tensor, rows: Optional[Sequence[int]] = None,
+    def check(self, images, rows: Optional[Sequence[int]] = None,
               tolerance: float = TOLERANCE) -> float:
         """Raise :class:`~hookchains.core.materialize.MaterializeError` unless the logits equal the masked
         (hooked) model's within ``tolerance * max|logit|``; returns the max abs difference.
@@ -105,10 +133,10 @@ class TokenDroppedViT(nn.Module):
         Example: ``small.check(images)``."""
         rows_t = torch.arange(len(self.gather)) if rows is None else torch.as_tensor(list(rows))
         with eval_mode(self.model), TokenChains(self.model, len(self.gather), tau=self.tsub.tau,
-                                                sites=self.tsub.sites) as chains:
+                                                sites=self.tsub.sites, valid=self.tsub.valid) as chains:
             chains.load_scores(self.tsub.scores.to(chains.scores.device))
             with chains.using(self.mode), chains.select(rows_t):
-                reference = self.model(images).float()
+                reference = call(self.model, images).float()
         with eval_mode(self.model):
             got = self(images, rows_t.tolist()).float()
         diff, scale = float((got - reference).abs().max()), max(float(reference.abs().max()), 1e-12)
@@ -119,15 +147,16 @@ class TokenDroppedViT(nn.Module):
         return diff
 
 
-def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images: Optional[torch.Tensor] = None, *,
+def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
                        mode: str = "hard", check: bool = True) -> TokenDroppedViT:
     """Build the module that physically drops each fitting image's pruned tokens before every block.
 
     Args:
         tsub: a :class:`TokenSubnetwork` fitted on ``model``.
         model: the original ViT (borrowed by the returned module, never modified).
-        images: the fitting images (``N x 3 x H x W``, same order); with ``check`` the module's logits
-            are compared with the hooked masked network's (:meth:`TokenDroppedViT.check`).
+        images: the fitting images (``N x 3 x H x W``, same order; for a text model the dict of
+            ``input_ids`` and ``attention_mask``); with ``check`` the module's logits are compared with
+            the hooked masked network's (:meth:`TokenDroppedViT.check`).
         mode: ``"hard"`` (default; kept tokens weighted by their scores: the network ``fit_tokens``
             measured) or ``"mask"`` (kept tokens at weight 1: the binary sub-network).
 
@@ -142,10 +171,14 @@ def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images: Optional
         6
     """
     check_token_model(model)
-    if len(tsub.sites) != len(model.blocks):
-        raise ValueError(f"the result has {len(tsub.sites)} blocks, {type(model).__name__} has {len(model.blocks)}")
+    text = is_text_model(model)
+    blocks = len(tsub.sites) if text else len(model.blocks)
+    if len(tsub.sites) != blocks or not all(_has_module(model, site.name) for site in tsub.sites):
+        raise ValueError(f"the result has {len(tsub.sites)} blocks, {type(model).__name__} has {blocks}")
     module = TokenDroppedViT(model, tsub, mode)
     if images is not None and check:
-        validate_images(images)
-        module.check(images.to(next(model.parameters()).device))
+        check_inputs = validate_inputs if text else validate_images
+        check_inputs(images)
+        device = next(model.parameters()).device
+        module.check(map_tensors(lambda t: t.to(device), images))
     return module

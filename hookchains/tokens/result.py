@@ -3,6 +3,7 @@ data that saves as safetensors + JSON. The token twin of :class:`hookchains.core
 from __future__ import annotations
 
 import dataclasses
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -30,6 +31,8 @@ class TokenSubnetwork:
         tau: threshold: token ``t`` is kept in block ``i`` when ``min_{j<=i} s[n, j, t] >= tau``.
         fidelity: figures of the ``hard`` network on the fitting images (:func:`hookchains.core.metrics.fidelity`).
         config: fit options; history: per-step figures; model_ref / task: as in ``Subnetwork``.
+        valid: ``N x T`` bool, the real (unpadded) tokens of a text run (``None``: every token is real);
+            a padded position is never kept and not counted in ``slots_total``.
     """
 
     scores: torch.Tensor
@@ -40,6 +43,7 @@ class TokenSubnetwork:
     history: Dict[str, List[float]] = field(default_factory=dict)
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
+    valid: Optional[torch.Tensor] = None
 
     @classmethod
     def from_masks(cls, masks: torch.Tensor, sites: Sequence[TokenSite]) -> TokenSubnetwork:
@@ -60,7 +64,8 @@ class TokenSubnetwork:
         """``min_{j<=i} s[n, j, t]`` per image, block and token (see :func:`token_presence`).
 
         Example: ``result.presence[0, :, 50]`` -- how present token 50 of image 0 is, block by block."""
-        return token_presence(self.scores, self.prefix_tokens)
+        presence = token_presence(self.scores, self.prefix_tokens)
+        return presence if self.valid is None else presence * self.valid[:, None, :]
 
     @property
     def masks(self) -> torch.Tensor:
@@ -75,8 +80,9 @@ class TokenSubnetwork:
         Example: ``result.counts()["slots_kept"]`` -- e.g. ``[212, 187]`` for two images."""
         masks = self.masks
         per_image = masks.sum((1, 2))
+        lengths = None if self.valid is None else self.valid.sum(1) * masks.shape[1]
         return {
-            "slots_total": int(masks.shape[1] * masks.shape[2]),
+            "slots_total": int(masks.shape[1] * masks.shape[2]) if lengths is None else float(lengths.float().mean()),
             "slots_kept": per_image.tolist(),
             "slots_kept_mean": float(per_image.float().mean()),
             "tokens_per_block_mean": masks.sum(2).float().mean(0).tolist(),
@@ -84,14 +90,19 @@ class TokenSubnetwork:
             "images": int(masks.shape[0]),
         }
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows the summary line."""
+        return f"<p><strong>TokenSubnetwork</strong>: {html.escape(self.summary())}</p>"
+
     def summary(self) -> str:
         """One line: 'keeps K/2364 token slots per image (P %, mean of N); last block keeps ...; KL ...'.
 
         Example: ``print(result.summary())``."""
         c, f = self.counts(), self.fidelity
-        line = (f"keeps {c['slots_kept_mean']:.0f}/{c['slots_total']} token slots per image "
+        unit, rest = ("image", "patch") if self.valid is None else ("sentence", "word-piece")
+        line = (f"keeps {c['slots_kept_mean']:.0f}/{c['slots_total']:.0f} token slots per {unit} "
                 f"({100.0 * c['slots_kept_mean'] / c['slots_total']:.1f} %, mean of {c['images']}); "
-                f"last block keeps {sum(c['patches_in_last_block']) / c['images']:.1f} patch tokens per image")
+                f"last block keeps {sum(c['patches_in_last_block']) / c['images']:.1f} {rest} tokens per {unit}")
         if f:
             line += f"; top-1 agreement {f['agree']}/{f['images']}; KL {f['kl']:.3f}; Q mean {f['quotient_mean']:.2f}"
         return line
@@ -102,7 +113,8 @@ class TokenSubnetwork:
 
         Example: ``result.save("runs/deit-cat")``; ``TokenSubnetwork.load("runs/deit-cat")``."""
         directory = Path(directory)
-        write_tensors(directory / _SCORES_FILE, {"scores": self.scores, "kept": self.masks},
+        extra = {} if self.valid is None else {"valid": self.valid.to(torch.uint8)}
+        write_tensors(directory / _SCORES_FILE, {"scores": self.scores, "kept": self.masks, **extra},
                       metadata={"format": "hookchains-tokens"})
         write_json(directory / _META_FILE, {
             "format_version": TOKEN_FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
@@ -125,7 +137,8 @@ class TokenSubnetwork:
             raise ValueError(f"{directory} has token format version {meta.get('format_version')}, this "
                              f"hookchains reads version {TOKEN_FORMAT_VERSION}")
         result = cls(tensors["scores"], [TokenSite(**s) for s in meta["sites"]], meta["tau"], meta["fidelity"],
-                     meta["config"], meta["history"], meta["model_ref"], meta.get("task", {}))
+                     meta["config"], meta["history"], meta["model_ref"], meta.get("task", {}),
+                     tensors["valid"].bool() if "valid" in tensors else None)
         shape = (len(result.sites), result.sites[0].tokens)
         if (tuple(result.scores.shape[1:]) != shape or not torch.equal(result.masks, tensors["kept"])
                 or meta.get("counts", {}).get("slots_kept") != result.counts()["slots_kept"]):

@@ -7,7 +7,6 @@ siblings built from these parts.
 from __future__ import annotations
 
 import base64
-import functools
 import html
 import io
 from dataclasses import dataclass
@@ -16,16 +15,16 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import ImageNetInfo
 from torch import Tensor, nn
 
 from hookchains.core.state import eval_mode
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
+from hookchains.viz.graph import imagenet_names, output_names
 
 __all__ = ["Sprites", "Predictions", "predictions", "thumb", "fidelity_rows", "summary_html", "image_grid",
-           "document", "IMAGE_PX", "Result"]
+           "document", "IMAGE_PX", "Result", "CSS"]
 
 IMAGE_PX = 128  # px of a task image in the page
 Result = Union[Subnetwork, TokenSubnetwork]
@@ -56,21 +55,6 @@ class Predictions:
                 f"({self.probability[i]:.2f}){verdict}")
 
 
-@functools.lru_cache(maxsize=1)
-def _imagenet() -> Tuple[List[str], List[str]]:
-    """ImageNet-1k class descriptions and synsets (timm's tables, no network)."""
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)], list(info.label_names())
-
-
-def _output_names(count: int, class_indices: Mapping[str, int]) -> List[str]:
-    """A name per model output: ImageNet's for 1000 outputs, else ``class i``; task names win."""
-    names = list(_imagenet()[0]) if count == 1000 else [f"class {i}" for i in range(count)]
-    for name, index in class_indices.items():
-        names[index] = name
-    return names
-
-
 def _class_indices(sub: Result, image_set: ImageSet, count: int,
                    explicit: Optional[Mapping[str, int]]) -> Dict[str, int]:
     """Task class -> model output: given, stored in ``sub.task``, or ImageNet names / synsets."""
@@ -80,7 +64,7 @@ def _class_indices(sub: Result, image_set: ImageSet, count: int,
         return {k: int(v) for k, v in sub.task["class_indices"].items()}
     if count != 1000:
         return {}
-    descriptions, synsets = _imagenet()
+    descriptions, synsets = imagenet_names()
     lookup = {name.lower(): i for names in (descriptions, synsets) for i, name in enumerate(names)}
     return {c: lookup[c.lower()] for c in image_set.class_names if c.lower() in lookup}
 
@@ -95,7 +79,7 @@ def predictions(sub: Result, model: nn.Module, image_set: ImageSet,
     predicted = probs.argmax(-1).tolist()
     names = [image_set.class_names[int(y)] for y in image_set.labels]
     correct = [None if name not in indices else p == indices[name] for name, p in zip(names, predicted)]
-    return Predictions(image_set, predicted, probs.max(-1).values.tolist(), _output_names(probs.shape[1], indices),
+    return Predictions(image_set, predicted, probs.max(-1).values.tolist(), output_names(probs.shape[1], indices),
                         correct)
 
 
@@ -114,7 +98,7 @@ def thumb(image: Tensor, size: int) -> bytes:
     return buffer.getvalue()
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1a1a1a;
 background:#fff;margin:0;line-height:1.45}
 main{max-width:1200px;margin:0 auto;padding:1rem 1.25rem 3rem}
@@ -213,5 +197,5 @@ def document(sprites: Sprites, sections: Sequence[Tuple[str, str, str]]) -> str:
                    for key, title, content in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-'
             f'Security-Policy" content="{_CSP}"><meta name="viewport" content="width=device-width, '
-            f'initial-scale=1"><title>NeuroChains report</title><style>{_CSS}</style></head><body>'
+            f'initial-scale=1"><title>NeuroChains report</title><style>{CSS}</style></head><body>'
             f"{sprites.definitions()}<main><h1>NeuroChains report</h1>{body}</main></body></html>")

@@ -1,24 +1,28 @@
 """A sub-network and its chains as one self-contained HTML page, and as one figure for papers.
 
-:func:`write_report` writes what the paper's case studies show (section 4.3-4.4, Fig. 4-6) for a task:
+:func:`write_report` writes what the paper's case studies show (section 4.3-4.4, Fig. 4-6) for a task
+as one interactive page (:mod:`hookchains.viz.explorer`), whose spine is the sub-network graph of
+:func:`hookchains.viz.graph.layout` (every chain filter drawn, "+N more" per layer, output classes):
 
-* the summary and fidelity figures (``sub.summary()``, ``sub.counts()``, ``sub.fidelity``);
-* the sub-network drawing of :mod:`hookchains.viz.graph` (inline SVG);
-* the task images with their true class and the original model's prediction;
-* for every image its strongest chains (:func:`hookchains.analysis.chains.extract_chains`), each a row of
-  (feature visualisation, heatmap) pairs, one per chain filter: the pattern the filter maximises
-  (:mod:`hookchains.analysis.featvis`, "independent of the input image") and where it fires on the image
-  (:mod:`hookchains.viz.heatmap`, appendix A.4, from the original model). Heatmaps are normalised per
-  map, so each is captioned with its peak activation: a faint filter looks lit, but its peak is low;
-* when an image is misclassified, the shared-filter view of Fig. 6: the chains that each class's
-  correctly classified images use most often, drawn on the misclassified image next to the image of
-  that class where the chain is strongest.
+* the summary and fidelity figures (``sub.summary()``, ``sub.counts()``, ``sub.fidelity``) and the task
+  images with their true class and the original model's prediction (a click shows the image's chains);
+* a click on a filter: its layer, score, importance, its degradation when removed (Fig. 2, measured
+  here for the filters the chains use: :func:`hookchains.evaluation.faithfulness.faithfulness`), its
+  feature visualisation (the pattern the filter
+  maximises, :mod:`hookchains.analysis.featvis`; a flat one is marked as failed, never shown) and its
+  heatmap on every task image sorted by peak activation (:mod:`hookchains.viz.heatmap`, appendix A.4,
+  from the original model; normalised per map, so each is captioned with its peak), with the chains
+  through it highlighted (:func:`hookchains.analysis.chains.extract_chains`, ``chains_per_image`` per
+  image). Pictures are computed for the filters the chains use;
+* a class: its chains highlighted and its sub-network with each filter's heatmap on a correctly
+  classified image of the class (Fig. 4-5); two classes: shared and class-specific filters, and the
+  chains of their misclassified images (Fig. 6).
 
 A token run (a ViT, :class:`~hookchains.tokens.TokenSubnetwork`) gets the page of
 :mod:`hookchains.viz.token_report` instead: Fig. 7 per image, built from the helpers here.
 
-The page is one file: inline CSS and SVG, images as base64 PNG, no script, and a Content-Security-
-Policy that forbids every network request. Feature visualisations are cached under
+The page is one file: every picture stored once, an inline script allowed by its hash, and a
+Content-Security-Policy that forbids every network request. Feature visualisations are cached under
 ``run_dir/featvis`` (filters repeat across images and runs), so a second report is fast.
 
 :func:`write_chains_figure` puts the chains of a few images into one PNG or PDF (PIL only: the
@@ -48,38 +52,32 @@ import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
+from torch import Tensor, nn
 from torchvision.transforms.functional import to_tensor
 
 from hookchains.analysis.chains import Chain, extract_chains
-from hookchains.analysis.featvis import FeatureVisCache
+from hookchains.analysis.featvis import FeatureVisCache, featvis_failure
+from hookchains.core.attach import attach
 from hookchains.core.dataflow import DataflowError
 from hookchains.core.io import PathLike, atomic_write_bytes
 from hookchains.core.progress import Progress
+from hookchains.core.sites import FilterSite
 from hookchains.core.state import capture_featuremaps
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.evaluation.faithfulness import faithfulness
 from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
-from hookchains.viz.graph import build_graph, graph_bytes
+from hookchains.viz.explorer import Pictures, explorer_page
+from hookchains.viz.graph import MAX_NODES, Layout, layout
 from hookchains.viz.heatmap import featuremap_heatmap
-from hookchains.viz.html import (
-    IMAGE_PX,
-    Predictions,
-    Sprites,
-    document,
-    fidelity_rows,
-    image_grid,
-    predictions,
-    summary_html,
-    thumb,
-)
+from hookchains.viz.html import IMAGE_PX, Predictions, fidelity_rows, predictions, summary_html, thumb
 
 __all__ = ["write_report", "write_chains_figure"]
 
-_THUMB = 96         # px of a heatmap / feature visualisation in the page
+_THUMB = 80         # px of a heatmap in the page (about 5 kB each as a 128-colour PNG)
 _FIGURE_THUMB = 128  # px of a picture in the paper figure
 _CHUNK = 8          # images per featuremap-capturing forward (bounds memory)
 Key = Tuple[str, int]  # (filter site, channel)
@@ -95,11 +93,13 @@ class _Study(Predictions):
 
 @dataclass
 class _Pictures:
-    """PNG bytes: feature visualisations by filter, heatmaps (and peaks) by (image, filter)."""
+    """PNG bytes: feature visualisations by filter, heatmaps (and peaks) by (image, filter); and the
+    degradation (Fig. 2) of the filters whose removal was measured."""
 
     featvis: Dict[Key, bytes]
     heatmaps: Dict[Tuple[int, str, int], Tuple[Optional[bytes], float]]
     images: Dict[int, bytes] = field(default_factory=dict)
+    degradation: Dict[Key, float] = field(default_factory=dict)
 
 
 def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
@@ -113,27 +113,6 @@ def _study(sub: Subnetwork, model: nn.Module, image_set: ImageSet, k: int,
             return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct,
                           chains=[[] for _ in p.predicted], no_chains=f"No chains: {error}")
     return _Study(p.image_set, p.predicted, p.probability, p.output_names, p.correct, chains=chains)
-
-
-def _shared_views(study: _Study, k: int) -> List[Tuple[int, str, List[Tuple[Chain, int]]]]:
-    """Fig. 6: per misclassified image and class, the class's most used chains (and where strongest)."""
-    views = []
-    for m, ok in enumerate(study.correct):
-        if ok is not False:
-            continue
-        for name in study.image_set.class_names:
-            found = [c for i, chains in enumerate(study.chains) for c in chains
-                     if study.correct[i] and study.true_name(i) == name]
-            if not found:
-                continue
-            counts = Counter(c.key for c in found)
-            best: Dict[Tuple, Chain] = {}
-            for c in found:
-                if c.key not in best or c.strength > best[c.key].strength:
-                    best[c.key] = c
-            keys = sorted(best, key=lambda key: (-counts[key], -best[key].strength, key))[:k]
-            views.append((m, name, [(best[key], best[key].image) for key in keys]))
-    return views
 
 
 def _heatmaps(sub: Subnetwork, model: nn.Module, image_set: ImageSet, wanted: Set[Tuple[int, str, int]],
@@ -157,6 +136,19 @@ def _heatmaps(sub: Subnetwork, model: nn.Module, image_set: ImageSet, wanted: Se
             overlay = featuremap_heatmap(fmap, to_tensor(image_set.raw[i]))
             result[(i, name, channel)] = (thumb(overlay, size), float(fmap.relu().max()))
     return result
+
+
+def _degradation(sub: Subnetwork, model: nn.Module, images: Tensor, filters: Set[Key],
+                 progress: Progress) -> Dict[Key, float]:
+    """Fig. 2's degradation of each of ``filters``: the mean drop of the thresholded network's
+    probability of the original's predicted class when the filter is removed (zero ablation only)."""
+    if sub.ablation != "zero" or not filters:
+        return {}
+    with progress.stage("degradation", f"removing each of {len(filters)} chain filters"), \
+            attach(model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature) as hooks:
+        result = faithfulness(hooks, sub, images, filters=filters)
+    keys = [(n, j) for n, idx in sub.kept_filters().items() for j in idx if (n, j) in filters]
+    return dict(zip(keys, result.degradation))
 
 
 def _model_key(model: nn.Module) -> str:
@@ -186,90 +178,100 @@ def _chain_requests(chains: Sequence[Chain], image: int) -> Set[Tuple[int, str, 
 
 
 # ---------------------------------------------------------------------------------------------- HTML
-@dataclass
-class _Page:
-    """Builds the report's sections from the study and its pictures."""
+def _node_id(site: str, channel: int) -> str:
+    return f"{site}:{channel}"
 
-    sub: Subnetwork
-    study: _Study
-    pics: _Pictures
-    sprites: Sprites = field(default_factory=Sprites)
 
-    def step(self, chain_filter, images: Sequence[Tuple[int, str]]) -> str:
-        """One chain step: label, feature visualisation, then a heatmap per (image, caption)."""
-        site, channel, label = chain_filter
-        parts = [f'<li class="step"><span class="label">{html.escape(label)}</span>',
-                 self.sprites.show(self.pics.featvis[(site, channel)], f"Feature visualisation of filter {label}",
-                                   _THUMB)]
-        for image, caption in images:
-            png, peak = self.pics.heatmaps[(image, site, channel)]
-            alt = f"Heatmap of filter {label} on image {image + 1}{caption} (peak activation {peak:.3g})"
-            parts.append(self.sprites.show(png, alt) if png else '<span class="muted">no spatial map</span>')
-            parts.append(f'<span class="muted">peak {peak:.3g}{html.escape(caption)}</span>')
-        return "".join(parts) + "</li>"
+def _filter_node(sub: Subnetwork, lay: Layout, column: int, site: FilterSite, j: int, pics: _Pictures,
+                 table: Pictures, n_images: int, uses: int) -> Dict[str, Any]:
+    """One filter as an explorer node: facts, feature visualisation, a heatmap per image (chain filters)."""
+    score, key = float(sub.scores[site.name][j]), (site.name, j)
+    facts = [("Layer", f"{site.label} ({site.name})"), ("Score", f"{score:.4g}")]
+    if key in lay.importance:
+        facts.append(("Importance in its layer", f"{lay.importance[key]:.3f}"))
+    degradation = (f"{pics.degradation[key]:+.4f} (mean drop of the predicted class's probability)"
+                   if key in pics.degradation else "not measured (only chain filters of zero-ablation runs are)")
+    facts += [("Degradation when removed", degradation), ("Chains through it", str(uses))]
+    png = pics.featvis.get(key)
+    maps = [[i, None if pics.heatmaps[(i, *key)][0] is None else table.add(pics.heatmaps[(i, *key)][0]),
+             pics.heatmaps[(i, *key)][1]] for i in range(n_images)] if png is not None else []
+    label = f"{site.label}_{j}"
+    return {"id": _node_id(*key), "label": label, "kind": "unit", "column": column, "value": lay.colour[key],
+            "aria": f"filter {label}, layer {site.label}, score {score:.3g}, on {uses} chains", "facts": facts,
+            "featvis": None if png is None else table.add(png), "featvisFailed": None if png is None else
+            featvis_failure(png), "maps": maps}
 
-    def chain(self, number: int, chain: Chain, images: Sequence[Tuple[int, str]]) -> str:
-        """A chain as a titled row of steps."""
-        title = (f"Chain {number}: strength {chain.strength:.4g}, ending in the logit of "
-                 f"{self.study.output_names[chain.target]} (the sub-network's prediction)")
-        steps = "".join(self.step(f, images) for f in chain.filters)
-        return f'<div class="chain"><p>{html.escape(title)}</p><ol class="steps">{steps}</ol></div>'
 
-    def summary(self) -> str:
-        c = self.sub.counts()
-        rows = [("Layers kept", f"{c['layers_kept']}/{c['layers_total']}"),
-                ("Filters kept", f"{c['filters_kept']}/{c['filters_total']} "
-                                 f"({100 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %)")]
-        if c["gates_total"]:
-            rows.append(("Gated blocks kept", f"{c['gates_kept']}/{c['gates_total']}"))
-        return summary_html(self.sub, rows + fidelity_rows(self.sub.fidelity), "sub-network")
+def _explorer_data(sub: Subnetwork, study: _Study, lay: Layout, pics: _Pictures, table: Pictures) -> Dict[str, Any]:
+    """The explorer's data model (:mod:`hookchains.viz.explorer`) of a filter run."""
+    chains = [(i, n, c) for i, per_image in enumerate(study.chains) for n, c in enumerate(per_image)]
+    uses = Counter(k for _, _, c in chains for k in set(c.key))
+    columns, nodes = [], []
+    for c, column in enumerate(lay.columns):
+        if column.site is None:
+            names = column.skipped
+            columns.append({"label": "skipped", "kind": "skipped", "kept": 0, "more": 0, "nodes": [],
+                            "detail": ", ".join(names) if len(names) <= 2 else f"{names[0]}…{names[-1]}"})
+            continue
+        site = column.site
+        order = sorted(column.shown, key=lambda j: (-uses[(site.name, j)], -float(sub.scores[site.name][j]), j))
+        nodes += [_filter_node(sub, lay, c, site, j, pics, table, len(study.predicted), uses[(site.name, j)])
+                  for j in order]
+        columns.append({"label": site.label, "kind": "layer", "kept": len(column.kept), "more": column.hidden,
+                        "nodes": [_node_id(site.name, j) for j in order]})
+    outputs = [{"id": f"out:{t}", "label": name, "kind": "output", "column": len(columns), "value": None,
+                "aria": f"output class {name}", "facts": [("Model output", str(t))], "featvis": None,
+                "featvisFailed": None, "maps": []} for t, name in lay.outputs]
+    columns.append({"label": "output", "kind": "output", "kept": len(outputs), "more": 0,
+                    "nodes": [o["id"] for o in outputs]})
+    edges = [[_node_id(*a), _node_id(*b), round(rel, 3)] for a, b, rel, _ in lay.edges]
+    edges += [[_node_id(*last), f"out:{t}", 0.1] for last, t in lay.output_edges]
+    counts = sub.counts()
+    title = f"{counts['layers_kept']}/{counts['layers_total']} layers, {counts['filters_kept']}/" \
+            f"{counts['filters_total']} filters kept" + (f"; {lay.drawn} drawn" if lay.drawn < counts["filters_kept"] else "")
+    names = study.image_set.class_names
+    return {"title": title, "note": lay.note,
+            "colour": {"by": lay.colour_by if lay.colour_by == "score" else "importance (the scores tie)",
+                       "low": "0", "high": f"{lay.top:.3g}" if lay.colour_by == "score" else "1"},
+            "columns": columns, "nodes": nodes + outputs, "edges": edges,
+            "images": [{"label": study.true_name(i) + (" (misclassified)" if study.correct[i] is False else ""),
+                        "caption": study.caption(i), "pic": table.add(pics.images[i]),
+                        "wrong": study.correct[i] is False} for i in range(len(study.predicted))],
+            "groups": [{"name": name, "images": [i for i, y in enumerate(study.image_set.labels.tolist()) if y == g]}
+                       for g, name in enumerate(names)],
+            "chains": [{"image": i, "nodes": [_node_id(f.site, f.index) for f in c.filters] + [f"out:{c.target}"],
+                        "strength": c.strength, "title": f"Image {i + 1}, chain {n + 1}: strength {c.strength:.3g}, "
+                        f"ends in {study.output_names[c.target]}"} for i, n, c in chains]}
 
-    def images(self) -> str:
-        return image_grid(self.sprites, self.study, self.pics.images)
 
-    def per_image(self) -> str:
-        parts = ["<p>Each step: the filter's feature visualisation (top) and its heatmap on the image "
-                 "(bottom), with the heatmap's peak activation.</p>"]
-        for i, chains in enumerate(self.study.chains):
-            rows = "".join(self.chain(n + 1, c, [(i, "")]) for n, c in enumerate(chains))
-            caption = self.study.caption(i)
-            rows = rows or f"<p>{html.escape(self.study.no_chains)}</p>"
-            parts.append(f'<article><h3 id="image-{i + 1}">{html.escape(caption)}</h3>'
-                         f'{self.sprites.show(self.pics.images[i], caption)}{rows}</article>')
-        return "".join(parts)
+def _summary(sub: Subnetwork) -> str:
+    c = sub.counts()
+    rows = [("Layers kept", f"{c['layers_kept']}/{c['layers_total']}"),
+            ("Filters kept", f"{c['filters_kept']}/{c['filters_total']} "
+                             f"({100 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %)")]
+    if c["gates_total"]:
+        rows.append(("Gated blocks kept", f"{c['gates_kept']}/{c['gates_total']}"))
+    return summary_html(sub, rows + fidelity_rows(sub.fidelity), "sub-network")
 
-    def shared(self, views: List[Tuple[int, str, List[Tuple[Chain, int]]]]) -> str:
-        parts = ["<p>As in the paper's Fig. 6: the chains that each class's correctly classified images use "
-                 "most, drawn on the misclassified image (first heatmap) and on the correctly classified "
-                 "image where the chain is strongest (second heatmap).</p>"]
-        for m, name, chains in views:
-            parts.append(f"<h3>{html.escape(self.study.caption(m))}: chains of {html.escape(name)}</h3>")
-            for n, (chain, rep) in enumerate(chains):
-                parts.append(self.chain(n + 1, chain, [(m, " (misclassified)"), (rep, "")]))
-        return "".join(parts)
 
-    def render(self, svg: str, views: List[Tuple[int, str, List[Tuple[Chain, int]]]]) -> str:
-        """The whole document: summary, graph, task images, chains (and the shared-filter view)."""
-        svg = svg[svg.index("<svg"):].replace("<svg", '<svg role="img" aria-label="Sub-network drawing: '
-                                              'kept filters by layer, coloured by score, with their strongest '
-                                              'connections"', 1)
-        sections = [("summary", "Sub-network", self.summary()),
-                    ("graph", "Architecture and filter scores", f'<figure><div class="graph">{svg}</div>'
-                     "<figcaption>One column per kept layer; redder nodes have larger scores; dashed: "
-                     "shortcut convs; grey: removed blocks; edges: the strongest connections.</figcaption>"
-                     "</figure>"),
-                    ("images", "Task images", self.images()),
-                    ("chains", "Chains per image", self.per_image())]
-        if views:
-            sections.append(("shared", "Shared filters on misclassified images", self.shared(views)))
-        return document(self.sprites, sections)
+def _image_buttons(data: Mapping[str, Any], no_chains: str) -> str:
+    """The task images as buttons that select the image (pictures filled in from the table by the script)."""
+    figures = []
+    for i, image in enumerate(data["images"]):
+        bad = ' class="bad"' if image["wrong"] else ""
+        caption = html.escape(image["caption"])
+        figures.append(f'<figure><button type="button" data-image="{i}" aria-label="Show the chains of {caption}">'
+                       f'<img data-pic="{image["pic"]}" alt="{caption}" width="{IMAGE_PX}"></button>'
+                       f"<figcaption{bad}>{caption}</figcaption></figure>")
+    note = "" if data["chains"] else f"<p>{html.escape(no_chains)}</p>"
+    return f'{note}<div class="grid">{"".join(figures)}</div>'
 
 
 def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set: ImageSet, *,
                  chains_per_image: int = 2, featvis_steps: int = 32, featvis_size: int = 64,
                  out: Optional[PathLike] = None, class_indices: Optional[Mapping[str, int]] = None,
-                 progress: Optional[Progress] = None) -> Path:
-    """Write the self-contained HTML report of ``sub`` on ``image_set`` (see the module docstring).
+                 progress: Optional[Progress] = None, max_nodes: Optional[int] = MAX_NODES) -> Path:
+    """Write the self-contained HTML explorer of ``sub`` on ``image_set`` (see the module docstring).
 
     A token run's result (a ViT) has its own page, :func:`hookchains.viz.token_report.write_token_report`;
     :func:`hookchains.workflow.extract.write_run_report` picks the right one.
@@ -284,12 +286,14 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
         out: the HTML file (default ``run_dir/report.html``).
         class_indices: task class name -> model output index, to tell misclassified images; default
             ``sub.task["class_indices"]``, else ImageNet names or synsets for 1000-class models.
+        max_nodes: filters drawn in the graph (every chain filter, then the highest-scoring; each layer
+            says how many more it keeps); ``None``: all.
         progress: status lines and stage timings (chains, feature visualisation with a bar per
             filter, heatmaps, report page; :class:`~hookchains.core.progress.Progress`, default silent).
 
     Example:
         >>> import torch
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> from hookchains.core.testing import random_subnetwork
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
         ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
@@ -305,16 +309,18 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
     progress = progress or Progress(enabled=False)
     run_dir = Path(run_dir)
     study = _study(sub, model, image_set, chains_per_image, class_indices, progress)
-    views = _shared_views(study, chains_per_image)
-    wanted = set().union(*(_chain_requests(c, i) for i, c in enumerate(study.chains)))
-    for m, _, chains in views:
-        for chain, rep in chains:
-            wanted |= _chain_requests([chain], m) | _chain_requests([chain], rep)
+    filters = {(f.site, f.index) for per_image in study.chains for c in per_image for f in c.filters}
+    wanted = {(i, site, j) for i in range(len(image_set)) for site, j in filters}
     pics = _pictures(run_dir, sub, model, image_set, wanted, _THUMB, featvis_steps, featvis_size, progress)
+    pics.degradation = _degradation(sub, model, image_set.images, filters, progress)
     with progress.stage("report page"):
         pics.images = {i: thumb(to_tensor(image_set.raw[i]), IMAGE_PX) for i in range(len(image_set))}
-        svg = graph_bytes(build_graph(sub, model, images=image_set.images), "svg").decode()
-        page = _Page(sub, study, pics).render(svg, views)
+        lay = layout(sub, model, images=image_set.images, chains=study.chains,
+                     names=dict(enumerate(study.output_names)), max_nodes=max_nodes)
+        table = Pictures()
+        data = _explorer_data(sub, study, lay, pics, table)
+        page = explorer_page(data, table, [("summary", "Sub-network", _summary(sub)),
+                                           ("images", "Task images", _image_buttons(data, study.no_chains))])
         return atomic_write_bytes(Path(out) if out is not None else run_dir / "report.html", page.encode())
 
 
@@ -368,7 +374,7 @@ def write_chains_figure(path: PathLike, run_dir: PathLike, sub: Subnetwork, mode
 
     Example:
         >>> import torch
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> from hookchains.core.testing import random_subnetwork
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
         ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()

@@ -650,11 +650,14 @@ def _other_rows(numbers: Mapping[str, Any]) -> List[Tuple[str, str, str]]:
     return rows
 
 
-def _table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An HTML table; the first cell of each row is its header."""
+def _table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+           ids: Optional[Sequence[str]] = None) -> str:
+    """An HTML table; the first cell of each row is its header; ``ids``: each row's anchor."""
     head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in header)
-    body = "".join(f'<tr><th scope="row">{html.escape(row[0])}</th>'
-                   + "".join(f"<td>{html.escape(cell)}</td>" for cell in row[1:]) + "</tr>" for row in rows)
+    anchors = [f' id="{html.escape(i)}"' for i in ids] if ids is not None else [""] * len(rows)
+    body = "".join(f'<tr{anchor}><th scope="row">{html.escape(row[0])}</th>'
+                   + "".join(f"<td>{html.escape(cell)}</td>" for cell in row[1:]) + "</tr>"
+                   for row, anchor in zip(rows, anchors))
     return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
 
 
@@ -686,7 +689,54 @@ def _tasks_html(records: Sequence[Record]) -> str:
     return _table("One row per task: filters kept, mean KL and top-1 agreement on the fitting images, the "
                   "baselines' KL, and the Spearman correlation of filter score and degradation.",
                   ["Task", "Classes", "Filters kept", "KL", "Agreement", "Magnitude KL", "Random KL", "Spearman"],
-                  rows)
+                  rows, [f"task-{r.get('task', '')}" for r in records])
+
+
+_SCATTER_CSS = ("<style>.scatter{max-width:100%;height:auto}.scatter a circle{fill:#4477aa;opacity:.75}"
+                ".scatter a:hover circle,.scatter a:focus circle{fill:#d4008f;opacity:1;r:7px}"
+                ".scatter text{font-size:11px;fill:#333}tr:target{background:#ffe0f4}</style>")
+
+
+def _scatter_html(records: Sequence[Record]) -> str:
+    """Size vs fidelity per task as an inline SVG scatter: each point a focusable link to its task's row,
+    with a tooltip (classes, filters kept, KL); the paper's KL 0.8 mark dashed. Empty without data."""
+    points = [(str(r.get("task", "")), ", ".join(map(str, r.get("classes", []))), _get(r, "size", "filters_kept"),
+               _get(r, "fidelity", "kl")) for r in records]
+    points = [p for p in points if p[2] is not None and p[3] is not None]
+    if not points:
+        return ""
+    width, height, left, bottom = 640, 300, 56, 40
+    top_x = max(p[2] for p in points) * 1.05 or 1.0
+    top_y = max(max(p[3] for p in points), 0.8) * 1.1
+
+    def xy(kept: float, kl: float) -> Tuple[float, float]:
+        return (left + (width - left - 12) * kept / top_x, 10 + (height - bottom - 10) * (1 - kl / top_y))
+
+    parts = [f'<line x1="{left}" y1="{height - bottom}" x2="{width - 12}" y2="{height - bottom}" stroke="#333"/>',
+             f'<line x1="{left}" y1="10" x2="{left}" y2="{height - bottom}" stroke="#333"/>']
+    for fraction in (0.0, 0.5, 1.0):
+        x, _ = xy(fraction * top_x, 0)
+        _, y = xy(0, fraction * top_y)
+        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{fraction * top_x:.0f}</text>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{fraction * top_y:.2f}</text>')
+    _, mark = xy(0, 0.8)
+    parts.append(f'<line x1="{left}" y1="{mark:.1f}" x2="{width - 12}" y2="{mark:.1f}" stroke="#aa3377" '
+                 'stroke-dasharray="4 3"/><text x="{0}" y="{1:.1f}" text-anchor="end">KL 0.8 (paper)</text>'
+                 .format(width - 14, mark - 4))
+    parts.append(f'<text x="{(left + width) / 2:.0f}" y="{height - 6}" text-anchor="middle">filters kept</text>'
+                 f'<text x="14" y="{(height - bottom) / 2:.0f}" transform="rotate(-90 14 {(height - bottom) / 2:.0f})" '
+                 'text-anchor="middle">mean KL</text>')
+    for task, classes, kept, kl in points:
+        x, y = xy(kept, kl)
+        label = html.escape(f"task {task} ({classes}): {kept} filters kept, KL {kl:.3f}")
+        parts.append(f'<a href="#task-{html.escape(task)}" aria-label="{label}"><circle cx="{x:.1f}" cy="{y:.1f}" '
+                     f'r="5"><title>{label}</title></circle></a>')
+    return (f'{_SCATTER_CSS}<figure><h3>Size vs fidelity per task</h3><svg class="scatter" role="group" '
+            f'aria-label="Filters kept vs mean KL, one point per task" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">{"".join(parts)}</svg><figcaption>One point per task: hover or '
+            "focus (Tab) a point for its classes, size and KL; click it to jump to its row in the task table. "
+            "Below the dashed line the sub-network keeps the model's outputs within the paper's KL 0.8."
+            "</figcaption></figure>")
 
 
 def _meta_html(meta: Mapping[str, Any], tasks: int) -> str:
@@ -706,8 +756,9 @@ def write_sweep_report(out_dir: PathLike, records: Sequence[Record], meta: Mappi
 
     The page is self-contained (plots embedded as base64 PNG with alt text, inline CSS, no script, a
     Content-Security-Policy that forbids every request): the sweep's settings (``meta``, e.g. model
-    spec, data folder, classes per task, seed), the headline table next to :data:`PAPER`, each plot
-    with a caption saying how to read it, and a table of the tasks. A plot whose data no record has
+    spec, data folder, classes per task, seed), the headline table next to :data:`PAPER`, an inline
+    SVG scatter of size vs fidelity whose points link to their task's row, each plot with a caption
+    saying how to read it, and a table of the tasks. A plot whose data no record has
     is left out (and a stale PNG of it removed). Files are written atomically.
 
     Example:
@@ -727,6 +778,6 @@ def write_sweep_report(out_dir: PathLike, records: Sequence[Record], meta: Mappi
             figures.append(_plot_html(path.read_bytes(), title, alt, caption))
     sections = [("sweep", "Sweep", _meta_html(meta, len(records))),
                 ("headline", "This sweep vs the paper", _headline_html(numbers)),
-                ("plots", "Plots", "".join(figures) or "<p>No evaluation data to plot.</p>"),
+                ("plots", "Plots", _scatter_html(records) + "".join(figures) or "<p>No evaluation data to plot.</p>"),
                 ("tasks", "Tasks", _tasks_html(records))]
     return atomic_write_bytes(out_dir / "report.html", document(Sprites(), sections).encode())

@@ -2,6 +2,10 @@
 kept neuron the words of the task's sentences that activate it most (the text analogue of feature
 visualisation: dataset examples, as in Olah et al. 2017's "dataset examples" and neuron-view tools).
 
+A token run (``--mode tokens``, :func:`text_token_report_html`) gets, per sentence, the tokens kept at
+each layer (a token-by-layer grid, words shown, pruned ones greyed) and the Eq. 10 attribution of the
+first token over the words (:func:`hookchains.tokens.attribution.text_token_attribution`).
+
 Built from the shared page toolkit (:mod:`hookchains.viz.html`); nothing here runs a fit.
 
 Example:
@@ -25,9 +29,12 @@ from torch import nn
 
 from hookchains.core.state import capture_featuremaps
 from hookchains.core.subnetwork import Subnetwork
+from hookchains.tokens.attribution import text_token_attribution
+from hookchains.tokens.result import TokenSubnetwork
 from hookchains.viz.html import Sprites, document, fidelity_rows
 
-__all__ = ["layer_rows", "top_words", "text_report_html", "NEURONS_PER_LAYER", "WORDS_PER_NEURON"]
+__all__ = ["layer_rows", "top_words", "text_report_html", "NEURONS_PER_LAYER", "WORDS_PER_NEURON",
+           "token_grid_html", "text_token_report_html"]
 
 NEURONS_PER_LAYER = 8  # kept neurons shown per layer (highest scores first)
 WORDS_PER_NEURON = 5
@@ -82,7 +89,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str) -
     return f"<table><caption>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>"
 
 
-def _summary(sub: Subnetwork, lines: Sequence[str], extra_rows: Sequence[Tuple[str, str]]) -> str:
+def _summary(sub, lines: Sequence[str], extra_rows: Sequence[Tuple[str, str]]) -> str:
     """The summary lines and the fidelity table, in the words of a text task (sentences, not images)."""
     fid = {k: v for k, v in sub.fidelity.items() if k not in ("positions", "images")}
     agree = f"{fid.pop('agree')}/{sub.fidelity.get('images', '?')}" if "agree" in fid else None
@@ -108,3 +115,50 @@ def text_report_html(sub: Subnetwork, model: nn.Module, inputs: Dict[str, torch.
     return document(Sprites(), [("summary", "Sub-network", _summary(sub, lines, extra_rows)),
                                 ("layers", "Heads and neurons per layer", layers),
                                 ("neurons", "What the kept neurons respond to", neurons)])
+
+
+def token_grid_html(words: Sequence[str], kept: torch.Tensor, labels: Sequence[str], attribution: torch.Tensor,
+                    caption: str) -> str:
+    """One sentence's token-by-layer grid: a row per layer (``kept``: layers x words, bool), pruned words
+    greyed and struck through, then a row with the first token's Eq. 10 attribution over the words
+    (``attribution``: words, shaded by value relative to the largest over the other words, since the
+    first token's share of itself dominates).
+
+    Example:
+        >>> '<s>' in token_grid_html(["[CLS]", "rain"], torch.tensor([[True, False]]), ["L1"],
+        ...                          torch.tensor([0.7, 0.3]), "sentence 1")
+        True
+    """
+    head = "".join(f'<th scope="col">{html.escape(w)}</th>' for w in words)
+    rows = []
+    for label, row in zip(labels, kept.tolist()):
+        cells = "".join(f"<td>{html.escape(w)}</td>" if k else
+                        f'<td style="color:#bbb;background:#f3f3f3"><s>{html.escape(w)}</s></td>'
+                        for w, k in zip(words, row))
+        rows.append(f'<tr><th scope="row">{html.escape(label)}</th>{cells}</tr>')
+    top = max(float(attribution[1:].max()) if len(attribution) > 1 else 0.0, 1e-12)  # the words, not [CLS] itself
+    shade = "".join(f'<td style="background:rgba(200,60,0,{min(float(a) / top, 1.0):.2f})">{float(a):.2f}</td>'
+                    for a in attribution)
+    rows.append(f'<tr><th scope="row">[CLS] draws on (Eq. 10)</th>{shade}</tr>')
+    return (f"<table><caption>{html.escape(caption)}</caption><tr><th scope=\"col\">Layer</th>{head}</tr>"
+            + "".join(rows) + "</table>")
+
+
+def text_token_report_html(tsub: TokenSubnetwork, model: nn.Module, inputs: Dict[str, torch.Tensor], tokenizer,
+                           lines: Sequence[str] = ()) -> str:
+    """The page of a text token run: the summary and fidelity, then per sentence its token-by-layer grid
+    and the first token's Eq. 10 attribution after the last layer (:func:`token_grid_html`)."""
+    attribution = text_token_attribution(model, inputs, tsub)[:, -1, 0]  # N x T: the first token, last layer
+    labels = [site.label for site in tsub.sites]
+    valid = inputs["attention_mask"].bool().cpu()
+    texts = tsub.task.get("texts") or [""] * len(valid)
+    grids = []
+    for n in range(len(valid)):
+        real = torch.nonzero(valid[n]).flatten()
+        words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][n, real].tolist())
+        kept = tsub.masks[n][:, real]
+        grids.append(token_grid_html(words, kept, labels, attribution[n, real],
+                                     f"Sentence {n + 1}: {texts[n]} ({int(kept.sum())}/{kept.numel()} token slots kept)"))
+    return document(Sprites(), [("summary", "Token sub-network", _summary(tsub, lines, [])),
+                                ("tokens", "Tokens kept at each layer, and what the first token draws on",
+                                 "".join(grids))])

@@ -25,6 +25,7 @@ once the new run is complete.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import shutil
 from dataclasses import dataclass
@@ -85,6 +86,17 @@ class RunFolder:
     def physical(self) -> Optional[Dict[str, Any]]:
         """What materialise did for a filter run (see :func:`read_physical`), else ``None``."""
         return read_physical(self.path)
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the run's page inline (``report.html`` in an ``<iframe srcdoc>``: the explorer,
+        its script allowed by the page's own Content-Security-Policy), else the summary line."""
+        page = self.path / "report.html"
+        line = f"<p><strong>{html.escape(str(self.path))}</strong>: {html.escape(self.sub.summary())}</p>"
+        if not page.is_file():
+            return line + f"<p>No report yet: <code>hookchains report {html.escape(str(self.path))}</code></p>"
+        return (line + f'<iframe title="hookchains explorer of {html.escape(str(self.path))}" style="width:100%;'
+                f'height:820px;border:1px solid #ccc" srcdoc="{html.escape(page.read_text(encoding="utf-8"))}">'
+                "</iframe>")
 
     @property
     def is_token_run(self) -> bool:

@@ -30,11 +30,14 @@ from hookchains.core.slicing import SlicedReport, materialize_transformer
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.controls import kept_overlap, output_spread, randomized_copy
 from hookchains.inputs.text import TextData, TextInputError, load_hf, load_text_data, load_tokenizer, tokenize
-from hookchains.viz.text_report import text_report_html
+from hookchains.tokens.fit import TOKEN_DEFAULTS, fit_tokens
+from hookchains.tokens.materialize import materialize_tokens
+from hookchains.tokens.result import TokenSubnetwork
+from hookchains.viz.text_report import text_report_html, text_token_report_html
 from hookchains.workflow.runs import RUN_KIND, discard_staging, finish_run_dir, prepare_run_dir
 
 __all__ = ["TextTask", "text_task", "zero_shot", "demo_text_data", "fit_text", "text_summary", "extract_text",
-           "random_weights_text_control"]
+           "random_weights_text_control", "extract_text_tokens", "token_summary"]
 
 
 @dataclass
@@ -133,16 +136,26 @@ def random_weights_text_control(task: TextTask, sub: Subnetwork, seed: int = 0, 
             "overlap": kept_overlap(sub, control), "output_spread": spread}
 
 
-def _write(folder: Path, task: TextTask, sub: Subnetwork, small: nn.Module, report: SlicedReport,
-           lines: List[str], html: Optional[str]) -> None:
-    sub.task = {"class_names": list(task.data.classes), "labels": list(task.data.labels), "texts": list(task.data.texts)}
-    sub.save(folder)
+def _write_task(folder: Path, task: TextTask, result, lines: List[str]) -> None:
+    """The result, ``text_task.json`` and ``summary.txt`` of a text run (filters or tokens)."""
+    result.task = {"class_names": list(task.data.classes), "labels": list(task.data.labels),
+                   "texts": list(task.data.texts)}
+    result.save(folder)
     write_json(folder / "text_task.json", {"model": task.source, "kind": task.kind, "classes": task.data.classes,
                                            "texts": task.data.texts, "labels": task.data.labels,
                                            "temperature": task.temperature, "original_accuracy": task.accuracy()})
+    atomic_write_bytes(folder / "summary.txt", ("\n".join(lines) + "\n").encode())
+
+
+def _write(folder: Path, task: TextTask, sub: Subnetwork, small: nn.Module, report: SlicedReport,
+           lines: List[str], html: Optional[str]) -> None:
+    _write_task(folder, task, sub, lines)
     write_tensors(folder / "pruned.safetensors", {k: v.contiguous() for k, v in small.state_dict().items()})
     write_json(folder / "materialize.json", report.to_json())
-    atomic_write_bytes(folder / "summary.txt", ("\n".join(lines) + "\n").encode())
+    _write_manifest(folder, html)
+
+
+def _write_manifest(folder: Path, html: Optional[str]) -> None:
     if html is not None:
         atomic_write_bytes(folder / "report.html", html.encode())
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -180,3 +193,42 @@ def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool =
         discard_staging(staging)
         raise
     return sub, small, sliced, lines, folder
+
+
+def token_summary(tsub: TokenSubnetwork, max_abs_diff: float, accuracy: Optional[float] = None) -> List[str]:
+    """The lines the CLI prints for a token run: kept slots, tokens kept per layer, fidelity, steps, the check."""
+    per_layer = ", ".join(f"{s.label} {v:.1f}" for s, v in zip(tsub.sites, tsub.counts()["tokens_per_block_mean"]))
+    lines = [tsub.summary(), f"tokens kept per layer (mean per sentence): {per_layer}; "
+             f"{tsub.config.get('steps_run')} steps"]
+    if accuracy is not None:
+        lines.append(f"original zero-shot accuracy on the task: {accuracy:.3f}")
+    lines.append(f"materialised (tokens dropped): max abs diff {max_abs_diff:.3g} against the thresholded network")
+    return lines
+
+
+def extract_text_tokens(task: TextTask, out, *, overwrite: bool = False, report: bool = True,
+                        tau: float = 0.1, **options):
+    """Per-sentence token scores (:func:`hookchains.tokens.fit.fit_tokens` on the task's objective), the
+    token-dropping module checked exact, and a run folder written atomically: ``tokens.json`` +
+    ``token_scores.safetensors``, ``text_task.json``, ``summary.txt``, ``report.html``, ``manifest.json``.
+
+    Args:
+        task: from :func:`text_task` (an encoder: a causal LM is refused in one line).
+        **options: :class:`~hookchains.core.fit.FitConfig` fields over :data:`~hookchains.tokens.fit.TOKEN_DEFAULTS`.
+
+    Returns:
+        ``(token result, summary lines, run folder)``.
+    """
+    staging = prepare_run_dir(Path(out), overwrite)
+    try:
+        tsub = fit_tokens(task.model, task.inputs, tau=tau, config=TOKEN_DEFAULTS, **options)
+        dropped = materialize_tokens(tsub, task.model, task.inputs, check=True)
+        lines = token_summary(tsub, float(dropped.max_abs_diff or 0.0), task.accuracy())
+        _write_task(staging, task, tsub, lines)
+        html = text_token_report_html(tsub, task.model, task.inputs, task.tokenizer, lines) if report else None
+        _write_manifest(staging, html)
+        folder = finish_run_dir(staging, Path(out))
+    except BaseException:
+        discard_staging(staging)
+        raise
+    return tsub, lines, folder

@@ -222,3 +222,21 @@ def test_report_renders_in_headless_chromium(sweep, tmp_path):
         pixels = image.convert("RGB")
         assert image.format == "PNG" and image.size == (1280, 3000)
         assert len(pixels.getcolors(1 << 20)) > 100 and pixels.getextrema() != ((255, 255),) * 3
+
+
+def test_size_vs_fidelity_scatter_links_each_task_to_its_row(sweep):
+    page = sweep.read_text()
+    points = re.findall(r'<a href="#(task-[^"]+)" aria-label="([^"]+)"><circle cx="([\d.]+)" cy="([\d.]+)"', page)
+    measured = [r for r in RECORDS if r.get("size", {}).get("filters_kept") is not None
+                and r.get("fidelity", {}).get("kl") is not None]
+    assert [p[0] for p in points] == [f"task-{r['task']}" for r in measured] and points
+    for anchor, label, _, _ in points:
+        assert f'<tr id="{anchor}">' in page
+        record = next(r for r in measured if f"task-{r['task']}" == anchor)
+        assert f"{record['size']['filters_kept']} filters kept, KL {record['fidelity']['kl']:.3f}" in label
+    by_kept = sorted(points, key=lambda p: float(p[2]))  # more filters: further right; larger KL: higher up
+    kept = [next(r for r in measured if f"task-{r['task']}" == p[0])["size"]["filters_kept"] for p in by_kept]
+    assert kept == sorted(kept)
+    by_height = sorted(points, key=lambda p: -float(p[3]))
+    kls = [next(r for r in measured if f"task-{r['task']}" == p[0])["fidelity"]["kl"] for p in by_height]
+    assert kls == sorted(kls)

@@ -116,6 +116,12 @@ def test_faithfulness_lists_align_and_one_removal_reproduces_by_hand(fitted):
     assert result.untied == len(untied)
     assert result.spearman_untied == spearman(*zip(*untied)) if untied else math.isnan(result.spearman_untied)
     assert result.spearman_taylor == spearman(result.taylor, result.degradation)
+    some = set(kept[::3])  # a subset (what the report measures): the same values, in the same order
+    subset = faithfulness(chains, sub, images, filters=some)
+    picked = [k for k, key in enumerate(kept) if key in some]
+    assert subset.filters == [result.filters[k] for k in picked]
+    assert subset.degradation == [result.degradation[k] for k in picked]
+    assert subset.taylor == [result.taylor[k] for k in picked]
 
 
 def test_faithfulness_json_is_nan_free_and_state_survives_errors(fitted):

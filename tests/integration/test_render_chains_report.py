@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import io
 import itertools
@@ -34,9 +35,9 @@ from hookchains.core.metrics import fidelity
 from hookchains.core.progress import Progress
 from hookchains.core.sites import FilterSite, SiteMap
 from hookchains.core.subnetwork import Subnetwork
-from hookchains.inputs.data import augmented_views
+from hookchains.inputs.data import ImageSet, augmented_views
 from hookchains.inputs.models import preprocessing
-from hookchains.viz.graph import build_graph, graph_bytes, render_graph
+from hookchains.viz.graph import build_graph, graph_bytes, layout, render_graph
 from hookchains.viz.report import write_chains_figure, write_report
 
 CHROMIUM = "/usr/bin/chromium"
@@ -136,6 +137,18 @@ def test_a_concatenation_is_refused_in_one_line_and_drawn_without_edges():
     source = build_graph(sub, net, images=ONES).source
     assert "no edges drawn: chains: the input of fc passes through CatBackward0" in source
     assert not _visible_edges(source)
+
+
+def test_a_report_without_chains_says_why_and_still_draws_every_filter(tmp_path):
+    net = BranchNet()
+    sub = _sub(net, [("c1", "c1"), ("c2", "c2"), ("c3", "c3")], {n: torch.ones(2) for n in ("c1", "c2", "c3")})
+    views = ImageSet(ONES.repeat(2, 1, 1, 1), torch.tensor([0, 1]), ["a", "b"], ["a.png", "b.png"],
+                     [Image.new("RGB", (2, 2))] * 2)
+    page = write_report(tmp_path, sub, net, views, featvis_steps=2, featvis_size=32).read_text()
+    data = _data(page)
+    assert data["chains"] == [] and data["edges"] == [] and "CatBackward0" in data["note"]
+    assert [len(c["nodes"]) for c in data["columns"]] == [2, 2, 2, 0]  # every kept filter; no output reached
+    assert "No chains: chains: the input of fc passes through CatBackward0" in page
 
 
 class BNNet(nn.Module):
@@ -270,17 +283,43 @@ def _dot_nodes(source: str) -> Dict[str, str]:
     return dict(re.findall(r"^\s*(n\d+_\d+) \[label=(\S+)", source, re.M))
 
 
-def test_large_subnetworks_draw_only_the_highest_scoring_filters(resnet):
+def test_large_subnetworks_draw_chain_filters_then_the_best_and_say_how_many_more(resnet):
     model, sub = resnet
     kept = sub.kept_filters()
     source = build_graph(sub, model, max_nodes=len(KEPT_LAYERS) + 2).source
     drawn = set(_dot_nodes(source).values())
-    assert len(drawn) == len(KEPT_LAYERS) + 2 and "(drawn: the" in source
+    assert len(drawn) == len(KEPT_LAYERS) + 2 and f"(drawn: {len(drawn)};" in source
     for name in kept:  # every kept layer keeps its best filter
         site = sub.sites.filter(name)
         best = max(kept[name], key=lambda j: float(sub.scores[name][j]))
         assert f"{site.label}_{best}" in drawn
-    assert "(drawn: the" not in build_graph(sub, model).source  # under the cap: everything
+    more = [int(n) for n in re.findall(r'more\d+ \[label="\+(\d+) more"', source)]
+    assert sum(more) == 3 * len(KEPT_LAYERS) - len(drawn) and len(more) == len(KEPT_LAYERS)  # each lost 1 or 2
+    assert source.count(" kept)") == len(KEPT_LAYERS) and "(3 kept)" in source
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    chains = extract_chains(sub, model, images, k=2)
+    source = build_graph(sub, model, images=images, max_nodes=len(KEPT_LAYERS) + 2).source
+    drawn = set(_dot_nodes(source).values())
+    assert {f.label for per_image in chains for c in per_image for f in c.filters} <= drawn
+    for target in {c.target for per_image in chains for c in per_image}:  # output classes are nodes
+        assert re.search(rf'out{target} \[label="class {target}"', source)
+        assert re.search(rf'n\d+_\d+ -> out{target} \[style=dashed', source)
+    assert "(drawn: the" not in build_graph(sub, model).source and "more" not in build_graph(sub, model).source
+
+
+def test_tied_scores_are_coloured_by_importance(resnet):
+    model, sub = resnet
+    tied = dataclasses.replace(sub, scores={k: (v > 0).float() for k, v in sub.scores.items()})
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    lay = layout(tied, model, images=images)
+    assert lay.colour_by == "importance" and layout(sub, model, images=images).colour_by == "score"
+    flow = trace_dataflow(tied, model, images)
+    for producer, consumer in flow.pairs()[:3]:  # the strongest filter of a layer has importance 1
+        total = flow.strength(producer, consumer).sum(1)
+        best = flow.kept[flow.position(producer)][int(total.argmax())]
+        assert lay.importance[(producer, best)] == pytest.approx(1.0)
+    fills = set(re.findall(r'fillcolor="(#[0-9a-f]{6})"', build_graph(tied, model, images=images).source))
+    assert len(fills) > 3 and "importance 0 (scores tie)" in build_graph(tied, model, images=images).source
 
 
 def test_dot_source_has_one_ranked_column_per_kept_layer_and_a_skipped_marker(resnet):
@@ -291,7 +330,7 @@ def test_dot_source_has_one_ranked_column_per_kept_layer_and_a_skipped_marker(re
     assert set(_dot_nodes(source).values()) == labels and len(labels) == 3 * len(KEPT_LAYERS)
     clusters = re.findall(r"subgraph cluster_\d+ \{\s*(.*)", source)
     assert len(clusters) == len(KEPT_LAYERS) and all("rank=same" in c for c in clusters)
-    order = [re.search(r"label=(\S+)", c).group(1) for c in clusters]
+    order = [re.search(r'label="(\S+) \(3 kept\)"', c).group(1) for c in clusters]
     assert order == [sub.sites.filter(name).label for name in KEPT_LAYERS]
     assert "style=\"rounded,dashed\"" in clusters[order.index("L2B1SC")]
     marker = re.search(r"skip(\d+) \[label=\"skipped\s+L3B2\"", source)
@@ -387,7 +426,7 @@ def test_dot_renders_real_pdf_svg_and_png(resnet, tmp_path):
     svg = render_graph(sub, model, tmp_path / "sub.svg", "svg")
     root = ET.parse(svg).getroot()
     texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
-    assert root.tag == "{http://www.w3.org/2000/svg}svg" and {"L2B1SC", "skipped", "L3B2"} <= texts
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and {"L2B1SC (3 kept)", "skipped", "L3B2"} <= texts
     assert any(t and t.startswith("L4B2C2_") for t in texts)
     with Image.open(render_graph(sub, model, tmp_path / "sub.png", "png")) as png:
         assert png.format == "PNG" and png.width > 600
@@ -457,38 +496,89 @@ def report(resnet, tmp_path_factory):
     return path, views, classes, run
 
 
-def test_report_is_one_offline_file_with_labelled_decodable_pictures(report, resnet):
+def _data(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page, re.S).group(1))
+
+
+def _pixel_std(png: bytes) -> float:
+    with Image.open(io.BytesIO(png)) as picture:
+        return float(torch.frombuffer(bytearray(picture.convert("RGB").tobytes()), dtype=torch.uint8).double()
+                     .div(255).std())
+
+
+def test_report_is_one_offline_file_with_every_picture_once_and_a_hashed_script(report, resnet):
     path, views, _, run = report
     page = path.read_text()
     assert path == run / "report.html" and any((run / "featvis").rglob("*.png"))
-    assert "Content-Security-Policy" in page and "default-src 'none'" in page
-    refs = re.findall(r'(?:src|href)="([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
-    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs)
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page).group(1)
+    script = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert len(script) == 1 and page.count("<script") == 2  # the code and the JSON data
+    digest = base64.b64encode(hashlib.sha256(script[0].encode()).digest()).decode()
+    assert csp == f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
+    assert not re.findall(r'\s(?:src|href)="', page) and "url(" not in page  # nothing to fetch
+    data = _data(page)
+    pics = data["pics"]
+    assert len(set(pics.values())) == len(pics)  # each picture stored once
+    used = {n["featvis"] for n in data["nodes"]} | {m[1] for n in data["nodes"] for m in n["maps"]} | \
+        {i["pic"] for i in data["images"]}
+    assert used - {None} == set(pics)  # every stored picture is used, every reference resolves
+    for uri in pics.values():
+        assert uri.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).verify()
     tags = _Tags()
     tags.feed(page)
-    pictures = [a for t, a in tags.tags if a.get("role") == "img"]
-    assert len(pictures) > 4 * 2 * len(KEPT_LAYERS) and all(a.get("aria-label", "").strip() for a in pictures)
     assert all(a.get("alt", "").strip() for t, a in tags.tags if t == "img")
-    assert [t for t, _ in tags.tags if t in ("h1", "h2")] == ["h1"] + ["h2"] * 5
-    encoded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    for data in encoded:
-        Image.open(io.BytesIO(base64.b64decode(data))).verify()
-    assert len(encoded) == len(set(encoded))  # each picture embedded once
+    assert all(n["aria"].strip() for n in data["nodes"])
 
 
-def test_report_shows_summary_images_chains_and_the_shared_filter_view(report, resnet):
+def test_report_data_holds_the_chains_their_filters_and_a_heatmap_per_image(report, resnet):
     path, views, classes, _ = report
-    _, sub = resnet
+    model, sub = resnet
     page = path.read_text()
+    data = _data(page)
     counts = sub.counts()
-    assert f"{counts['filters_kept']}/{counts['filters_total']}" in page and "Top-1 agreement" in page
-    for i in range(4):
-        assert re.search(rf"Image {i + 1}: true (Egyptian cat|espresso), predicted", page)
-    assert page.count("(misclassified)</h3>") == 2 and "Shared filters on misclassified images" in page
-    assert re.search(r"Image 3: true espresso, predicted (?!espresso)", page)
-    assert "chains of Egyptian cat" in page and "chains of espresso</h3>" not in page
-    assert re.search(r"Heatmap of filter L2B1SC_\d+ on image 3 \(misclassified\)", page)
-    assert page.count("Chain 1: strength") == 4 + 2 and "co-activation" not in page
+    assert data["title"].startswith(f"{counts['layers_kept']}/{counts['layers_total']} layers, "
+                                    f"{counts['filters_kept']}/{counts['filters_total']} filters kept")
+    assert "Top-1 agreement" in page and "Shared filters" not in page
+    chains = extract_chains(sub, model, views.images, k=2)
+    expected = [(i, [f"{f.site}:{f.index}" for f in c.filters] + [f"out:{c.target}"]) for i, per in enumerate(chains)
+                for c in per]
+    assert [(c["image"], c["nodes"]) for c in data["chains"]] == expected
+    nodes = {n["id"]: n for n in data["nodes"]}
+    on_chains = {id for _, ids in expected for id in ids}
+    assert on_chains <= set(nodes) and {c.target for per in chains for c in per} == \
+        {int(n["id"][4:]) for n in data["nodes"] if n["kind"] == "output"}
+    for id in on_chains - {n for n in nodes if n.startswith("out:")}:
+        node = nodes[id]
+        assert sorted(m[0] for m in node["maps"]) == list(range(len(views)))  # one heatmap per task image
+        png = base64.b64decode(data["pics"][node["featvis"]].split(",", 1)[1])
+        assert (node["featvisFailed"] is not None) == (_pixel_std(png) < 0.02)
+    drawn = sum(len(c["nodes"]) for c in data["columns"] if c["kind"] == "layer")
+    assert sum(c["kept"] for c in data["columns"] if c["kind"] == "layer") == counts["filters_kept"]
+    assert drawn + sum(c["more"] for c in data["columns"]) == counts["filters_kept"]
+    assert [i["wrong"] for i in data["images"]] == [False, False, True, True]  # espresso views are wrong
+    assert re.search(r"Image 3: true espresso, predicted (?!espresso)", data["images"][2]["caption"])
+    assert [g["images"] for g in data["groups"]] == [[0, 1], [2, 3]]
+
+
+def test_degradation_in_the_panel_equals_removing_the_filter_from_the_thresholded_network(report, resnet):
+    path, views, _, _ = report
+    model, sub = resnet
+    nodes = [n for n in _data(path.read_text())["nodes"] if n["maps"]]  # the chain filters
+    with torch.no_grad():
+        predicted = model(views.images).argmax(-1)
+        with thresholded(sub, model):
+            base = model(views.images).softmax(-1)[torch.arange(len(views)), predicted]
+    for node in nodes[:4]:
+        site, index = node["id"].rsplit(":", 1)
+        scores = {k: v.clone() for k, v in sub.scores.items()}
+        scores[site][int(index)] = 0.0
+        with torch.no_grad(), thresholded(dataclasses.replace(sub, scores=scores), model):
+            removed = model(views.images).softmax(-1)[torch.arange(len(views)), predicted]
+        shown = dict(node["facts"])["Degradation when removed"]
+        assert float(shown.split()[0]) == pytest.approx(float((base - removed).mean()), abs=1e-4)
+    assert all("not measured" in dict(n["facts"])["Degradation when removed"]
+               for n in _data(path.read_text())["nodes"] if not n["maps"] and n["kind"] == "unit")
 
 
 def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -498,41 +588,25 @@ def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
-_DECODE_SCRIPT = """<script>window.addEventListener('load', async () => {
-  const hrefs = [...document.querySelectorAll('symbol image')].map(e => e.getAttribute('href'));
-  const widths = await Promise.all(hrefs.map(h => new Promise(done => { const im = new Image();
-    im.onload = () => done(im.naturalWidth); im.onerror = () => done(0); im.src = h; })));
-  const out = document.createElement('pre'); out.id = 'decoded'; out.textContent = JSON.stringify(widths);
-  document.body.append(out); });</script>"""
+def _console(run: subprocess.CompletedProcess) -> List[str]:
+    return [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
 
 
-def _decoded_widths(profile: Path, page: Path) -> List[int]:
-    """Chromium's natural width of every embedded picture (0: failed), via an instrumented copy."""
-    result = _chromium(profile, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
-    return json.loads(re.search(r'<pre id="decoded">(.*?)</pre>', result.stdout).group(1))
-
-
-def test_report_in_headless_chromium(report, tmp_path):
+def test_report_runs_its_script_in_headless_chromium_and_the_csp_blocks_the_rest(report, tmp_path):
     path = report[0]
-    shot = tmp_path / "report.png"
-    run = _chromium(tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", path.as_uri())
-    assert not [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
-    with Image.open(shot) as image:
-        assert image.size == (1280, 2000)
-        pixels = image.convert("RGB")
-        assert len(pixels.getcolors(1 << 20)) > 100 and pixels.getextrema() != ((255, 255), (255, 255), (255, 255))
+    run = _chromium(tmp_path / "profile", "--virtual-time-budget=10000", "--window-size=1280,800", "--dump-dom",
+                    path.as_uri())
+    assert not _console(run) and re.search(r'<body data-ready="[\d.]+"', run.stdout)
+    assert len(re.findall(r'<g class="node[ "]', run.stdout)) == len(_data(path.read_text())["nodes"])  # the graph was drawn
     page = path.read_text()
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src "
-                                  "'unsafe-inline'").replace("</body>", _DECODE_SCRIPT + "</body>"))
-    widths = _decoded_widths(tmp_path / "profile", probe)
-    assert len(widths) == page.count("<symbol ") and all(w > 0 for w in widths)
-    broken = tmp_path / "broken.html"  # the same checks see a broken picture and a blocked request
-    broken.write_text(probe.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
-                      .replace("<main>", '<main><img alt="remote" src="http://example.invalid/x.png">'))
-    assert 0 in _decoded_widths(tmp_path / "profile", broken)
-    run = _chromium(tmp_path / "profile", f"--screenshot={tmp_path / 'broken.png'}", broken.as_uri())
-    assert any(":CONSOLE" in line and "Content Security Policy" in line for line in run.stderr.splitlines())
+    tampered = tmp_path / "tampered.html"  # one changed character: the hash no longer matches
+    tampered.write_text(page.replace("'use strict';", "'use strict'; ", 1))
+    run = _chromium(tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", tampered.as_uri())
+    assert "data-ready" not in run.stdout and any("Content Security Policy" in line for line in _console(run))
+    remote = tmp_path / "remote.html"
+    remote.write_text(page.replace("<main>", '<main><img alt="remote" src="http://example.invalid/x.png">'))
+    run = _chromium(tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", remote.as_uri())
+    assert any("Content Security Policy" in line for line in _console(run))
 
 
 def test_chains_figure_png_and_pdf(report, resnet):
@@ -559,8 +633,8 @@ def test_report_prints_its_stages_and_shows_the_task_warnings(resnet, tmp_path):
     page = write_report(tmp_path, flagged, model, views, featvis_steps=2, featvis_size=32, progress=progress)
     lines = [line for line in stream.getvalue().splitlines() if line.endswith(" ...")]
     assert [line.split(":")[0].removesuffix(" ...") for line in lines] == [
-        "chains", "feature visualisation", "heatmaps", "report page"]
-    assert list(progress.seconds) == ["chains", "feature visualisation", "heatmaps", "report page"]
+        "chains", "feature visualisation", "heatmaps", "degradation", "report page"]
+    assert list(progress.seconds) == ["chains", "feature visualisation", "heatmaps", "degradation", "report page"]
     text = page.read_text()
     warning = '<p class="bad" role="alert">Warning: the model predicts the same class &lt;b&gt;</p>'
     assert warning in text and text.index(warning) < text.index(html.escape(sub.summary()))

@@ -1,0 +1,138 @@
+"""Token sites of a Hugging Face BERT-like encoder (BERT, MiniLM): what differs from a timm ViT.
+
+The semantics are those of :mod:`hookchains.tokens` (per-sentence scores, cumulative presence, the
+first token -- ``[CLS]`` -- never pruned, a pruned token excluded from every later layer's keys and
+values); only the plumbing differs:
+
+* **Keys.** A BERT layer takes its attention mask as its second positional argument (a boolean
+  ``N x 1 x L x L`` mask for SDPA, an additive float one for eager attention, ``None`` without
+  padding). :func:`with_key_bias` turns it into an additive float mask and adds the token bias
+  ``N x 1 x 1 x L``; SDPA and eager attention both accept it.
+* **Residual stream.** An embedding model's output reads every token (the mean pooling of
+  :class:`~hookchains.core.objectives.ZeroShotClassifier`), so a pruned token must also leave the
+  pooling: its ``pool_weights`` are the last layer's token weights (0 for a pruned token) times the
+  attention mask. A classification head reads the first token only, as a ViT's does.
+* **Padding.** A padded position has presence 0: never kept, never counted, never a key.
+* **Mode ste.** The attention probabilities exist only on transformers' eager path, so mode ``ste``
+  switches ``config._attn_implementation`` to ``"eager"`` (restored after), keeps each layer's values
+  (a forward hook on ``value``) and recomputes the context from the reweighted probabilities (a
+  forward hook on the self-attention module), as the ViT path does on ``attn_drop``.
+
+Causal LMs (GPT-2) are refused: their last position reads every earlier token through the causal mask
+and the tokenizer has no class token to keep.
+
+Example:
+    >>> from transformers import BertConfig, BertModel
+    >>> from hookchains.core.objectives import OutputLogits
+    >>> bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                             intermediate_size=64, vocab_size=100)).eval()
+    >>> is_text_token_model(OutputLogits(bert)), is_text_token_model(bert)
+    (False, False)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from hookchains.adapters.transformers import encoder_layers
+from hookchains.core.objectives import OutputLogits, ZeroShotClassifier
+
+__all__ = ["check_text_token_model", "is_text_token_model", "with_key_bias", "eager_attention",
+           "ste_context_hooks"]
+
+ATTENTION_PATHS = ("sdpa", "eager")
+
+
+def check_text_token_model(model: nn.Module) -> None:
+    """Raise a one-line ``ValueError`` unless ``model`` is a text objective around a BERT-like encoder
+    whose pruned tokens can be excluded (module doc).
+
+    Accepted: :class:`~hookchains.core.objectives.ZeroShotClassifier` (mean pooling, handled) and
+    :class:`~hookchains.core.objectives.OutputLogits` without ``position`` around a
+    ``...ForSequenceClassification`` model (its head reads the first token; a head reading any other
+    token would make the token-dropping module differ from the hooked network, which the
+    materialise check refuses), with SDPA or eager attention.
+    """
+    name = type(getattr(model, "model", model)).__name__
+    if not isinstance(model, (ZeroShotClassifier, OutputLogits)):
+        raise ValueError(f"{type(model).__name__} is not a text objective: wrap the transformers model in "
+                         "ZeroShotClassifier or OutputLogits (hookchains.workflow.text.text_task does)")
+    if getattr(model, "position", None) is not None:
+        raise ValueError(f"{name} is a causal LM: its last position reads every earlier token, so token "
+                         "pruning is for encoders (BERT, MiniLM); use --mode filters")
+    if isinstance(model, OutputLogits) and not name.endswith("ForSequenceClassification"):
+        raise ValueError(f"{name} has no sequence-classification head: token pruning of a text model needs an "
+                         "embedding (ZeroShotClassifier) or a head that reads the first token (...ForSequenceClassification)")
+    if not encoder_layers(model):
+        raise ValueError(f"{name} has no BERT-like encoder layers (attention.self.query/key/value): token pruning "
+                         "of text models needs one; use --mode filters")
+    attention = getattr(getattr(model.model, "config", None), "_attn_implementation", None)
+    if attention not in ATTENTION_PATHS:
+        raise ValueError(f"{name} uses attention {attention!r}: token pruning passes an additive mask, which "
+                         f"needs one of {ATTENTION_PATHS} (load it with attn_implementation='sdpa')")
+
+
+def is_text_token_model(model: nn.Module) -> bool:
+    """Whether :func:`check_text_token_model` accepts ``model``."""
+    try:
+        check_text_token_model(model)
+    except ValueError:
+        return False
+    return True
+
+
+def with_key_bias(args: tuple, kwargs: dict, bias: Optional[torch.Tensor], *, replace: bool = False):
+    """A BERT layer's ``(args, kwargs)`` with ``bias`` (``n x 1 x 1 x T``, additive) added to its attention
+    mask (boolean or additive; ``None`` when the model had no padding); ``replace``: the bias alone
+    (a token-dropped sequence has no padding left). Returns the new ``(args, kwargs)``."""
+    x = args[0]
+    positional = len(args) > 1
+    mask = args[1] if positional else kwargs.get("attention_mask")
+    if bias is not None:
+        bias = bias.to(device=x.device, dtype=x.dtype)
+    if mask is not None and not replace:
+        additive = (torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, float("-inf"))
+                    if mask.dtype == torch.bool else mask.to(x.dtype))
+        bias = additive if bias is None else additive + bias
+    if positional:
+        return (x, bias, *args[2:]), kwargs
+    return args, {**kwargs, "attention_mask": bias}
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """``config._attn_implementation = "eager"`` on the wrapped encoder while inside; restored after."""
+    config = model.model.config
+    previous, config._attn_implementation = config._attn_implementation, "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def ste_context_hooks(model: nn.Module, reweight: Callable[[int, torch.Tensor], Optional[torch.Tensor]]) -> list:
+    """Forward hooks for mode ``ste``: per layer, one on ``value`` keeping its output and one on the
+    self-attention replacing its context by ``reweight(layer, probabilities) @ values`` (eager
+    attention returns its probabilities). ``reweight`` returns ``None`` outside mode ``ste``.
+    Returns the hook functions as ``(module, hook)`` pairs, for the caller to register and mark."""
+    pairs, values = [], {}
+    for i, layer in enumerate(encoder_layers(model)):
+        attention = model.get_submodule(layer.attention)
+
+        def keep(module, args, output, i=i):
+            values[i] = output
+
+        def context(module, args, output, i=i, heads=layer.heads, width=layer.head_dim):
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            weighted = None if probs is None else reweight(i, probs)
+            if weighted is None:
+                return None
+            n, length = values[i].shape[:2]
+            v = values[i].view(n, length, heads, width).transpose(1, 2)
+            return (weighted @ v).transpose(1, 2).reshape(n, -1, heads * width), weighted
+
+        pairs += [(model.get_submodule(layer.qkv[2]), keep), (attention, context)]
+    return pairs
