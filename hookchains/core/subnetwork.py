@@ -132,7 +132,7 @@ class Subnetwork:
         c, f = self.counts(), self.fidelity
         line = (f"retains {c['layers_kept']}/{c['layers_total']} layers and "
                 f"{c['filters_kept']}/{c['filters_total']} filters "
-                f"({100.0 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %)")
+                f"({100.0 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %{self._dead_note(c)})")
         if c["gates_total"]:
             line += f", {c['gates_kept']}/{c['gates_total']} gated blocks"
         if f:
@@ -141,6 +141,12 @@ class Subnetwork:
             line += (f"; top-1 agreement {agree}; KL {f['kl']:.3f}; "
                      f"Q mean {f['quotient_mean']:.2f}")
         return line + f"; {self.ablation} ablation" + self._ending()
+
+    @staticmethod
+    def _dead_note(counts: Dict[str, int]) -> str:
+        """'; N of them dead (...)' when kept filters have no live input (:func:`hookchains.core.dataflow.find_dead_filters`)."""
+        dead = counts["dead_filters"]
+        return f"; {dead} of them dead: constant whatever the input, in no chain" if dead else ""
 
     def _ending(self) -> str:
         """'; stopped at the step limit, ...' when the step limit, not convergence, ended the fit."""

@@ -15,3 +15,14 @@ def test_a_fit_records_its_dead_filters(digits_net, digits_task):
         sub = hookchains.fit(hooks, images, steps=3, progress=False)
     assert sub.dead_filters == find_dead_filters(sub, digits_net)
     assert sub.counts()["dead_filters"] == sum(len(v) for v in sub.dead_filters.values())
+
+
+def test_the_summary_names_dead_filters_only_when_there_are_some(digits_net, digits_task):
+    images, _ = digits_task
+    with hookchains.attach(digits_net, example=images[:1]) as hooks:
+        sub = hookchains.fit(hooks, images, steps=3, progress=False)
+    site, kept = next(iter(sub.kept_filters().items()))
+    sub.dead_filters = {site: kept[:2]}
+    assert "2 of them dead: constant whatever the input" in sub.summary()
+    sub.dead_filters = {}
+    assert "dead" not in sub.summary()
