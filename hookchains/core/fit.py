@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +36,13 @@ from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.dataflow import DataflowError, find_dead_filters
 from hookchains.core.metrics import fidelity
-from hookchains.core.recipes import GATE_BOUND, RECIPES, Paper, Recipe, Ste, recipe_named
+from hookchains.core.recipes import GATE_BOUND, RECIPES, Recipe, recipe_named
 from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
 __all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
-           "next_kl_weight", "stopped"]
+           "kl_per_task", "Scored", "KLTerm", "Track", "optimise"]
 
 
 @dataclass(frozen=True)
@@ -180,120 +180,137 @@ def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice]
                               torch.tensor([weight]))[0]
 
 
-def next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
-    """The next KL weight for :mod:`hookchains.tokens` (dual ascent on the KL target, none for ``paper``)."""
-    return (Paper() if cfg.recipe == "paper" else Ste()).next_kl_weight(weight, kl, cfg)
+class Scored(Protocol):
+    """What :func:`optimise` needs of the hooks that hold the scores: :class:`ScoreHooks` (filters),
+    :class:`hookchains.tokens.fit.TokenScores` (tokens). The recipe reads and writes the scores themselves."""
+
+    tau: float
+
+    @property
+    def task_count(self) -> int: ...
+
+    def using(self, mode: str) -> ContextManager[Any]: ...
+
+    def per_task(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def kept_counts(self, task: int = 0) -> Mapping[str, float]: ...
 
 
-def stopped(cfg: FitConfig, history: Dict[str, List[float]], stable_for: int) -> bool:
-    """:mod:`hookchains.tokens`' stop rule: ``paper``: |loss change| < ``loss_tol``; otherwise the kept
-    set stable for ``patience`` steps with the loss settled and the KL within ``kl_tol``."""
-    step = len(history["loss"])
-    if cfg.recipe == "paper":
-        return step >= 2 and abs(history["loss"][-1] - history["loss"][-2]) < cfg.loss_tol
-    if step < max(cfg.min_steps, cfg.patience + 1) or stable_for < cfg.patience:
-        return False
-    settled = abs(history["loss"][-1] - history["loss"][-1 - cfg.patience]) < cfg.loss_tol
-    return settled and history["kl"][-1] <= cfg.kl_tol
+@dataclass(frozen=True)
+class KLTerm:
+    """The KL part of the objective, for :func:`optimise`.
+
+    Attributes:
+        backward: ``weights`` (one per task) -> every task's mean KL (nats), after backpropagating
+            ``sum_t weights[t] * KL_t`` (Eq. 8's first term, weighted).
+        hard: every task's mean KL of the thresholded (``hard``) network, without gradients.
+    """
+
+    backward: Callable[[torch.Tensor], List[float]]
+    hard: Callable[[], List[float]]
 
 
 @dataclass
-class _Track:
+class Track:
     """One task's bookkeeping during the optimisation: its history, KL weight and stop rule."""
 
     history: Dict[str, List[float]] = dataclasses.field(
-        default_factory=lambda: {k: [] for k in ("loss", "kl", "filters", "gates", "kl_weight")})
+        default_factory=lambda: {k: [] for k in ("loss", "kl", "kl_weight")})
     kl_weight: float = 1.0
     stopped: bool = False
-    layers: int = 0
+    counted: List[str] = dataclasses.field(default_factory=list)
 
-    def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Dict[str, int]) -> None:
-        """Log one step, adapt the KL weight, and decide whether this task has converged."""
-        for name, value in (("loss", kl + penalty), ("kl", kl), ("filters", kept["filters"]),
-                            ("gates", kept["gates"]), ("kl_weight", self.kl_weight)):
-            self.history[name].append(value)
-        self.layers = kept["layers"]
+    def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Mapping[str, float]) -> None:
+        """Log one step (loss, KL, KL weight and every kept count), adapt the KL weight, and decide
+        whether this task has converged."""
+        self.counted = list(kept)
+        for name, value in (("loss", kl + penalty), ("kl", kl), ("kl_weight", self.kl_weight), *kept.items()):
+            self.history.setdefault(name, []).append(value)
         self.kl_weight = recipe.next_kl_weight(self.kl_weight, kl, cfg)
         self.stopped = recipe.converged(cfg, self.history)
 
-    def ending(self, cfg: FitConfig) -> Dict[str, object]:
-        """How the fit ended: ``converged`` or ``step_limit``, and the kept filters' relative change
+    def ending(self, cfg: FitConfig, counted: str = "filters") -> Dict[str, object]:
+        """How the fit ended: ``converged`` or ``step_limit``, and the kept count's relative change
         per 10 steps (percent) over the last ``patience`` steps."""
-        kept = self.history["filters"]
+        kept = self.history[counted]
         span = min(cfg.patience, len(kept) - 1)
         change = 100.0 * (kept[-1] - kept[-1 - span]) / max(kept[-1 - span], 1) * 10 / span if span else 0.0
         return {"ended": "converged" if self.stopped else "step_limit", "kept_change_per_10_steps": round(change, 3)}
 
 
-def _step(chains: ScoreHooks, recipe: Recipe, optimiser, images, teacher_logp, parts, tracks: List[_Track],
-          cfg: FitConfig, layout):
+def _step(hooks: Scored, recipe: Recipe, optimiser, kl: KLTerm, tracks: List[Track], cfg: FitConfig):
     """One Adam step for every task; a converged task's values are put back, so it ends exactly
     where it would have ended alone. Returns the per-task KL and penalty."""
     params = [p for group in optimiser.param_groups for p in group["params"]]
     frozen = [i for i, t in enumerate(tracks) if t.stopped]
-    saved = [chains.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
+    saved = [hooks.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
     optimiser.zero_grad(set_to_none=True)
-    kls = _tasks_kl_backward(chains, images, teacher_logp, parts,
-                             torch.tensor([t.kl_weight for t in tracks]), layout)
-    penalty = recipe.penalty(chains, cfg)
+    kls = kl.backward(torch.tensor([t.kl_weight for t in tracks]))
+    penalty = recipe.penalty(hooks, cfg)
     penalty.sum().backward()
     optimiser.step()
     with torch.no_grad():
         for p, values in zip(params, saved):
-            chains.per_task(p)[frozen] = values
-    recipe.project(chains, cfg)
+            hooks.per_task(p)[frozen] = values
+    recipe.project(hooks, cfg)
     if recipe.stochastic:  # record the KL of the network that will be extracted
-        kls = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
+        kls = kl.hard()
     return kls, penalty.detach().cpu().tolist()
 
 
-def _tasks_kl(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
-    """Mean KL(teacher || student) per task (``scores``: tasks x N x classes, or tasks x N x P x classes
-    for a dense prediction, averaged over the P positions as in :func:`_tasks_kl_backward`)."""
+def kl_per_task(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
+    """Mean KL(teacher || student) per task, in nats (``scores``: tasks x N x classes class scores,
+    ``teacher_logp`` the teacher's log-probabilities of the same shape; tasks x N x P x classes for a
+    dense prediction, averaged over the P positions as in :func:`kl_backward`).
+
+    Example:
+        >>> kl_per_task(torch.zeros(1, 2, 3), torch.log_softmax(torch.zeros(1, 2, 3), -1))
+        [0.0]
+    """
     kl = F.kl_div(F.log_softmax(scores, -1), teacher_logp, log_target=True, reduction="none").sum(-1)
     return kl.reshape(*kl.shape[:2], -1).mean(-1).mean(-1).double().cpu().tolist()
 
 
-def _confirm(chains: ScoreHooks, recipe: Recipe, images, teacher_logp, tracks: Dict[int, _Track], cfg: FitConfig,
-             layout) -> None:
+def _confirm(recipe: Recipe, kl: KLTerm, tracks: Dict[int, Track], cfg: FitConfig) -> None:
     """A task about to stop is checked on the network it ends with (the KL recorded in a step is that
     of the network before the step's update): it keeps running if that network's KL is above ``kl_tol``."""
     if recipe.confirms and any(t.stopped for t in tracks.values()):
-        final = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
+        final = kl.hard()
         for index, track in tracks.items():
             track.stopped = track.stopped and final[index] <= cfg.kl_tol
 
 
-def _optimise(chains: ScoreHooks, recipe: Recipe, images: torch.Tensor, teacher_logp: torch.Tensor,
-              cfg: FitConfig, layout: torch.memory_format) -> List[_Track]:
-    """Adam on the recipe's objective for every task at once until each has converged (or ``cfg.steps``)."""
-    optimiser = torch.optim.Adam(recipe.start(chains, cfg), lr=cfg.lr)
-    parts = chunks(primary(images).shape[1], cfg.batch_size)
-    tracks = [_Track() for _ in range(chains.task_count)]
-    bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
+def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: str = "fit") -> List[Track]:
+    """Adam on the recipe's objective (``KL`` weighted per task + the recipe's penalty) for every task
+    at once until each has converged by the recipe's stop rule (or ``cfg.steps``): the one loop of the
+    filter fit (:func:`fit`) and the token fit (:func:`hookchains.tokens.fit.fit_tokens`). The KL weight
+    follows :meth:`Recipe.next_kl_weight`; a tqdm bar named ``desc`` shows the loss, KL and kept counts."""
+    optimiser = torch.optim.Adam(recipe.start(hooks, cfg), lr=cfg.lr)
+    tracks = [Track() for _ in range(hooks.task_count)]
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False)
     try:
-        with chains.using(recipe.mode):
+        with hooks.using(recipe.mode):
             for _ in bar:
-                kls, penalties = _step(chains, recipe, optimiser, images, teacher_logp, parts, tracks, cfg, layout)
+                kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 running = [i for i, t in enumerate(tracks) if not t.stopped]
                 for i in running:
-                    tracks[i].record(recipe, cfg, kls[i], penalties[i], chains.kept_counts(i))
-                _confirm(chains, recipe, images, teacher_logp, {i: tracks[i] for i in running}, cfg, layout)
-                bar.set_postfix(_progress(tracks))
+                    tracks[i].record(recipe, cfg, kls[i], penalties[i], hooks.kept_counts(i))
+                _confirm(recipe, kl, {i: tracks[i] for i in running}, cfg)
+                bar.set_postfix(_progress(tracks, recipe.counted))
                 if all(t.stopped for t in tracks):
                     break
     finally:
         bar.close()
-        recipe.finish(chains)
+        recipe.finish(hooks)
     return tracks
 
 
-def _progress(tracks: List[_Track]) -> Dict[str, str]:
+def _progress(tracks: List[Track], counted: str) -> Dict[str, str]:
     """Progress-bar figures: the task's own for one task, means and the number running for several."""
-    means = {key: sum(t.history[key][-1] for t in tracks) / len(tracks) for key in ("loss", "kl", "filters")}
-    figures = {"loss": f"{means['loss']:.3f}", "kl": f"{means['kl']:.3f}", "filters": f"{means['filters']:.0f}"}
+    means = {key: sum(t.history[key][-1] for t in tracks) / len(tracks) for key in ("loss", "kl", counted)}
+    figures = {"loss": f"{means['loss']:.3f}", "kl": f"{means['kl']:.3f}", counted: f"{means[counted]:.0f}"}
     if len(tracks) == 1:
-        figures.update(layers=str(tracks[0].layers), gates=str(tracks[0].history["gates"][-1]))
+        figures.update({k: f"{tracks[0].history[k][-1]:.0f}" for k in tracks[0].counted if k != counted})
     else:
         figures["running"] = str(sum(not t.stopped for t in tracks))
     return figures
@@ -404,19 +421,22 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
     with seeded(cfg.seed, device), explaining(chains.model, flush_denormal=True):
         use_ablation(chains, cfg.ablation, [map_tensors(lambda t: t.to(device), task) for task in tasks])
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
-        tracks = _optimise(chains, recipe, images, F.log_softmax(teacher, -1), cfg, layout)
+        teacher_logp, parts = F.log_softmax(teacher, -1), chunks(primary(images).shape[1], cfg.batch_size)
+        kl = KLTerm(lambda weights: _tasks_kl_backward(chains, images, teacher_logp, parts, weights, layout),
+                    lambda: kl_per_task(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp))
+        tracks = optimise(chains, recipe, kl, cfg)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
     if any(math.isnan(v) for t in tracks for v in t.history["loss"]):
         raise FloatingPointError("the loss became NaN during fitting; lower lr or check the images")
     return [_result(chains, recipe, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]
 
 
-def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: _Track, teacher: torch.Tensor,
+def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: Track, teacher: torch.Tensor,
             student: torch.Tensor, cfg: FitConfig) -> Subnetwork:
     scores, gates = chains.task_state(task)
     options = recipe.to_json()
     config = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "recipe": options.pop("name"),
-              "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg)}
+              "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg, recipe.counted)}
     sub = Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
                      fidelity(teacher.cpu(), student.cpu()), config, track.history,
                      importance=recipe.importance(chains, task), ablation=cfg.ablation,

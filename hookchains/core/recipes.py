@@ -77,11 +77,16 @@ class Recipe:
     mode = "ste"
     stochastic = False  # True: the forward while fitting is not the extracted network
     confirms = True  # the stop needs the final network's KL within kl_tol
+    counted = "filters"  # the kept count (a key of the hooks' kept_counts) whose stability stops the fit
 
     def start(self, chains, cfg) -> List[Dict[str, Any]]:
-        """Reset ``chains`` to the original network (``S = 1``, gates at ``gate_init``) and return
+        """Plan the earliest stop, reset ``chains`` to the original network (:meth:`reset`) and return
         the optimiser's parameter groups."""
         self.earliest_stop = max(cfg.min_steps, math.ceil(self.travel(chains) / cfg.lr) + cfg.patience)
+        return self.reset(chains, cfg)
+
+    def reset(self, chains, cfg) -> List[Dict[str, Any]]:
+        """Set ``S = 1`` and the gates to ``gate_init``; return the optimiser's parameter groups."""
         alpha = 2.0 * chains.temperature if cfg.gate_init is None else cfg.gate_init
         with torch.no_grad():
             for s in chains.scores.values():
@@ -116,9 +121,9 @@ class Recipe:
         return float(min(1e4, max(1.0, weight * math.exp(cfg.kl_rate * step))))
 
     def converged(self, cfg, history: Dict[str, List[float]]) -> bool:
-        """The kept count moved by at most ``size_tol`` (relative) over the last ``patience`` steps and
-        the thresholded network's KL is within ``kl_tol``."""
-        step, kept = len(history["kl"]), history["filters"]
+        """The kept count (``history[counted]``) moved by at most ``size_tol`` (relative) over the last
+        ``patience`` steps and the thresholded network's KL is within ``kl_tol``."""
+        step, kept = len(history["kl"]), history[self.counted]
         if step < max(self.earliest_stop, cfg.patience + 1) or history["kl"][-1] > cfg.kl_tol:
             return False
         return abs(kept[-1] - kept[-1 - cfg.patience]) <= cfg.size_tol * max(kept[-1 - cfg.patience], 1)
@@ -152,8 +157,8 @@ class Paper(Recipe):
     mode = "soft"
     confirms = False
 
-    def start(self, chains, cfg) -> List[Dict[str, Any]]:
-        groups = super().start(chains, cfg)
+    def reset(self, chains, cfg) -> List[Dict[str, Any]]:
+        groups = super().reset(chains, cfg)
         with torch.no_grad():
             for a in chains.gate_logits.values():
                 a.fill_(0.0 if cfg.gate_init is None else cfg.gate_init)
