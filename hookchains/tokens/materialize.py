@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from hookchains.core.materialize import TOLERANCE, MaterializeError
 from hookchains.core.objectives import ZeroShotClassifier
+from hookchains.core.result import TOLERANCE, check_exact
 from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call, count, map_tensors, validate_inputs
@@ -139,12 +139,8 @@ class TokenDroppedViT(nn.Module):
                 reference = call(self.model, images).float()
         with eval_mode(self.model):
             got = self(images, rows_t.tolist()).float()
-        diff, scale = float((got - reference).abs().max()), max(float(reference.abs().max()), 1e-12)
-        self.max_abs_diff = diff
-        if diff > tolerance * scale:
-            raise MaterializeError(f"token-dropping module differs from the masked network by {diff:.3g} "
-                                   f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g})")
-        return diff
+        self.max_abs_diff = check_exact(got, reference, tolerance, what="token-dropping module", against="the masked network")
+        return self.max_abs_diff
 
 
 def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
