@@ -122,6 +122,9 @@ class ScoreHooks(HookOwner):
         """Multipliers of filter site ``name`` under ``mode`` (default: the current mode)."""
         s, mode = self.scores[name], mode or self.mode
         if mode == "recipe":
+            if self.recipe_values is None:
+                raise RuntimeError("mode 'recipe' applies the values a fit recipe installs (hookchains.core.recipes.Mask); "
+                                   "none is installed: use mode 'hard' or 'soft'")
             return self.recipe_values(name)
         if mode == "soft":
             return s

@@ -91,7 +91,7 @@ class Subnetwork(Result):
                 kept[site.name] = idx
         return kept
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> Dict[str, Any]:
         """The counts of kept units: every scored unit, and the paper-comparable conv-only counts.
 
         ``filters_*`` / ``layers_*`` count every filter site, conv and fully-connected alike;
