@@ -7,6 +7,7 @@
 # the 300-step extraction projected, not run), so the script itself is tested on any machine:
 #     bash benchmarks/gpu_check.sh            # from the repository root
 #     PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#     MODELS="test_resnet:55" bash benchmarks/gpu_check.sh   # other models (spec:paper seconds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
@@ -18,8 +19,7 @@ else
   echo "no CUDA GPU: CPU fallback (64 px, projected extraction; figures are not GPU figures)"
   COMMON=(--device cpu --images 4 --image-size 64 --steps 300 --timed-steps 2 --tasks 1,2 --project)
 fi
-for spec in "resnet50 55" "vgg19 90"; do
-  set -- $spec
-  echo "== $1 =="
-  "$PYTHON" benchmarks/bench_extract.py --model "$1" --paper-seconds "$2" "${COMMON[@]}"
+for entry in ${MODELS:-resnet50:55 vgg19:90}; do
+  echo "== ${entry%%:*} =="
+  "$PYTHON" benchmarks/bench_extract.py --model "${entry%%:*}" --paper-seconds "${entry##*:}" "${COMMON[@]}"
 done
