@@ -80,12 +80,12 @@ def model_options(func: Optional[Callable] = None, *, data_required: bool = True
 
 
 def config_from_options(model, opts: Dict) -> FitConfig:
-    """The defaults of ``model`` for the extraction mode (``opts["mode"]``, default auto: the family
+    """The defaults of ``model`` for the sites it scores (``opts["sites"]``, default auto: the family
     preset for filters, ``TOKEN_DEFAULTS`` for a ViT's tokens) with the options the user gave.
 
-    Example: ``config_from_options(deit, {"mode": "auto", "steps": 5, ...}).steps == 5``."""
+    Example: ``config_from_options(deit, {"sites": "auto", "steps": 5, ...}).steps == 5``."""
     from hookchains.workflow.extract import fit_config
-    return fit_config(model, opts.get("mode", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
+    return fit_config(model, opts.get("sites", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
                       lam_gate=opts["lam_gate"], recipe=opts["recipe"], kl_target=opts["kl_target"],
                       seed=opts["seed"], progress=not opts["quiet"])
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.dataflow import DataflowError, find_dead_filters
+from hookchains.core.deprecation import renamed_keyword
 from hookchains.core.metrics import fidelity
 from hookchains.core.recipes import GATE_BOUND, RECIPES, Recipe, recipe_named
 from hookchains.core.state import explaining, seeded
@@ -189,7 +190,7 @@ class Scored(Protocol):
     @property
     def task_count(self) -> int: ...
 
-    def using(self, mode: str) -> ContextManager[Any]: ...
+    def using(self, masking: str, /) -> ContextManager[Any]: ...
 
     def per_task(self, values: torch.Tensor) -> torch.Tensor: ...
 
@@ -289,7 +290,7 @@ def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: st
     tracks = [Track() for _ in range(hooks.task_count)]
     bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False)
     try:
-        with hooks.using(recipe.mode):
+        with hooks.using(recipe.masking):
             for _ in bar:
                 kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 running = [i for i, t in enumerate(tracks) if not t.stopped]
@@ -328,20 +329,21 @@ def chunks(n: int, batch_size: Optional[int]) -> List[slice]:
 
 
 @torch.no_grad()
-def _tasks_logits(chains: ScoreHooks, images, mode: str, batch_size: Optional[int],
+def _tasks_logits(chains: ScoreHooks, images, masking: str, batch_size: Optional[int],
                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Class scores (tasks x N x classes, or tasks x N x P x classes for a dense prediction;
-    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``masking``."""
     tasks, n = primary(images).shape[:2]
-    with chains.using(mode):
+    with chains.using(masking):
         parts = [class_scores(call(chains.model, _batch(images, p, layout)), chains.sites.output)
                  for p in chunks(n, batch_size)]
     return torch.cat([part.view(tasks, -1, *part.shape[1:]) for part in parts], 1)
 
 
-def logits_of(chains: ScoreHooks, images, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
-    """Class scores of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
-    return _tasks_logits(chains, map_tensors(lambda t: t[None], images), mode, batch_size)[0]
+@renamed_keyword(mode="masking")
+def logits_of(chains: ScoreHooks, images, masking: str, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Class scores of the hooked model on ``images`` with the hooks in ``masking`` (no gradients)."""
+    return _tasks_logits(chains, map_tensors(lambda t: t[None], images), masking, batch_size)[0]
 
 
 def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = None, **options) -> Subnetwork:
@@ -414,7 +416,7 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
     device = _device_of(chains)
     images = map_tensors(lambda t: t.to(device), stack(tasks))
     recipe = recipe_named(cfg.recipe)
-    if cfg.ablation != "zero" and recipe.mode == "recipe":
+    if cfg.ablation != "zero" and recipe.masking == "recipe":
         raise ValueError(f"{cfg.ablation} ablation works with the recipes that threshold the scores (ste, paper), "
                          f"not {recipe.name!r}: use ablation='zero' or recipe='ste'")
     # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl: denormals flushed meanwhile

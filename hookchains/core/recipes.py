@@ -29,7 +29,7 @@ fit (``S`` in ``[0, 1]``) already scales them down, and every recipe here keeps 
 in the extracted network, so the sub-network computes ``S_f * filter_f``: exact as a sub-network of
 *scaled* filters, not a copy. ``m_max`` bounds the scale: ``m_max=1`` (the paper's bound) never
 amplifies a filter; ``m_max > 1`` lets kept filters stand in for removed ones, which buys sparsity
-but makes the binary sub-network (every ``S = 1``, hooks mode ``"mask"``) a worse copy. Choose per use.
+but makes the binary sub-network (every ``S = 1``, masking ``"mask"``) a worse copy. Choose per use.
 
 **Default** (:func:`default_recipe`): ``Ste(m_max=None)``, measured on the digits CNN of
 ``benchmarks/digits.py`` (304 filters; lam 0.005, lr 0.02, at most 300 steps; tasks 3-8, 1-7, 0-6,
@@ -54,6 +54,7 @@ KL 0.053; missile 22.17 %, 15/20, KL 0.108 -- all at the step limit.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
 
@@ -70,14 +71,20 @@ _GAMMA, _ZETA, _BETA = -0.1, 1.1, 2.0 / 3.0
 
 @dataclass
 class Recipe:
-    """Base of every recipe: the hook mode used while fitting, the cost, the projection after each
+    """Base of every recipe: the hooks' masking while fitting, the cost, the projection after each
     Adam step, the KL weight's schedule and the stop rule. Subclasses override what differs."""
 
     name = "recipe"
-    mode = "ste"
+    masking = "ste"  # how the hooks apply the scores while fitting (hookchains.core.attach.MASKINGS)
     stochastic = False  # True: the forward while fitting is not the extracted network
     confirms = True  # the stop needs the final network's KL within kl_tol
     counted = "filters"  # the kept count (a key of the hooks' kept_counts) whose stability stops the fit
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "mode" in vars(cls):  # a recipe written before 0.3
+            warnings.warn(f"{cls.__name__}.mode is deprecated: name it masking", DeprecationWarning, stacklevel=2)
+            cls.masking = vars(cls)["mode"]
 
     def start(self, chains, cfg) -> List[Dict[str, Any]]:
         """Plan the earliest stop, reset ``chains`` to the original network (:meth:`reset`) and return
@@ -154,7 +161,7 @@ class Paper(Recipe):
     """Eq. 8 as written (section 3.2/4.1): soft network, ``sum(alpha)`` gate cost, ``|dloss| < loss_tol`` stop."""
 
     name = "paper"
-    mode = "soft"
+    masking = "soft"
     confirms = False
 
     def reset(self, chains, cfg) -> List[Dict[str, Any]]:
@@ -199,7 +206,7 @@ class Mask(Recipe):
     """
 
     name = "mask"
-    mode = "recipe"
+    masking = "recipe"
     m_max: Optional[float] = 1.0
     cost: str = "filters"
     keep_target: Optional[float] = None
@@ -322,7 +329,6 @@ def recipe_named(recipe: Union[str, Recipe, None]) -> Recipe:
         return default_recipe()
     name = recipe
     if name == "hookchains":
-        import warnings
         warnings.warn("recipe 'hookchains' is now called 'ste'", DeprecationWarning, stacklevel=3)
         name = "ste"
     if name not in RECIPES:

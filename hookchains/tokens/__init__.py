@@ -27,7 +27,7 @@ What a score means here (the decisions, and why):
   original network, ``m -> 0`` removes the key continuously, and the limit is the exact mask above.
   (Scaling the token's value instead would leave it absorbing attention mass at ``m = 0``.)
 
-Modes (:data:`hookchains.core.attach.MODES`), as for filters:
+Maskings (:data:`hookchains.core.attach.MASKINGS`, called modes before 0.3), as for filters:
 
 * ``soft`` -- bias ``log(m + 1e-6)`` for every token: the relaxed network of Eq. 8 (recipe ``paper``);
 * ``hard`` -- kept tokens weighted by ``m`` (bias ``log m``), pruned ones ``-inf``: the thresholded
