@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from hookchains.core.attach import attach
 from hookchains.core.sites import FilterSite
-from hookchains.core.state import eval_mode
+from hookchains.core.state import eval_mode, tensor_of
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import OutputSpec, class_scores
 
@@ -157,7 +157,7 @@ def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite) -> Tens
         >>> channel_weights(sub, model, sub.sites.filter("2")).shape      # depthwise: diagonal
         torch.Size([4, 4])
     """
-    weight = model.get_submodule(site.name).weight.detach().float().cpu()
+    weight = tensor_of(model.get_submodule(site.name)).detach().float().cpu()
     summed = weight.flatten(2).sum(-1) if weight.ndim > 2 else weight
     groups = site.groups if site.kind == "conv" else 1
     scale = _norm_scale(model.get_submodule(site.fold_module), site, summed.shape[0])
@@ -167,7 +167,7 @@ def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite) -> Tens
 
 def _connections(model: nn.Module, site: FilterSite) -> Tensor:
     """Bool (out, in): input channel ``u`` reaches output ``v`` (a nonzero weight, a nonzero norm scale)."""
-    weight = model.get_submodule(site.name).weight.detach().cpu()
+    weight = tensor_of(model.get_submodule(site.name)).detach().cpu()
     nonzero = (weight != 0).flatten(2).any(-1) if weight.ndim > 2 else weight != 0
     scale = _norm_scale(model.get_submodule(site.fold_module), site, weight.shape[0])
     return _dense(nonzero, site.groups if site.kind == "conv" else 1) & (scale != 0)[:, None]

@@ -34,7 +34,7 @@ from hookchains.core.ablation import fold_constant_channels
 from hookchains.core.attach import ScoreHooks, strip_hooks
 from hookchains.core.pruning import ChannelRemoval, remove_zero_channels
 from hookchains.core.result import TOLERANCE, MaterializeError, check_exact, exactness_limit
-from hookchains.core.state import PassThrough
+from hookchains.core.state import PassThrough, tensor_of
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors
 
@@ -108,8 +108,9 @@ def _bake_parametrizations(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             if parametrize.is_parametrized(module):
-                values = {name: getattr(module, name) for name in module.parametrizations}
-                grads = {name: any(q.requires_grad for q in p.parameters()) for name, p in module.parametrizations.items()}
+                parametrizations = module.get_submodule("parametrizations")
+                values = {name: getattr(module, name) for name, _ in parametrizations.named_children()}
+                grads = {name: any(q.requires_grad for q in p.parameters()) for name, p in parametrizations.named_children()}
                 module.__class__ = type(module).__bases__[0]
                 del module._modules["parametrizations"]
                 for name, value in values.items():
@@ -156,11 +157,11 @@ def _fold(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> N
         # weight-standardised convs (timm StdConv/ScaledStdConv) normalise their weight per output
         # channel, so a scale folded into it would vanish: their per-channel ``gain`` takes it instead
         scaled = getattr(module, "gain", None)
-        scaled = scaled if isinstance(scaled, torch.Tensor) and scaled.shape[0] == site.channels else module.weight
+        scaled = scaled if isinstance(scaled, torch.Tensor) and scaled.shape[0] == site.channels else tensor_of(module)
         m = mult[site.name].to(scaled.device, scaled.dtype)
         scaled.mul_(m.view((-1,) + (1,) * (scaled.ndim - 1)))
         if getattr(module, "bias", None) is not None:
-            module.bias.mul_(m)
+            tensor_of(module, "bias").mul_(m)
 
 
 def _fold_means(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> None:

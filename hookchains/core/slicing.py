@@ -40,7 +40,7 @@ from torch import nn
 from hookchains.adapters.transformers import LayerLayout, transformer_layers
 from hookchains.core.attach import ScoreHooks, strip_hooks
 from hookchains.core.materialize import TOLERANCE, MaterializeError
-from hookchains.core.state import PassThrough
+from hookchains.core.state import PassThrough, tensor_of
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores
 
@@ -93,27 +93,20 @@ def _set(module: nn.Module, weight: torch.Tensor, bias) -> None:
         module.bias = nn.Parameter(bias.contiguous(), requires_grad=module.bias.requires_grad)
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
-    """The data of a projection's ``weight``."""
-    if not isinstance(module.weight, torch.Tensor):
-        raise TypeError(f"{type(module).__name__}.weight is not a tensor; cannot slice it")
-    return module.weight.data
-
-
 def _keep_outputs(module: nn.Module, rows: torch.Tensor, conv1d: bool) -> None:
     """Keep output features ``rows`` of an ``nn.Linear`` (weight out x in) or GPT-2 ``Conv1D`` (in x out)."""
     bias = module.bias.data[rows] if isinstance(module.bias, torch.Tensor) else None
     if conv1d:
-        _set(module, _weight(module)[:, rows], bias)
+        _set(module, tensor_of(module).data[:, rows], bias)
         module.nf = len(rows)
     else:
-        _set(module, _weight(module)[rows], bias)
+        _set(module, tensor_of(module).data[rows], bias)
         module.out_features = len(rows)
 
 
 def _keep_inputs(module: nn.Module, cols: torch.Tensor, scale: torch.Tensor, conv1d: bool) -> None:
     """Keep input features ``cols`` of a projection, each scaled by ``scale`` (folded score)."""
-    w = _weight(module)
+    w = tensor_of(module).data
     if conv1d:
         _set(module, w[cols] * scale.to(w)[:, None], None)
     else:
