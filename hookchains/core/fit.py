@@ -285,7 +285,22 @@ def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: st
     """Adam on the recipe's objective (``KL`` weighted per task + the recipe's penalty) for every task
     at once until each has converged by the recipe's stop rule (or ``cfg.steps``): the one loop of the
     filter fit (:func:`fit`) and the token fit (:func:`hookchains.tokens.fit.fit_tokens`). The KL weight
-    follows :meth:`Recipe.next_kl_weight`; a tqdm bar named ``desc`` shows the loss, KL and kept counts."""
+    follows :meth:`Recipe.next_kl_weight`; a tqdm bar named ``desc`` shows the loss, KL and kept counts.
+
+    Returns one :class:`Track` per task (``history``: per-step loss, KL in nats, KL weight, kept counts).
+
+    Example (what :func:`fit` does around it: eval mode, frozen weights, a seed):
+        >>> import hookchains, timm, torch
+        >>> from hookchains.core.recipes import Ste
+        >>> model, x = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(2, 3, 32, 32)
+        >>> hooks = hookchains.attach(model)
+        >>> teacher = torch.log_softmax(logits_of(hooks, x, "off"), -1)
+        >>> kl = KLTerm(lambda w: [kl_backward(hooks, x, teacher, chunks(2, None), float(w[0]))],
+        ...             lambda: kl_per_task(logits_of(hooks, x, "hard")[None], teacher[None]))
+        >>> track = optimise(hooks, Ste(), kl, FitConfig(steps=3, progress=False))[0]
+        >>> len(track.history["kl"]), sorted(track.counted)
+        (3, ['filters', 'gates', 'layers'])
+    """
     optimiser = torch.optim.Adam(recipe.start(hooks, cfg), lr=cfg.lr)
     tracks = [Track() for _ in range(hooks.task_count)]
     bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False)

@@ -40,7 +40,15 @@ TOKEN_DEFAULTS = FitConfig(steps=150, lr=0.05, lam=0.005, lam_gate=0.0, kl_targe
 
 class TokenScores(TokenChains):
     """:class:`~hookchains.tokens.hooks.TokenChains` as :func:`hookchains.core.fit.optimise` sees them:
-    one task, whose kept count is ``slots``, the mean kept token slots per image."""
+    one task, whose kept count is ``slots``, the mean kept token slots per image.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", img_size=32).eval()      # 6 blocks x 5 tokens
+        >>> with TokenScores(model, 2, example=torch.randn(1, 3, 32, 32)) as scores:
+        ...     scores.kept_counts()
+        {'slots': 30.0}
+    """
 
     task_count = 1
 
