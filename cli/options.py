@@ -16,7 +16,7 @@ from hookchains.workflow.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.workflow.demo for why
 
 
-def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = True):
+def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs: bool = True):
     """Decorate a command with the method's options (``--steps``, ``--lam``, ... ``--quiet``) and,
     with ``outputs``, those of a run folder (``--format``, ``--no-graph``, ``--overwrite``, ``--json``)."""
     if func is None:

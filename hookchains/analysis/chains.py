@@ -60,7 +60,7 @@ class ChainFilter(NamedTuple):
     """One filter of a chain: its site, channel index and paper-style label (``"L3B1C2_18"``)."""
 
     site: str
-    index: int
+    index: int  # type: ignore[assignment]  # the channel index (public since 0.1); shadows tuple.index
     label: str
 
 

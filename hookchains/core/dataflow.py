@@ -278,6 +278,7 @@ class Dataflow:
 def _zero_product(node) -> bool:
     """A multiplication by a constant that is 0 everywhere (a closed gate's branch): nothing passes."""
     kind = type(node).__name__
+    saved: Optional[str] = None
     if kind == "MulBackward1":
         saved = "_saved_other"
     elif kind == "MulBackward0":
@@ -479,8 +480,8 @@ def _shares(probe: _Probe, flow: Dataflow, by_name: Dict[str, FilterSite]) -> No
     flow.predictions = probe.logits.argmax(-1).cpu()
     producers = [p for p in flow.feeds.get(flow.classifier, []) if p != INPUT]
     picked = probe.logits.gather(1, flow.predictions.to(probe.logits.device)[:, None]).sum()
-    grads = torch.autograd.grad(picked, [probe.leaves[p] for p in producers], allow_unused=True) if producers else []
-    for producer, grad in zip(producers, grads):
+    logit_grads = torch.autograd.grad(picked, [probe.leaves[p] for p in producers], allow_unused=True) if producers else ()
+    for producer, grad in zip(producers, logit_grads):
         flow.logit_shares[producer] = _per_channel(probe, by_name[producer], grad, kept[producer])
 
 

@@ -93,15 +93,21 @@ def _set(module: nn.Module, weight: torch.Tensor, bias) -> None:
         module.bias = nn.Parameter(bias.contiguous(), requires_grad=module.bias.requires_grad)
 
 
+def _set_size(module: nn.Module, name: str, size: int) -> None:
+    """Record a sliced layer's new size (``out_features``, ``in_features``, GPT-2 ``Conv1D``'s ``nf``): a
+    plain attribute, stored as ``nn.Module.__setattr__`` stores any non-tensor value."""
+    object.__setattr__(module, name, size)
+
+
 def _keep_outputs(module: nn.Module, rows: torch.Tensor, conv1d: bool) -> None:
     """Keep output features ``rows`` of an ``nn.Linear`` (weight out x in) or GPT-2 ``Conv1D`` (in x out)."""
     bias = module.bias.data[rows] if isinstance(module.bias, torch.Tensor) else None
     if conv1d:
         _set(module, tensor_of(module).data[:, rows], bias)
-        module.nf = len(rows)
+        _set_size(module, "nf", len(rows))
     else:
         _set(module, tensor_of(module).data[rows], bias)
-        module.out_features = len(rows)
+        _set_size(module, "out_features", len(rows))
 
 
 def _keep_inputs(module: nn.Module, cols: torch.Tensor, scale: torch.Tensor, conv1d: bool) -> None:
@@ -111,7 +117,7 @@ def _keep_inputs(module: nn.Module, cols: torch.Tensor, scale: torch.Tensor, con
         _set(module, w[cols] * scale.to(w)[:, None], None)
     else:
         _set(module, w[:, cols] * scale.to(w)[None, :], None)
-        module.in_features = len(cols)
+        _set_size(module, "in_features", len(cols))
 
 
 def _slice_heads(model: nn.Module, layer: LayerLayout, heads: torch.Tensor, scale: torch.Tensor) -> None:

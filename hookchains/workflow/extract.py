@@ -197,6 +197,7 @@ def _extract_into(staging: Path, model: nn.Module, model_ref: ModelRef, task: Im
                   report: bool, progress: Progress, output: Selector) -> Result:
     """The run's files, written into ``staging`` (the model is on the images' device, in eval mode)."""
     checked = _check_task(model, model_ref, task, images, progress, output)
+    sub: Result
     if resolved == "tokens":
         sub = _token_run(model, model_ref, task, images, staging, config, tau, checked, progress)
     else:
