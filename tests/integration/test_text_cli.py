@@ -127,3 +127,58 @@ def test_a_classification_head_keeps_its_logits(bert_dir, text_data, tmp_path):
     data = json.loads(result.output.strip().splitlines()[-1])
     assert json.loads((out / "text_task.json").read_text())["kind"] == "classifier"
     assert data["physical"]["max_abs_diff"] <= data["physical"]["tolerance"] and data["fidelity"]["images"] == 9
+
+
+@pytest.mark.parametrize("mode", ["filters", "tokens"])
+def test_curve_refits_per_kl_target_beside_the_random_weights_control(bert_dir, text_data, tmp_path, mode):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                       "--out", str(out), "--steps", "3", "--mode", mode, "--kl-target", "0.1",
+                                       "--curve", "0.1,0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["values"] == [0.1, 0.5] and [p["kl_target"] for p in curve["random_weights"]] == [0.1, 0.5]
+    real = curve["real"][0]  # the main fit's point, reused
+    assert real["kl"] == pytest.approx(data["fidelity"]["kl"]) and real["agree"] == [data["fidelity"]["agree"], 9]
+    if mode == "filters":
+        assert real["heads"][1] == 8 and real["neurons"][1] == 96 and real["layers"][1] == 2
+        assert sum(real[k][0] for k in ("heads", "neurons")) == data["counts"]["filters_kept"]
+    else:
+        assert real["slots"][0] == pytest.approx(data["counts"]["slots_kept_mean"])
+    assert curve["output_spread"]["real"] != curve["output_spread"]["random_weights"]
+    assert data["summary"][-3].startswith("size-fidelity trade-off") and data["summary"][-1].startswith("  kl_target 0.5:")
+    assert "curve.json" in json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_a_bad_curve_list_is_one_line(bert_dir, text_data, tmp_path):
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                       "--out", str(tmp_path / "r"), "--curve", "0.1,x"])
+    assert result.exit_code == 1 and "is not a list of positive kl_target values" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_a_classification_head_drops_tokens_end_to_end(bert_dir, text_data, tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "clf"
+    transformers.BertForSequenceClassification(transformers.BertConfig.from_pretrained(bert_dir, num_labels=3)
+                                               ).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bert_dir).save_pretrained(folder)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{folder}", "--text-data", str(text_data),
+                                       "--out", str(out), "--mode", "tokens", "--steps", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert json.loads((out / "text_task.json").read_text())["kind"] == "classifier"
+    assert data["fidelity"]["images"] == 9 and "max abs diff" in data["summary"][-1]
+    assert (out / "report.html").is_file()
+
+
+def test_the_text_defaults_are_the_cores_preset_for_transformers(bert_dir, text_data, tmp_path):
+    from hookchains.core.fit import preset_for
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                     "--out", str(out), "--steps", "1", "--quiet"]).exit_code == 0
+    config = json.loads((out / "subnetwork.json").read_text())["config"]
+    preset = preset_for("transformers")
+    assert (config["lr"], config["lam_gate"], config["lam"]) == (preset.lr, preset.lam_gate, preset.lam) == (0.02, 0.05, 0.005)
