@@ -3,18 +3,40 @@
 Kept apart from ``main.py`` so the image commands stay as they are; each function is called by the
 matching command when its model is ``hf:...`` or ``--text-data``/``--text`` is given. Without the
 ``transformers`` package every entry point fails with one line: ``pip install hookchains[text]``.
+
+Threads: a text fit multiplies small matrices (the demo: 30 sentences x 14 tokens x 384), hundreds of
+parallel regions per step; on a CPU shared with other work, torch's intra-op threads then wait on each
+other at every region. Measured on the 2 shared cores here (``demo --text``): 69 s with one thread, not
+finished after 600 s with torch's default 2. So the text commands run one intra-op thread unless the
+user set ``OMP_NUM_THREADS`` (:func:`text_threads`; restored afterwards).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import click
 
-TEXT_DEMO_DURATION = ("measured from a fresh venv: 93 s with OMP_NUM_THREADS=1 and 669 s with torch's default "
-                      "threads, on a 2-core CPU shared with other jobs (load 8-9); 300 steps at most")
+TEXT_DEMO_DURATION = ("about 70 s on a 2-core CPU shared with other jobs (one torch thread unless OMP_NUM_THREADS "
+                      "is set); 300 steps at most")
+
+
+@contextlib.contextmanager
+def text_threads() -> Iterator[int]:
+    """One torch intra-op thread while inside, unless ``OMP_NUM_THREADS`` is set (then torch's choice);
+    the caller's thread count is restored after. Yields the count used (module doc)."""
+    import torch
+    previous = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _fit_options(opts: Dict) -> Dict:
@@ -93,14 +115,22 @@ def _print_result(lines: List[str], folder: Path, seconds: float, opts: Dict, ex
 
 def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
                      data=None) -> None:
-    """``hookchains extract --model hf:PATH --text-data DIR [--classes a,b] --out DIR`` (and the demo)."""
-    from hookchains.inputs.text import load_text_data, require_transformers
-    from hookchains.workflow.text import extract_text, text_task
+    """``hookchains extract --model hf:PATH --text-data DIR [--classes a,b] --out DIR`` (and the demo), with
+    :func:`text_threads`."""
+    from hookchains.inputs.text import require_transformers
     require_transformers()
     curve = _curve_values(opts)  # a bad list fails before the model loads
-    if opts.get("mode") == "tokens":
-        extract_text_tokens_run(spec, text_data, classes, out, opts)
-        return
+    with text_threads():
+        if opts.get("mode") == "tokens":
+            extract_text_tokens_run(spec, text_data, classes, out, opts)
+        else:
+            _extract_filters_run(spec, text_data, classes, out, opts, data, curve)
+
+
+def _extract_filters_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
+                         data, curve: Optional[List[float]]) -> None:
+    from hookchains.inputs.text import load_text_data
+    from hookchains.workflow.text import extract_text, text_task
     start = time.perf_counter()
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     data = data or load_text_data(text_data, names)

@@ -182,3 +182,19 @@ def test_the_text_defaults_are_the_cores_preset_for_transformers(bert_dir, text_
     config = json.loads((out / "subnetwork.json").read_text())["config"]
     preset = preset_for("transformers")
     assert (config["lr"], config["lam_gate"], config["lam"]) == (preset.lr, preset.lam_gate, preset.lam) == (0.02, 0.05, 0.005)
+
+
+def test_text_commands_run_one_thread_unless_omp_is_set_and_restore_the_count(monkeypatch):
+    from hookchains.cli.text import text_threads
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        with text_threads() as used:
+            assert used == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        with text_threads() as used:
+            assert used == 2
+    finally:
+        torch.set_num_threads(caller)
