@@ -94,12 +94,20 @@ def inspect_text(spec: str, as_json: bool, check: bool = True) -> str:
     lines = [f"hf:{where} ({type(model.model).__name__}, {kind}): {totals['layers']} layers, {totals['heads']} "
              f"attention heads, {totals['neurons']:,} MLP neurons, {totals['params']:,} parameters "
              f"(attention {totals['attention_params']:,}, MLP {totals['mlp_params']:,}); "
-             + ("token sites: one per layer, the first token never pruned (--mode tokens)" if sites.tokens
-                else "token sites: none (not a BERT-like encoder)")]
+             + _token_note(kind, bool(sites.tokens))]
     for gate, head, mlp in zip(sites.gates, heads, neurons):
         lines.append(f"  {gate.label:<4} {head.channels:>3} heads x {head.width}  {mlp.channels:>6,} neurons  ({gate.name})")
     lines += [f"  note: {note}" for note in sites.notes]
     return "\n".join(lines)
+
+
+def _token_note(kind: str, tokens: bool) -> str:
+    if not tokens:
+        return "token sites: none (not a BERT-like encoder nor a ViT image classifier)"
+    if kind == "image-classifier":
+        return ("token sites: one per layer, the class token never pruned (Python: hookchains.tokens.fit_tokens("
+                "OutputLogits(model), images); extract's hf: path takes --text-data)")
+    return "token sites: one per layer, the first token never pruned (--mode tokens)"
 
 
 def _print_result(lines: List[str], folder: Path, seconds: float, opts: Dict, extra: Optional[Dict] = None) -> None:

@@ -101,6 +101,8 @@ def test_inspect_reads_an_hf_image_model_and_extract_refuses_it_text(tmp_path, t
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["kind"] == "image-classifier" and data["text_totals"]["heads"] == 8 and data["text_totals"]["neurons"] == 80
+    assert data["text_totals"]["token_slots"] == 2 * (1 + 4 * 4)  # class token + 4 x 4 patches, per layer
+    assert "the class token never pruned" in CliRunner().invoke(main, ["inspect", f"hf:{tmp_path / 'vit'}"]).output
     refused = CliRunner().invoke(main, ["extract", "--model", f"hf:{tmp_path / 'vit'}", "--text-data", str(text_data),
                                         "--out", str(tmp_path / "r")])
     assert refused.exit_code == 1 and "is an image model" in refused.output
