@@ -100,9 +100,10 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
               help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT or per-sentence tokens "
                    "of an hf: encoder (section 4.5); auto: tokens for a timm ViT/DeiT with class-token pooling, else "
                    "filters (hf: models too)")
-@click.option("--curve", is_flag=False, flag_value="0.01,0.1,0.3", default=None, metavar="KL,KL,...",
-              help="text runs: the size-fidelity trade-off (one fit per kl_target, default 0.01,0.1,0.3) and the "
-                   "random-weights control beside it, in curve.json and the summary; costs 2 fits per value")
+@click.option("--curve", is_flag=False, flag_value="auto", default=None, metavar="[kl_target=|lam=]V,V,...",
+              help="text runs: the size-fidelity trade-off, one fit per value (bare --curve: kl_target=0.01,0.1,0.3 "
+                   "for filters, lam=0.005,0.02,0.08 for tokens), and the random-weights control beside it, in "
+                   "curve.json and the summary; costs 2 fits per value")
 @fit_options
 @run_error
 def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, classes, per_class, skip_bad_images,

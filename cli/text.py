@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import click
 
@@ -46,18 +46,25 @@ def _fit_options(opts: Dict) -> Dict:
     return {**{k: opts[k] for k in keys if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
 
 
-def _curve_values(opts: Dict) -> Optional[List[float]]:
-    """``--curve 0.01,0.1,0.3`` as floats (``None`` without ``--curve``); a bad list is a one-line error."""
+def _curve_spec(opts: Dict, tokens: bool) -> Optional[Tuple[str, List[float]]]:
+    """``--curve [kl_target=|lam=]V,V,...`` as ``(parameter, values)`` (``None`` without ``--curve``; bare
+    ``--curve``: :data:`hookchains.workflow.text.CURVE_DEFAULTS`); a bad list is a one-line error."""
+    from hookchains.workflow.text import CURVE_DEFAULTS
     text = opts.get("curve")
     if text is None:
         return None
+    parameter, values = CURVE_DEFAULTS["tokens" if tokens else "filters"]
+    if text == "auto":
+        return parameter, list(values)
+    name, _, listed = text.rpartition("=")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        numbers = [float(v) for v in listed.split(",") if v.strip()]
     except ValueError:
-        values = []
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"--curve {text!r} is not a list of positive kl_target values, e.g. --curve 0.01,0.1,0.3")
-    return values
+        numbers = []
+    if name.strip() not in ("", "kl_target", "lam") or not numbers or any(v <= 0 for v in numbers):
+        raise ValueError(f"--curve {text!r} is not [kl_target=|lam=] and a list of positive values, e.g. "
+                         "--curve kl_target=0.01,0.1,0.3 or --curve lam=0.005,0.02")
+    return (name.strip() or parameter), numbers
 
 
 def _probe(spec: str):
@@ -127,16 +134,17 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
     :func:`text_threads`."""
     from hookchains.inputs.text import require_transformers
     require_transformers()
-    curve = _curve_values(opts)  # a bad list fails before the model loads
+    tokens = opts.get("mode") == "tokens"
+    curve = _curve_spec(opts, tokens)  # a bad list fails before the model loads
     with text_threads():
-        if opts.get("mode") == "tokens":
-            extract_text_tokens_run(spec, text_data, classes, out, opts)
+        if tokens:
+            extract_text_tokens_run(spec, text_data, classes, out, opts, curve)
         else:
             _extract_filters_run(spec, text_data, classes, out, opts, data, curve)
 
 
 def _extract_filters_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
-                         data, curve: Optional[List[float]]) -> None:
+                         data, curve: Optional[Tuple[str, List[float]]]) -> None:
     from hookchains.inputs.text import load_text_data
     from hookchains.workflow.text import extract_text, text_task
     start = time.perf_counter()
@@ -156,7 +164,8 @@ def _extract_filters_run(spec: str, text_data: str, classes: Optional[str], out:
                   {"counts": sub.counts(), "fidelity": sub.fidelity, "physical": sliced.to_json()})
 
 
-def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict) -> None:
+def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
+                            curve: Optional[Tuple[str, List[float]]] = None) -> None:
     """``hookchains extract --model hf:PATH --text-data DIR --mode tokens``: per-sentence token scores of a
     BERT-like encoder (the core token defaults; a causal LM is refused in one line)."""
     from hookchains.inputs.text import load_text_data
@@ -172,7 +181,7 @@ def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], o
     fit.pop("lam_gate", None)  # no gates in a token fit
     tsub, lines, folder = extract_text_tokens(task, folder, overwrite=opts.get("overwrite", False),
                                               report=not opts.get("no_report", False),
-                                              tau=opts.get("tau") or 0.1, curve=_curve_values(opts), **fit)
+                                              tau=opts.get("tau") or 0.1, curve=curve, **fit)
     _print_result(lines, folder, time.perf_counter() - start, opts, {"counts": tsub.counts(), "fidelity": tsub.fidelity})
 
 

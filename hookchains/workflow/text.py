@@ -13,9 +13,9 @@ A text run folder holds ``subnetwork.json`` + ``scores.safetensors`` (the result
 and ``manifest.json``; it is written atomically (:mod:`hookchains.workflow.runs`).
 
 With ``curve`` (``extract --curve``) it also holds ``curve.json``: the size-fidelity trade-off, one real
-fit per ``kl_target`` value, and beside it the random-weights control -- the same fits on a
-re-initialised copy of the model (:func:`random_twin`) -- with both models' output spreads
-(:func:`text_curve`, :func:`curve_table`).
+fit per value of one fit option (``kl_target`` or ``lam``), and beside it the random-weights control --
+the same fits on a re-initialised copy of the model (:func:`random_twin`) -- with both models' output
+spreads (:func:`text_curve`, :func:`curve_table`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,11 +44,12 @@ from hookchains.workflow.runs import RUN_KIND, discard_staging, finish_run_dir, 
 
 __all__ = ["TextTask", "text_task", "zero_shot", "demo_text_data", "fit_text", "text_summary", "extract_text",
            "random_weights_text_control", "extract_text_tokens", "token_summary", "random_twin", "filter_point",
-           "token_point", "text_curve", "curve_table", "CURVE_KL_TARGETS"]
+           "token_point", "text_curve", "curve_table", "CURVE_DEFAULTS"]
 
-CURVE_KL_TARGETS = (0.01, 0.1, 0.3)
-"""The ``kl_target`` values of ``extract --curve`` without a list (one fit each, on the real model and on
-its random-weights copy)."""
+CURVE_DEFAULTS = {"filters": ("kl_target", (0.01, 0.1, 0.3)), "tokens": ("lam", (0.005, 0.02, 0.08))}
+"""What ``extract --curve`` varies without a list (one fit per value, on the real model and on its
+random-weights copy). Tokens vary ``lam``: on MiniLM and the demo task a token fit stops on a stable kept
+set with KL ~0 whatever ``kl_target`` (0.01, 0.1, 0.3: 45.1, 44.8, 43.8 of 68.8 slots, KL <= 0.001)."""
 
 
 @dataclass
@@ -179,29 +180,31 @@ def _fidelity_point(fid: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, An
             "steps": config.get("steps_run")}
 
 
-def text_curve(task: TextTask, values: Sequence[float], fit_point: Callable[[TextTask, float], Dict[str, Any]], *,
+def text_curve(task: TextTask, parameter: str, values: Sequence[float],
+               fit_point: Callable[[TextTask, Dict[str, float]], Dict[str, Any]], *,
                seed: int = 0, known: Optional[Dict[float, Dict[str, Any]]] = None) -> Dict[str, Any]:
-    """The size-fidelity trade-off by refitting at each ``kl_target`` in ``values``, on the real model and
-    on :func:`random_twin` (the random-weights control, same fits).
+    """The size-fidelity trade-off by refitting at each value of the fit option ``parameter``
+    (``"kl_target"`` or ``"lam"``), on the real model and on :func:`random_twin` (the random-weights
+    control, same fits).
 
     Args:
-        fit_point: fits ``task`` at one ``kl_target`` and returns its point (:func:`filter_point` or
-            :func:`token_point` of the result).
-        known: points of the real model already fitted, by ``kl_target`` (not refitted).
+        fit_point: fits a task with one option override (``{parameter: value}``) and returns its point
+            (:func:`filter_point` or :func:`token_point` of the result).
+        known: points of the real model already fitted, by value (not refitted).
 
     Returns:
-        ``{"parameter": "kl_target", "values", "seed", "real": [points], "random_weights": [points],
-        "output_spread": {"real", "random_weights"}}`` -- each point also holds its ``kl_target``; the
-        output spread (:func:`hookchains.evaluation.controls.output_spread`) says how much each model's
-        outputs vary over the sentences (a control that barely varies is trivially matched).
+        ``{"parameter", "values", "seed", "real": [points], "random_weights": [points],
+        "output_spread": {"real", "random_weights"}}`` -- each point also holds its ``parameter`` value;
+        the output spread (:func:`hookchains.evaluation.controls.output_spread`) says how much each
+        model's outputs vary over the sentences (a control that barely varies is trivially matched).
     """
     twin = random_twin(task, seed)
     known = known or {}
-    curves = {name: [{"kl_target": v, **(known[v] if name == "real" and v in known else fit_point(t, v))}
+    curves = {name: [{parameter: v, **(known[v] if name == "real" and v in known else fit_point(t, {parameter: v}))}
                      for v in values] for name, t in (("real", task), ("random_weights", twin))}
     with torch.no_grad():
         spread = {name: output_spread(t.model(**t.inputs)) for name, t in (("real", task), ("random_weights", twin))}
-    return {"parameter": "kl_target", "values": list(values), "seed": seed, **curves, "output_spread": spread}
+    return {"parameter": parameter, "values": list(values), "seed": seed, **curves, "output_spread": spread}
 
 
 def _cell(point: Dict[str, Any]) -> str:
@@ -214,12 +217,12 @@ def _cell(point: Dict[str, Any]) -> str:
 
 
 def curve_table(curve: Dict[str, Any]) -> List[str]:
-    """The printed lines of a :func:`text_curve`: one per ``kl_target``, the real fit beside the control."""
-    spread = curve["output_spread"]
-    lines = [f"size-fidelity trade-off (one fit per kl_target) | random-weights control (same fits; output spread "
+    """The printed lines of a :func:`text_curve`: one per value, the real fit beside the control."""
+    spread, name = curve["output_spread"], curve["parameter"]
+    lines = [f"size-fidelity trade-off (one fit per {name}) | random-weights control (same fits; output spread "
              f"real {spread['real']:.3f}, random {spread['random_weights']:.3f})"]
     for real, random in zip(curve["real"], curve["random_weights"]):
-        lines.append(f"  kl_target {real['kl_target']:g}: {_cell(real)} | {_cell(random)}")
+        lines.append(f"  {name} {real[name]:g}: {_cell(real)} | {_cell(random)}")
     return lines
 
 
@@ -251,28 +254,32 @@ def _write_manifest(folder: Path, html: Optional[str]) -> None:
                                                     for n in files}})
 
 
-def _with_curve(folder: Path, task: TextTask, lines: List[str], values: Optional[Sequence[float]],
-                fit_point: Callable[[TextTask, float], Dict[str, Any]], known: Dict[float, Dict[str, Any]],
+def _with_curve(folder: Path, task: TextTask, lines: List[str], curve_spec: Optional[Tuple[str, Sequence[float]]],
+                fit_point: Callable[[TextTask, Dict[str, float]], Dict[str, Any]], fitted, point,
                 seed: int) -> Optional[Dict[str, Any]]:
-    """With ``values``: :func:`text_curve` written to ``curve.json`` and its table appended to ``lines``."""
-    if not values:
+    """With ``curve_spec`` (parameter, values): :func:`text_curve` (the main result ``fitted`` reused at its
+    own value) written to ``curve.json`` and its table appended to ``lines``."""
+    if not curve_spec:
         return None
-    curve = text_curve(task, values, fit_point, seed=seed, known=known)
+    parameter, values = curve_spec
+    known = {fitted.config[parameter]: point(fitted)}
+    curve = text_curve(task, parameter, values, fit_point, seed=seed, known=known)
     write_json(folder / "curve.json", curve)
     lines += curve_table(curve)
     return curve
 
 
 def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool = True,
-                 curve: Optional[Sequence[float]] = None, **options):
+                 curve: Optional[Tuple[str, Sequence[float]]] = None, **options):
     """Fit, slice, check and write a text run folder atomically (module doc).
 
     Args:
         task: from :func:`text_task`.
         out: the run folder (must not exist unless ``overwrite`` and it is an earlier run).
         report: write ``report.html`` (:func:`hookchains.viz.text_report.text_report_html`).
-        curve: ``kl_target`` values of the trade-off and its random-weights control (``curve.json``,
-            :func:`text_curve`; the main fit's point is reused); ``None``: no curve.
+        curve: ``(parameter, values)``: the fit option (``"kl_target"`` or ``"lam"``) and values of the
+            trade-off and its random-weights control (``curve.json``, :func:`text_curve`; the main fit's
+            point is reused); ``None``: no curve.
         **options: :class:`~hookchains.core.fit.FitConfig` fields.
 
     Returns:
@@ -284,8 +291,8 @@ def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool =
         sub = fit_text(task, **options)
         small, sliced = materialize_transformer(sub, task.model, task.inputs)
         lines = text_summary(sub, sliced, task.accuracy())
-        _with_curve(staging, task, lines, curve, lambda t, v: filter_point(fit_text(t, **{**options, "kl_target": v})),
-                    {sub.config["kl_target"]: filter_point(sub)}, options.get("seed", 0))
+        _with_curve(staging, task, lines, curve, lambda t, o: filter_point(fit_text(t, **{**options, **o})),
+                    sub, filter_point, options.get("seed", 0))
         html = text_report_html(sub, task.model, task.inputs, task.tokenizer, lines, [
             ("Parameters (sliced / original)", f"{sliced.params_after:,} / {sliced.params_before:,}"),
             ("Parameters of the transformer layers (sliced / original)",
@@ -312,7 +319,7 @@ def token_summary(tsub: TokenSubnetwork, max_abs_diff: float, accuracy: Optional
 
 
 def extract_text_tokens(task: TextTask, out, *, overwrite: bool = False, report: bool = True,
-                        tau: float = 0.1, curve: Optional[Sequence[float]] = None, **options):
+                        tau: float = 0.1, curve: Optional[Tuple[str, Sequence[float]]] = None, **options):
     """Per-sentence token scores (:func:`hookchains.tokens.fit.fit_tokens` on the task's objective), the
     token-dropping module checked exact, and a run folder written atomically: ``tokens.json`` +
     ``token_scores.safetensors``, ``text_task.json``, ``summary.txt``, ``report.html``, ``manifest.json``
@@ -320,7 +327,7 @@ def extract_text_tokens(task: TextTask, out, *, overwrite: bool = False, report:
 
     Args:
         task: from :func:`text_task` (an encoder: a causal LM is refused in one line).
-        curve: ``kl_target`` values of the trade-off and its random-weights control (:func:`text_curve`).
+        curve: ``(parameter, values)`` of the trade-off and its random-weights control (:func:`text_curve`).
         **options: :class:`~hookchains.core.fit.FitConfig` fields over :data:`~hookchains.tokens.fit.TOKEN_DEFAULTS`.
 
     Returns:
@@ -328,15 +335,14 @@ def extract_text_tokens(task: TextTask, out, *, overwrite: bool = False, report:
     """
     staging = prepare_run_dir(Path(out), overwrite)
 
-    def fit_at(t: TextTask, kl_target: Optional[float] = None) -> TokenSubnetwork:
-        extra = {} if kl_target is None else {"kl_target": kl_target}
-        return fit_tokens(t.model, t.inputs, tau=tau, config=TOKEN_DEFAULTS, **{**options, **extra})
+    def fit_at(t: TextTask, extra: Optional[Dict[str, float]] = None) -> TokenSubnetwork:
+        return fit_tokens(t.model, t.inputs, tau=tau, config=TOKEN_DEFAULTS, **{**options, **(extra or {})})
     try:
         tsub = fit_at(task)
         dropped = materialize_tokens(tsub, task.model, task.inputs, check=True)
         lines = token_summary(tsub, float(dropped.max_abs_diff or 0.0), task.accuracy())
-        _with_curve(staging, task, lines, curve, lambda t, v: token_point(fit_at(t, v)),
-                    {tsub.config["kl_target"]: token_point(tsub)}, options.get("seed", 0))
+        _with_curve(staging, task, lines, curve, lambda t, o: token_point(fit_at(t, o)), tsub, token_point,
+                    options.get("seed", 0))
         _write_task(staging, task, tsub, lines)
         html = text_token_report_html(tsub, task.model, task.inputs, task.tokenizer, lines) if report else None
         _write_manifest(staging, html)

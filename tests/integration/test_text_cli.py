@@ -131,32 +131,36 @@ def test_a_classification_head_keeps_its_logits(bert_dir, text_data, tmp_path):
     assert data["physical"]["max_abs_diff"] <= data["physical"]["tolerance"] and data["fidelity"]["images"] == 9
 
 
-@pytest.mark.parametrize("mode", ["filters", "tokens"])
-def test_curve_refits_per_kl_target_beside_the_random_weights_control(bert_dir, text_data, tmp_path, mode):
+@pytest.mark.parametrize("mode, curve, parameter, values", [("filters", "kl_target=0.1,0.5", "kl_target", [0.1, 0.5]),
+                                                         ("tokens", "lam=0.005,0.05", "lam", [0.005, 0.05])])
+def test_curve_refits_per_value_beside_the_random_weights_control(bert_dir, text_data, tmp_path, mode, curve,
+                                                                   parameter, values):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
                                        "--out", str(out), "--steps", "3", "--mode", mode, "--kl-target", "0.1",
-                                       "--curve", "0.1,0.5", "--json"])
+                                       "--curve", curve, "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
-    curve = json.loads((out / "curve.json").read_text())
-    assert curve["values"] == [0.1, 0.5] and [p["kl_target"] for p in curve["random_weights"]] == [0.1, 0.5]
-    real = curve["real"][0]  # the main fit's point, reused
+    curve_data = json.loads((out / "curve.json").read_text())
+    assert curve_data["parameter"] == parameter and curve_data["values"] == values
+    assert [p[parameter] for p in curve_data["random_weights"]] == values
+    real = curve_data["real"][0]  # the main fit's point (lam 0.005 is the token default), reused
     assert real["kl"] == pytest.approx(data["fidelity"]["kl"]) and real["agree"] == [data["fidelity"]["agree"], 9]
     if mode == "filters":
         assert real["heads"][1] == 8 and real["neurons"][1] == 96 and real["layers"][1] == 2
         assert sum(real[k][0] for k in ("heads", "neurons")) == data["counts"]["filters_kept"]
     else:
         assert real["slots"][0] == pytest.approx(data["counts"]["slots_kept_mean"])
-    assert curve["output_spread"]["real"] != curve["output_spread"]["random_weights"]
-    assert data["summary"][-3].startswith("size-fidelity trade-off") and data["summary"][-1].startswith("  kl_target 0.5:")
+    assert curve_data["output_spread"]["real"] != curve_data["output_spread"]["random_weights"]
+    assert data["summary"][-3].startswith("size-fidelity trade-off (one fit per " + parameter)
+    assert data["summary"][-1].startswith(f"  {parameter} {values[1]:g}:")
     assert "curve.json" in json.loads((out / "manifest.json").read_text())["files"]
 
 
 def test_a_bad_curve_list_is_one_line(bert_dir, text_data, tmp_path):
     result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
-                                       "--out", str(tmp_path / "r"), "--curve", "0.1,x"])
-    assert result.exit_code == 1 and "is not a list of positive kl_target values" in result.output
+                                       "--out", str(tmp_path / "r"), "--curve", "tau=0.1,0.2"])
+    assert result.exit_code == 1 and "is not [kl_target=|lam=] and a list of positive values" in result.output
     assert result.output.count("\n") == 1
 
 
