@@ -102,7 +102,7 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
                    "filters (hf: models too)")
 @click.option("--curve", is_flag=False, flag_value="auto", default=None, metavar="[kl_target=|lam=]V,V,...",
               help="text runs: the size-fidelity trade-off, one fit per value (bare --curve: kl_target=0.01,0.1,0.3 "
-                   "for filters, lam=0.005,0.02,0.08 for tokens), and the random-weights control beside it, in "
+                   "for filters, lam=0.005,0.08,1 for tokens), and the random-weights control beside it, in "
                    "curve.json and the summary; costs 2 fits per value")
 @fit_options
 @run_error
