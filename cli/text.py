@@ -21,8 +21,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import click
 
-TEXT_DEMO_DURATION = ("about 70 s on a 2-core CPU shared with other jobs (one torch thread unless OMP_NUM_THREADS "
-                      "is set); 300 steps at most")
+TEXT_DEMO_DURATION = ("measured 69-115 s on a 2-core CPU shared with other jobs (load 3-6; one torch thread unless "
+                      "OMP_NUM_THREADS is set); 300 steps at most")
 
 
 @contextlib.contextmanager
