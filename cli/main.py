@@ -101,6 +101,10 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
               help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT or per-sentence tokens "
                    "of an hf: encoder (section 4.5); auto: tokens for a timm ViT/DeiT with class-token pooling, else "
                    "filters (hf: models too)")
+@click.option("--curve", is_flag=False, flag_value="auto", default=None, metavar="[kl_target=|lam=]V,V,...",
+              help="text runs: the size-fidelity trade-off, one fit per value (bare --curve: kl_target=0.01,0.1,0.3 "
+                   "for filters, lam=0.005,0.08,1 for tokens), and the random-weights control beside it, in "
+                   "curve.json and the summary; costs 2 fits per value")
 @fit_options
 @run_error
 def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, classes, per_class, skip_bad_images,
@@ -126,6 +130,8 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
         return
     if data_dir is None or classes is None:
         raise ValueError("extract needs --data DIR and --classes a,b (or --model hf:PATH --text-data DIR for text)")
+    if opts.get("curve") is not None:
+        raise ValueError("--curve is for text runs (--text-data); for images, hookchains sweep fits several settings")
     from hookchains.core.progress import Progress
     from hookchains.inputs.data import load_image_folder
     from hookchains.inputs.models import create_model, preprocessing

@@ -120,6 +120,7 @@ PRESETS: Dict[str, Dict[str, float]] = {
     "mobilenet": {"lam": 0.005, "lam_gate": 1.0},
     "vit": {"lam": 0.005, "lam_gate": 1.0},
     "generic": {"lam": 0.005, "lam_gate": 1.0},
+    "transformers": {"lam": 0.005, "lam_gate": 0.05, "lr": 0.02},  # measured on all-MiniLM-L6-v2 (issue 14)
 }
 
 
