@@ -14,6 +14,13 @@ the kept count's change (percent per 10 steps) over the last ``patience`` steps;
 :meth:`Subnetwork.summary` names a step-limit ending. (The paper's ``|dloss| < 0.05`` fired at step 9
 or never; docs/design.md.)
 
+A fit that reaches the step limit returns the sparsest network it met whose KL was within ``kl_tol``
+(every step's KL is that of the thresholded network the step started from, so that network's fidelity
+is known exactly), not the last one, which dual ascent leaves hovering around ``kl_target`` and can end
+just above it; ``config["returned_step"]`` names the step (``None``: the last network). This is the
+"best feasible iterate" of constrained optimisation; recipes whose recorded KL is not the extracted
+network's (``paper``'s soft network, ``l0``'s sampled masks) return the last network as before.
+
 Model weights are frozen and the model is in eval mode for the duration (each module's own flag and
 each parameter's ``requires_grad`` restored afterwards, :mod:`hookchains.core.state`): no weight gradient is
 ever computed; the seed applies to a forked RNG, so the caller's global RNG state is untouched.
@@ -26,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +228,14 @@ class Track:
     kl_weight: float = 1.0
     stopped: bool = False
     counted: List[str] = dataclasses.field(default_factory=list)
+    sparsest: Optional[Tuple[float, int, List[torch.Tensor]]] = None  # kept count, step, values
+    returned_step: Optional[int] = None  # the step whose network the fit returns (None: the last)
+
+    def remember(self, kept: float, kl: float, values: List[torch.Tensor], cfg: FitConfig) -> None:
+        """Keep ``values`` (this task's fitted tensors before the step) if that network's KL was within
+        ``kl_tol`` and it is the sparsest so far (ties: the later)."""
+        if kl <= cfg.kl_tol and (self.sparsest is None or kept <= self.sparsest[0]):
+            self.sparsest = (kept, len(self.history["kl"]), values)
 
     def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Mapping[str, float]) -> None:
         """Log one step (loss, KL, KL weight and every kept count), adapt the KL weight, and decide
@@ -237,7 +252,9 @@ class Track:
         kept = self.history[counted]
         span = min(cfg.patience, len(kept) - 1)
         change = 100.0 * (kept[-1] - kept[-1 - span]) / max(kept[-1 - span], 1) * 10 / span if span else 0.0
-        return {"ended": "converged" if self.stopped else "step_limit", "kept_change_per_10_steps": round(change, 3)}
+        return {"ended": "converged" if self.stopped else "step_limit", "kept_change_per_10_steps": round(change, 3),
+                "returned_step": self.returned_step}
+
 
 
 def _step(hooks: Scored, recipe: Recipe, optimiser, kl: KLTerm, tracks: List[Track], cfg: FitConfig):
@@ -303,23 +320,57 @@ def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: st
         (3, ['filters', 'gates', 'layers'])
     """
     optimiser = torch.optim.Adam(recipe.start(hooks, cfg), lr=cfg.lr)
+    params = [p for group in optimiser.param_groups for p in group["params"]]
     tracks = [Track() for _ in range(hooks.task_count)]
     bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False)
     try:
         with hooks.using(recipe.masking):
             for _ in bar:
-                kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 running = [i for i, t in enumerate(tracks) if not t.stopped]
+                before = _starting_points(hooks, recipe, params, running)
+                kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 for i in running:
+                    if i in before:
+                        tracks[i].remember(before[i][0], kls[i], before[i][1], cfg)
                     tracks[i].record(recipe, cfg, kls[i], penalties[i], hooks.kept_counts(i))
                 _confirm(recipe, kl, {i: tracks[i] for i in running}, cfg)
                 bar.set_postfix(_progress(tracks, recipe.counted))
                 if all(t.stopped for t in tracks):
                     break
+            _return_sparsest(hooks, recipe, kl, params, tracks, cfg)
     finally:
         bar.close()
         recipe.finish(hooks)
     return tracks
+
+
+def _starting_points(hooks: Scored, recipe: Recipe, params: List[torch.Tensor],
+                     running: List[int]) -> Dict[int, Tuple[float, List[torch.Tensor]]]:
+    """Per running task, the kept count and a copy of the fitted values the coming step starts from
+    (whose KL that step measures); empty for recipes whose recorded KL is not the extracted network's."""
+    if not recipe.confirms or recipe.stochastic:
+        return {}
+    with torch.no_grad():
+        return {i: (hooks.kept_counts(i)[recipe.counted], [hooks.per_task(p)[i].detach().clone() for p in params])
+                for i in running}
+
+
+def _return_sparsest(hooks: Scored, recipe: Recipe, kl: KLTerm, params: List[torch.Tensor], tracks: List[Track],
+                     cfg: FitConfig) -> None:
+    """A task that ran to the step limit gets its sparsest network within ``kl_tol`` back (module doc)
+    unless its last network is within ``kl_tol`` and at least as sparse."""
+    ended = {i: t.sparsest for i, t in enumerate(tracks) if not t.stopped and t.sparsest is not None}
+    if not ended:
+        return
+    final = kl.hard()
+    with torch.no_grad():
+        for i, (kept, step, values) in ended.items():
+            if final[i] <= cfg.kl_tol and hooks.kept_counts(i)[recipe.counted] <= kept:
+                continue
+            for p, value in zip(params, values):
+                hooks.per_task(p)[i] = value
+            tracks[i].returned_step = step
+    recipe.project(hooks, cfg)
 
 
 def _progress(tracks: List[Track], counted: str) -> Dict[str, str]:

@@ -133,7 +133,10 @@ class Result:
                  if abs(change) >= 0.05 else f"kept {self.unit} steady")
         kl, target = self.fidelity.get("kl"), self.config.get("kl_tol")
         missed = f", KL {kl:.3f} above kl_tol {target:g}" if kl is not None and target is not None and kl > target else ""
-        return f"; stopped at the step limit, {trend}{missed}"
+        step = self.config.get("returned_step")
+        returned = (f"; returned the network of step {step}, the sparsest with KL within kl_tol {target:g}"
+                    if step is not None else "")
+        return f"; stopped at the step limit, {trend}{missed}{returned}"
 
     def save(self, directory) -> Path:
         """Write the result's two files (``files``) into ``directory``, each atomically; returns ``directory``.
