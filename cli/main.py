@@ -118,7 +118,6 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
     if opts["mode"] is not None:
         click.echo("note: --mode is deprecated; it is now called --sites", err=True)
         opts["sites"] = opts["mode"]
-    opts["mode"] = opts["sites"]  # cli/text.py reads opts["mode"] (issue 14's file)
     if text_data is not None or model_spec.startswith("hf:"):
         from hookchains.cli.text import extract_text_run
         if text_data is None:

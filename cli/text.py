@@ -134,7 +134,7 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
     :func:`text_threads`."""
     from hookchains.inputs.text import require_transformers
     require_transformers()
-    tokens = opts.get("mode") == "tokens"
+    tokens = opts.get("sites") == "tokens"
     curve = _curve_spec(opts, tokens)  # a bad list fails before the model loads
     with text_threads():
         if tokens:
