@@ -12,10 +12,16 @@ fewer parameters (no exactness claim: it prunes by magnitude, not zeros).
 Each model runs in child processes with a time and memory limit (a time-out is a failure).
 
     python benchmarks/coverage.py --sample 80 --seed 2026
+    python benchmarks/coverage.py --sample 80 --seed 2027 --resume benchmarks/results/coverage_seed2027_hookchains.txt
+
+With ``--resume FILE`` the models already in FILE are skipped, each new result line is appended to FILE as it
+comes (one ``write`` + ``fsync`` per line, so an interrupted run leaves whole lines), and the totals count
+every line of the sample in FILE.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import resource
@@ -26,6 +32,7 @@ import warnings
 
 import timm
 import torch
+from tqdm import tqdm
 
 from hookchains.core.testing import check_model, input_for
 
@@ -113,6 +120,27 @@ def check_isolated(name: str, size: int, seconds: int, memory_gb: int, tool: str
     return status, detail
 
 
+RESULT = re.compile(r"^(pass|fail|timeout)\s+(\S+)\s+[\d.]+s  (.*)$")
+
+
+def done_lines(path: str | None) -> dict:
+    """{model name: result line} of the result lines already in ``path`` (none when it is None or absent)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return {m.group(2): line.rstrip("\n") for line in handle if (m := RESULT.match(line))}
+
+
+def append_line(path: str | None, line: str) -> None:
+    """Print ``line`` and, with a results file, append it whole (write + fsync)."""
+    print(line, flush=True)
+    if path:
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=int, default=60)
@@ -120,6 +148,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="input size for models that accept any size")
     parser.add_argument("--timeout", type=int, default=180, help="seconds per model")
     parser.add_argument("--memory-gb", type=int, default=12, help="address-space limit per model")
+    parser.add_argument("--resume", metavar="FILE",
+                        help="skip the models already in FILE, append each new result line to it")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--tool", default="hookchains", choices=("hookchains", "torch-pruning"),
                         help="what to check: hookchains' materialise, or torch-pruning alone (run both for the comparison)")
@@ -131,14 +161,20 @@ def main() -> None:
         return
     names = [n for n in timm.list_models() if not TOO_BIG.search(n)]
     sample = sorted(random.Random(args.seed).sample(names, args.sample))
+    lines = done_lines(args.resume)
+    for name in tqdm(sample, desc="models", disable=not sys.stderr.isatty()):
+        if name in lines:
+            continue
+        start = time.perf_counter()
+        status, detail = check_isolated(name, args.size, args.timeout, args.memory_gb, args.tool)
+        lines[name] = f"{status:7} {name:45} {time.perf_counter() - start:6.1f}s  {detail}"
+        append_line(args.resume, lines[name])
     counts = {"pass": 0, "fail": 0, "timeout": 0}
     pruned = 0
     for name in sample:
-        start = time.perf_counter()
-        status, detail = check_isolated(name, args.size, args.timeout, args.memory_gb, args.tool)
+        status, _, detail = RESULT.match(lines[name]).groups()
         counts[status] += 1
         pruned += status == "pass" and not detail.startswith("removed 0/")
-        print(f"{status:7} {name:45} {time.perf_counter() - start:6.1f}s  {detail}", flush=True)
     total = len(sample)
     if args.tool == "torch-pruning":
         print(f"torch-pruning alone (MagnitudePruner 30 %, runs with the same output shape): "
