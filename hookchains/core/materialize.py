@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -262,33 +263,45 @@ def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub:
     return float((_logits(module, inputs, sub) - reference).abs().max())
 
 
+def _changed(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub: Subnetwork,
+             limit: float) -> Optional[str]:
+    """None when ``module`` gives ``reference`` within ``limit``, else why not (one line)."""
+    try:
+        diff = _diff(module, inputs, reference, sub)
+    except Exception as exc:  # noqa: BLE001 -- a layer resized inconsistently: not exact
+        return f"the pruned module failed to run ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return None if diff <= limit else f"its outputs differ by {diff:.3g} > {limit:.3g}"
+
+
 def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], inputs: torch.Tensor,
               reference: torch.Tensor, limit: float):
     """(module, ChannelRemoval or None, notes): ``work`` with zero channels removed when that stays within
-    ``limit`` of ``reference``; otherwise ``work`` itself (zeroed, not removed) and the reason."""
-    candidate = _copy_model(work)
-    fixed_at, normed = _fixed_plan(candidate, sub, mult)
-    ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
-    def still_exact() -> bool:
-        try:
-            return _diff(candidate, inputs, reference, sub) <= limit
-        except Exception:  # noqa: BLE001 -- a layer resized inconsistently: not exact
-            return False
+    ``limit`` of ``reference``; otherwise ``work`` itself (zeroed, not removed) and the reason.
 
-    try:
-        removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored, still_exact)
-    except Exception as exc:  # torch-pruning cannot trace every graph: keep the exact zeroed module
-        return work, None, [f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); "
-                            "channels are zeroed, not removed"]
-    notes = [f"torch-pruning failed on a group: {line}" for line in removal.errors[:3]]
-    try:
-        diff = _diff(candidate, inputs, reference, sub)
-    except Exception as exc:  # a layer torch-pruning resized inconsistently
-        return work, None, notes + [f"the pruned module failed to run ({type(exc).__name__}): physical pruning "
-                                    "changed the outputs; returned the zeroed (unpruned) module"]
-    if diff > limit:
-        return work, None, notes + ["physical pruning changed the outputs; returned the zeroed (unpruned) module"]
-    return candidate, removal, notes
+    Each group torch-pruning may resize wrongly (a reshape, split, concatenation) is checked as it is
+    pruned. When the result still differs (code that couples sizes torch-pruning does not trace, e.g.
+    timm's ``LambdaLayer`` reshaping its output to its *input's* channel count), pruning starts again on a
+    fresh copy with a check after every group, and the groups that break the outputs are put back."""
+    changed, notes = None, []
+    for every in (False, True):
+        candidate = _copy_model(work)
+        fixed_at, normed = _fixed_plan(candidate, sub, mult)
+        ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
+        try:
+            removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored,
+                                           partial(_changed, candidate, inputs, reference, sub, limit), every)
+        except Exception as exc:  # torch-pruning cannot trace every graph: keep the exact zeroed module
+            return work, None, [f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); "
+                                "channels are zeroed, not removed"]
+        notes = [f"torch-pruning failed on a group: {line}" for line in removal.errors[:3]]
+        if removal.fallbacks:
+            notes.append(f"{len(removal.fallbacks)} group(s) put back because pruning them changed the outputs "
+                         f"(first at {removal.fallbacks[0]})")
+        changed = _changed(candidate, inputs, reference, sub, limit)
+        if changed is None:
+            return candidate, removal, notes
+    return work, None, notes + [f"physical pruning changed the outputs ({changed}); returned the zeroed "
+                                "(unpruned) module"]
 
 
 def _check_dtype(module: nn.Module, inputs, reference: torch.Tensor, tolerance: float,

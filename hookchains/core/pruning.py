@@ -85,11 +85,14 @@ class ChannelRemoval:
         removed: fold module path -> channels removed there.
         stayed: fold module path -> {reason: zeroed channels that stayed}; reasons are :data:`REASONS` keys.
         errors: one line per torch-pruning failure.
+        fallbacks: one line per group put back because pruning it changed the outputs: the first fold
+            module of the group and what ``check`` said (the error, or the output difference).
     """
 
     removed: Dict[str, int] = field(default_factory=dict)
     stayed: Dict[str, Dict[str, int]] = field(default_factory=dict)
     errors: List[str] = field(default_factory=list)
+    fallbacks: List[str] = field(default_factory=list)
 
     def stay(self, path: str, reason: str, count: int = 1) -> None:
         """Record ``count`` zeroed channels of ``path`` that stayed for ``reason``."""
@@ -384,12 +387,13 @@ def _groups(dg, ignored: Sequence[nn.Module], promising: Set[nn.Module]):
             yield group
 
 
-def _backup(group):
+def _backup(group, every: bool = False):
     """What pruning ``group`` changes (each module's parameters, buffers and public attributes such as
-    ``out_channels``), when the group holds a node of :data:`_CHECKED_NODES` and no unwrapped parameter;
-    else None."""
+    ``out_channels``), when the group holds a node of :data:`_CHECKED_NODES` (or any group, ``every``) and no
+    unwrapped parameter; else None."""
     targets = [item.dep.target for item in group.items]
-    if not any(t.type.name in _CHECKED_NODES for t in targets) or any(t.type.name == "PARAMETER" for t in targets):
+    checked = every or any(t.type.name in _CHECKED_NODES for t in targets)
+    if not checked or any(t.type.name == "PARAMETER" for t in targets):
         return None
     modules = {t.module for t in targets if isinstance(t.module, nn.Module)}
     return [(m, dict(m._parameters), dict(m._buffers), {k: v for k, v in vars(m).items() if not k.startswith("_")})
@@ -407,7 +411,7 @@ def _restore(saved) -> None:
 
 
 def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names,
-            check: Optional[Callable[[], bool]] = None) -> None:
+            check: Optional[Callable[[], Optional[str]]] = None, check_every: bool = False) -> None:
     """Record why a group's fixed channels stay; absorb constants and prune the removable ones (and, for a
     group :func:`_backup` saves, put it back unless ``check()`` says the outputs are unchanged)."""
     removable, reasons, absorb = plan
@@ -420,11 +424,14 @@ def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names,
                 removal.stay(path, reasons.get(root, "coupled"))
     if not removable:
         return
-    saved = _backup(group) if check is not None else None
+    saved = _backup(group, check_every) if check is not None else None
     try:
         _absorb(absorb)
         _prune_items(dg, group, removable)
-        failed: Union[bool, str] = saved is not None and check is not None and not check()
+        changed = check() if saved is not None and check is not None else None
+        if changed:
+            removal.fallbacks.append(f"{next(iter(counted), '?')}: {changed}")
+        failed: Union[bool, str] = bool(changed)
     except Exception as exc:  # torch-pruning cannot resize every layer: those channels stay
         removal.errors.append(f"{names.get(group.items[0].dep.target.module, '?')}: {type(exc).__name__}: "
                               f"{str(exc)[:120]}")
@@ -442,7 +449,7 @@ def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names,
 
 def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional[float]]], normed: Sequence[str],
                          inputs: torch.Tensor, ignored: Sequence[nn.Module] = (),
-                         check: Optional[Callable[[], bool]] = None) -> ChannelRemoval:
+                         check: Optional[Callable[[], Optional[str]]] = None, check_every: bool = False) -> ChannelRemoval:
     """Remove, in place, every channel of ``model`` that is fixed (zero or a constant) wherever it is
     produced and that its consumers read as 0 or can absorb into their bias.
 
@@ -455,9 +462,12 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
         inputs: a batch (N x ...) the consumers' inputs are checked on; ``inputs[:1]`` traces the graph.
         ignored: modules whose output channels must keep their size (the classifier).
         check: called after pruning a group that passes through a reshape, split, concatenation or
-            other op torch-pruning may resize wrongly (:data:`_CHECKED_NODES`): whether ``model`` still
-            gives the reference outputs. If not, that group is put back and its channels stay
-            (``exactness fallback``), instead of the whole model falling back.
+            other op torch-pruning may resize wrongly (:data:`_CHECKED_NODES`): None when ``model`` still
+            gives the reference outputs, else why not (one line). Then that group is put back and its
+            channels stay (``exactness fallback``, the line in ``fallbacks``), instead of the whole model
+            falling back.
+        check_every: call ``check`` after every group (one forward each), for code that couples sizes
+            torch-pruning does not trace (``x.reshape(B, C, H, W)`` with ``C`` read from another tensor).
 
     Returns:
         a :class:`ChannelRemoval` with the channels removed per fold module and why the others stayed.
@@ -478,7 +488,7 @@ def remove_zero_channels(model: nn.Module, fixed_at: Dict[str, Sequence[Optional
             stopped = guard.take()
             plan = (set(), dict.fromkeys(group.items[0].root_idxs, stopped), []) if stopped else \
                 _group_plan(dg, group, fixed_mod, normed_mod, reads)
-            _remove(dg, group, plan, fixed_mod, removal, names, check)
+            _remove(dg, group, plan, fixed_mod, removal, names, check, check_every)
     for path, fixed in fixed_at.items():
         seen = removal.removed.get(path, 0) + sum(removal.stayed.get(path, {}).values())
         removal.stay(path, "not prunable", max(0, sum(v is not None for v in fixed) - seen))

@@ -180,5 +180,43 @@ def test_channels_cut_by_hard_coded_sizes_stay_and_the_rest_is_pruned(how, staye
     assert module.pair[0].out_channels == 16  # whole: the halves still get 8 + 8
     assert report.sites["stem.0"]["removed"] == 7 and module.stem[0].out_channels == 9
     assert report.sites["body.0"]["removed"] == 7 and module.body[0].out_channels == 5
-    assert not report.notes  # no whole-model fallback
+    put_back = ["1 group(s) put back because pruning them changed the outputs (first at pair.1: "] if how == "slice" else []
+    assert [note[:len(p)] for note, p in zip(report.notes, put_back)] == put_back  # no whole-model fallback
+    assert len(report.notes) == len(put_back)
+    _assert_exact(module, model, sub, example)
+
+
+class InputWidthReshape(nn.Module):
+    """As timm's ``LambdaLayer`` (lambda_resnet26rpt_256): the block's output is reshaped to its *input's*
+    channel count, ``out.reshape(B, C, H, W)`` with ``C = h.shape[1]``, a coupling of ``reduce``'s output
+    width to ``mix``'s that torch-pruning does not trace (they are in different groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.body = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+    def forward(self, x):
+        h = self.reduce(self.stem(x))
+        b, c, height, width = h.shape
+        return self.head(self.body(self.mix(h).reshape(b, c, height, width)))
+
+
+def test_a_group_coupled_by_untraced_code_is_put_back_with_its_cause_and_the_rest_is_pruned():
+    torch.manual_seed(0)
+    model, example = InputWidthReshape().eval(), torch.randn(1, 3, 16, 16)
+    sub = random_subnetwork(model, example, counts={"stem.0": 9, "reduce.0": 5, "mix": 8, "body.0": 5},
+                            gates_open=True)
+    module, report = materialize(sub, model, example)
+    assert report.sites["reduce.0"] == {"channels": 8, "zeroed": 3, "removed": 0, "stayed": {"exactness fallback": 3}}
+    assert module.reduce[0].out_channels == 8 and module.mix.in_channels == 8
+    assert report.sites["stem.0"]["removed"] == 7 and module.stem[0].out_channels == 9
+    assert report.sites["body.0"]["removed"] == 7 and module.body[0].out_channels == 5
+    assert report.channels_removed == 14
+    assert len(report.notes) == 1 and report.notes[0].startswith(
+        "1 group(s) put back because pruning them changed the outputs (first at reduce.1: the pruned module "
+        "failed to run (RuntimeError: shape '[")
     _assert_exact(module, model, sub, example)
