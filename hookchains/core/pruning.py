@@ -35,6 +35,7 @@ Example:
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
@@ -111,11 +112,15 @@ class MixingGuard:
 
     Used as a context manager around the group search: torch-pruning recomputes its index mappings before
     building each group, so the guard wraps that step and replaces such flatten mappings by itself (a
-    mapping to no index: the search does not go on) or by a :class:`_Bounded` one."""
+    mapping to no index: the search does not go on) or by a :class:`_Bounded` one.
+
+    Thread-safe: the two torch-pruning functions are replaced once, while any guard is open, by
+    dispatchers that run the guard open in the calling thread (:data:`_HOOKS`), or torch-pruning's own
+    function in a thread without one; guards open and close in any order across threads."""
 
     def __init__(self) -> None:
         self.hit: Optional[str] = None
-        self._saved: tuple = ()
+        self._outer: Optional[MixingGuard] = None  # the guard this one nests in, in its thread
         self._limit = 0
         self._unmapped: Set = set()  # reshape nodes torch-pruning's shape inference failed on
         self.steps, self.budget = 0, 0  # index mappings applied in the current group's search, and the most allowed
@@ -160,26 +165,65 @@ class MixingGuard:
                     dep.index_mapping[0] = _Counted(dep.index_mapping[0], self)
         self.budget = self.budget or SEARCH_STEPS * sum(len(n.dependencies) for n in graph.module2node.values())
 
+    def update(self, graph) -> None:
+        """torch-pruning's ``update_index_mapping`` under this guard: called when the graph is built and at
+        the start of each group's search."""
+        self.hit, self.steps = None, 0
+        _HOOKS.original[0](graph)
+        self._guard(graph)
+
+    def update_reshape(self, graph, node) -> None:
+        """torch-pruning's ``update_reshape_index_mapping``; its shape inference fails on some graphs (split
+        sizes): then the search stops at this reshape."""
+        try:
+            _HOOKS.original[1](graph, node)
+        except Exception:  # noqa: BLE001 -- then the search stops at this reshape
+            self._unmapped.add(node)
+
     def __enter__(self) -> MixingGuard:
-        from torch_pruning.dependency import index_mapping
-        self._saved = original, reshape = index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping
-
-        def update(graph) -> None:  # called when the graph is built and at the start of each group's search
-            self.hit, self.steps = None, 0
-            original(graph)
-            self._guard(graph)
-
-        def update_reshape(graph, node) -> None:  # its shape inference fails on some graphs (split sizes)
-            try:
-                reshape(graph, node)
-            except Exception:  # noqa: BLE001 -- then the search stops at this reshape
-                self._unmapped.add(node)
-        index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping = update, update_reshape
+        _HOOKS.open()
+        self._outer, _HOOKS.local.guard = getattr(_HOOKS.local, "guard", None), self
         return self
 
     def __exit__(self, *exc) -> None:
+        _HOOKS.local.guard = self._outer
+        _HOOKS.close()
+
+
+class _Hooks:
+    """torch-pruning's two index-mapping functions, replaced by per-thread dispatchers while guards are open
+    (counted under a lock: the first open replaces them, the last close puts the originals back)."""
+
+    def __init__(self) -> None:
+        self.lock, self.local, self.open_guards, self.original = threading.Lock(), threading.local(), 0, ()
+
+    def open(self) -> None:
         from torch_pruning.dependency import index_mapping
-        index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping = self._saved
+        with self.lock:
+            if not self.open_guards:
+                self.original = index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping
+                index_mapping.update_index_mapping = self.update
+                index_mapping.update_reshape_index_mapping = self.update_reshape
+            self.open_guards += 1
+
+    def close(self) -> None:
+        from torch_pruning.dependency import index_mapping
+        with self.lock:
+            self.open_guards -= 1
+            if not self.open_guards:
+                index_mapping.update_index_mapping, index_mapping.update_reshape_index_mapping = self.original
+
+    def update(self, graph) -> None:
+        guard = getattr(self.local, "guard", None)
+        return self.original[0](graph) if guard is None else guard.update(graph)
+
+    def update_reshape(self, graph, node) -> None:
+        guard = getattr(self.local, "guard", None)
+        return self.original[1](graph, node) if guard is None else guard.update_reshape(graph, node)
+
+
+_HOOKS = _Hooks()
+"""The one set of dispatchers every :class:`MixingGuard` goes through."""
 
 
 SEARCH_STEPS = 4
