@@ -281,15 +281,18 @@ def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], i
     Each group torch-pruning may resize wrongly (a reshape, split, concatenation) is checked as it is
     pruned. When the result still differs (code that couples sizes torch-pruning does not trace, e.g.
     timm's ``LambdaLayer`` reshaping its output to its *input's* channel count), pruning starts again on a
-    fresh copy with a check after every group, and the groups that break the outputs are put back."""
+    fresh copy with a check after every group, and the groups that break the outputs are put back.
+    The per-group checks run on the first input only (they dominated the time: maxvit_rmlp_tiny_rw_256,
+    34 checks, 83 of 109 s on 3 inputs); the final check runs on all of them."""
     changed, notes = None, []
+    probe, probe_reference = map_tensors(lambda t: t[:1], inputs), reference[:1]
     for every in (False, True):
         candidate = _copy_model(work)
         fixed_at, normed = _fixed_plan(candidate, sub, mult)
         ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
         try:
             removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored,
-                                           partial(_changed, candidate, inputs, reference, sub, limit), every)
+                                           partial(_changed, candidate, probe, probe_reference, sub, limit), every)
         except Exception as exc:  # torch-pruning cannot trace every graph: keep the exact zeroed module
             return work, None, [f"torch-pruning failed ({type(exc).__name__}: {str(exc)[:160]}); "
                                 "channels are zeroed, not removed"]
