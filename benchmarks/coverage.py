@@ -75,6 +75,12 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}"
 
 
+def classifier(model) -> list:
+    """[the classifier] for torch-pruning to keep, or [] for a model without one (an encoder)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return [head] if isinstance(head, torch.nn.Module) and not isinstance(head, torch.nn.Identity) else []
+
+
 def check_torch_pruning(name: str, size: int) -> tuple:
     """(status, detail) of torch-pruning alone: MagnitudePruner at 30 % channels, classifier kept."""
     import torch_pruning as tp
@@ -88,7 +94,7 @@ def check_torch_pruning(name: str, size: int) -> tuple:
             expected = model(example).shape
         params = sum(p.numel() for p in model.parameters())
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                           pruning_ratio=0.3, ignored_layers=[model.get_classifier()])
+                                           pruning_ratio=0.3, ignored_layers=classifier(model))
         pruner.step()
         with torch.no_grad():
             shape = model(example).shape
