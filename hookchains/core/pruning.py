@@ -200,7 +200,8 @@ class _Hooks:
     (counted under a lock: the first open replaces them, the last close puts the originals back)."""
 
     def __init__(self) -> None:
-        self.lock, self.local, self.open_guards, self.original = threading.Lock(), threading.local(), 0, ()
+        self.lock, self.local, self.open_guards = threading.Lock(), threading.local(), 0
+        self.original: tuple = ()  # torch-pruning's own two functions, while replaced
 
     def open(self) -> None:
         from torch_pruning.dependency import index_mapping
