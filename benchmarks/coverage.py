@@ -140,11 +140,13 @@ def done_lines(path: str | None) -> dict:
 
 
 def append_line(path: str | None, line: str) -> None:
-    """Print ``line`` and, with a results file, append it whole (write + fsync)."""
+    """Print ``line`` and, with a results file, append it whole (one write + fsync; on a line of its own
+    even after a cut-off last line)."""
     print(line, flush=True)
     if path:
-        with open(path, "a") as handle:
-            handle.write(line + "\n")
+        with open(path, "a+b") as handle:
+            cut = handle.seek(0, os.SEEK_END) > 0 and handle.seek(-1, os.SEEK_END) >= 0 and handle.read(1) != b"\n"
+            handle.write(("\n" if cut else "").encode() + line.encode() + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
 
