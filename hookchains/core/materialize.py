@@ -263,6 +263,15 @@ def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub:
     return float((_logits(module, inputs, sub) - reference).abs().max())
 
 
+def _classifier(model: nn.Module, sub: Subnetwork) -> List[nn.Module]:
+    """[the classifier], whose outputs keep their size; [] without one, or when it was cut with its block
+    (a headless encoder's last linear sits in its last block: dinov2 with ``num_classes=0``)."""
+    try:
+        return [model.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
+    except AttributeError:
+        return []
+
+
 def _changed(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub: Subnetwork,
              limit: float) -> Optional[str]:
     """None when ``module`` gives ``reference`` within ``limit``, else why not (one line)."""
@@ -289,7 +298,7 @@ def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], i
     for every in (False, True):
         candidate = _copy_model(work)
         fixed_at, normed = _fixed_plan(candidate, sub, mult)
-        ignored = [candidate.get_submodule(sub.sites.classifier)] if sub.sites.classifier else []
+        ignored = _classifier(candidate, sub)
         try:
             removal = remove_zero_channels(candidate, fixed_at, normed, inputs, ignored,
                                            partial(_changed, candidate, probe, probe_reference, sub, limit), every)

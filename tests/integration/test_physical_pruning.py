@@ -220,3 +220,16 @@ def test_a_group_coupled_by_untraced_code_is_put_back_with_its_cause_and_the_res
         "1 group(s) put back because pruning them changed the outputs (first at reduce.1: the pruned module "
         "failed to run (RuntimeError: shape '[")
     _assert_exact(module, model, sub, example)
+
+
+def test_a_headless_encoder_whose_last_linear_is_cut_with_its_block_materialises_exactly():
+    """timm's dinov2 ViTs have no head (``num_classes=0``): the last linear, taken as the classifier, sits
+    in the last block; closing that block's gate cuts it (materialise raised AttributeError)."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=0).eval()
+    example = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
+    sub = random_subnetwork(model, example, gates_open=False)
+    assert sub.sites.classifier == "blocks.5.mlp.fc2" and "blocks.5" in sub.removed_gates
+    module, report = materialize(sub, model, example)
+    assert report.channels_after == model.patch_embed.proj.out_channels  # every block cut: the stem is left
+    _assert_exact(module, model, sub, example)
