@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import html
 import io
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.faithfulness import faithfulness
 from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
-from hookchains.viz.explorer import Pictures, explorer_page
+from hookchains.viz.explorer import FILTER_VIEWS, Pictures, explorer_page, image_buttons
 from hookchains.viz.graph import MAX_NODES, Layout, layout
 from hookchains.viz.heatmap import featuremap_heatmap
 from hookchains.viz.html import IMAGE_PX, Predictions, fidelity_rows, predictions, summary_html, thumb
@@ -230,7 +229,7 @@ def _explorer_data(sub: Subnetwork, study: _Study, lay: Layout, pics: _Pictures,
     title = f"{counts['layers_kept']}/{counts['layers_total']} layers, {counts['filters_kept']}/" \
             f"{counts['filters_total']} filters kept" + (f"; {lay.drawn} drawn" if lay.drawn < counts["filters_kept"] else "")
     names = study.image_set.class_names
-    return {"title": title, "note": lay.note,
+    return {"title": title, "note": lay.note, "views": FILTER_VIEWS,
             "colour": {"by": lay.colour_by if lay.colour_by == "score" else "importance (the scores tie)",
                        "low": "0", "high": f"{lay.top:.3g}" if lay.colour_by == "score" else "1"},
             "columns": columns, "nodes": nodes + outputs, "edges": edges,
@@ -252,19 +251,6 @@ def _summary(sub: Subnetwork) -> str:
     if c["gates_total"]:
         rows.append(("Gated blocks kept", f"{c['gates_kept']}/{c['gates_total']}"))
     return summary_html(sub, rows + fidelity_rows(sub.fidelity), "sub-network")
-
-
-def _image_buttons(data: Mapping[str, Any], no_chains: str) -> str:
-    """The task images as buttons that select the image (pictures filled in from the table by the script)."""
-    figures = []
-    for i, image in enumerate(data["images"]):
-        bad = ' class="bad"' if image["wrong"] else ""
-        caption = html.escape(image["caption"])
-        figures.append(f'<figure><button type="button" data-image="{i}" aria-label="Show the chains of {caption}">'
-                       f'<img data-pic="{image["pic"]}" alt="{caption}" width="{IMAGE_PX}"></button>'
-                       f"<figcaption{bad}>{caption}</figcaption></figure>")
-    note = "" if data["chains"] else f"<p>{html.escape(no_chains)}</p>"
-    return f'{note}<div class="grid">{"".join(figures)}</div>'
 
 
 def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set: ImageSet, *,
@@ -320,7 +306,7 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
         table = Pictures()
         data = _explorer_data(sub, study, lay, pics, table)
         page = explorer_page(data, table, [("summary", "Sub-network", _summary(sub)),
-                                           ("images", "Task images", _image_buttons(data, study.no_chains))])
+                                           ("images", "Task images", image_buttons(data, "" if data["chains"] else study.no_chains))])
         return atomic_write_bytes(Path(out) if out is not None else run_dir / "report.html", page.encode())
 
 

@@ -1,10 +1,13 @@
 """The explorer page (``hookchains report``) driven in the system's Chromium with Selenium and Debian's
-``chromium-driver``, on a real run: the digits CNN of ``benchmarks/digits.py`` trained here for a few
-seconds, a sub-network extracted and reported by the CLI, as a user runs it."""
+``chromium-driver``, on the page ``hookchains demo`` writes (the embedded MobileNetV2 with its real
+ImageNet weights, the session's ``demo_run``), as a user opens it.
+
+Screenshots go to ``$HOOKCHAINS_SCREENSHOTS`` when set (else the test's temporary folder)."""
 from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +16,6 @@ from pathlib import Path
 from typing import Dict, Set
 
 import pytest
-import torch
 from click.testing import CliRunner
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -21,33 +23,18 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from benchmarks.digits import build, train, write_images  # pytest pythonpath ["."]
 from hookchains.cli.main import main
-from hookchains.core.io import write_tensors
 from hookchains.workflow.runs import load_run
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread) -> Path:
-    """A real run with its report: digits 3 vs 8, 4 images each, 300 steps (about 100/304 filters kept)."""
-    root = tmp_path_factory.mktemp("digits")
-    held = write_images(root / "images", per_class=4, seed=0)
-    torch.manual_seed(0)
-    model = build()
-    train(model, [r for r in range(1200) if r not in held], epochs=2, seed=0, log=None)
-    checkpoint = write_tensors(root / "digits.safetensors", model.state_dict())
-    runner = CliRunner()
-    result = runner.invoke(main, ["extract", "--model", "benchmarks.digits:build", "--checkpoint", str(checkpoint),
-                                  "--data", str(root / "images"), "--classes", "3,8", "--per-class", "4", "--steps",
-                                  "300", "--lr", "0.05", "--no-graph", "--no-report", "--quiet", "--out",
-                                  str(root / "run")], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["report", str(root / "run"), "--quiet"], catch_exceptions=False)
-    assert result.exit_code == 0 and result.output.strip() == str(root / "run" / "report.html")
-    return root / "run"
+@pytest.fixture
+def screens(tmp_path) -> Path:
+    folder = Path(os.environ.get("HOOKCHAINS_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +65,14 @@ def _requests(driver) -> list:
     return [e["params"]["request"]["url"] for e in entries if e["method"] == "Network.requestWillBeSent"]
 
 
-def test_explorer_in_chromium(run_dir, browser, tmp_path):
-    data = _data(run_dir)
-    page = (run_dir / "report.html").resolve().as_uri()
+def _open(browser, run_dir: Path) -> Dict:
+    """Load ``run_dir``'s page; check it is interactive, silent, offline and fitted; return its data."""
+    path = run_dir / "report.html"
+    page = path.resolve().as_uri()
     browser.get(page)
     ready = WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready"))
-    print(f"time to interactive: {float(ready):.0f} ms (performance.now() when the graph was drawn)")
+    print(f"{run_dir.name}: page {path.stat().st_size / 1e6:.2f} MB, time to interactive {float(ready):.0f} ms "
+          "(performance.now() when the graph was drawn)")
     assert browser.get_log("browser") == []  # no console errors or warnings
     requests = _requests(browser)
     assert [u for u in requests if not u.startswith("data:")] == [page]  # the page itself, nothing else
@@ -97,7 +86,23 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     assert width <= inner  # no horizontal scrolling at 1280 x 800
     assert min(margins) >= -1  # the whole graph is fitted into its box on load
     assert 0 <= legend_top < legend_bottom <= inner_height
-    browser.save_screenshot(str(tmp_path / "overview.png"))
+    return _data(run_dir)
+
+
+def _tab_to_graph(browser):
+    """Tab from the top of the page to the graph's one Tab stop; return the focused node."""
+    browser.find_element(By.TAG_NAME, "body").click()
+    for _ in range(30):  # through the controls to the graph
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if browser.switch_to.active_element.get_attribute("data-id"):
+            break
+    return browser.switch_to.active_element
+
+
+def test_demo_explorer_in_chromium(demo_run, browser, screens):
+    data = _open(browser, demo_run)
+    assert (demo_run / "report.html").stat().st_size <= 15e6
+    browser.save_screenshot(str(screens / "demo_overview.png"))
 
     chain = data["chains"][0]
     node_id = chain["nodes"][1]
@@ -112,7 +117,7 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     assert all(img.get_attribute("alt") for img in panel.find_elements(By.TAG_NAME, "img"))
     through = {i for c in data["chains"] if node_id in c["nodes"] for i in c["nodes"]}
     assert _highlighted(browser) == through
-    browser.save_screenshot(str(tmp_path / "filter.png"))
+    browser.save_screenshot(str(screens / "demo_filter.png"))
 
     image = data["chains"][-1]["image"]
     Select(browser.find_element(By.ID, "pick-image")).select_by_value(str(image))
@@ -124,15 +129,12 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     members = set(data["groups"][0]["images"])
     assert _highlighted(browser) == {i for c in data["chains"] if c["image"] in members for i in c["nodes"]}
     assert panel.get_attribute("data-view") == "class" and panel.find_elements(By.CSS_SELECTOR, ".classnet figure")
+    browser.save_screenshot(str(screens / "demo_class.png"))
     browser.find_element(By.ID, "cmp-go").click()
     assert panel.get_attribute("data-view") == "compare" and "Shared (" in panel.text
+    browser.save_screenshot(str(screens / "demo_compare.png"))
 
-    browser.find_element(By.TAG_NAME, "body").click()
-    for _ in range(30):  # Tab through the controls to the graph (one Tab stop: the node last clicked)
-        browser.switch_to.active_element.send_keys(Keys.TAB)
-        if browser.switch_to.active_element.get_attribute("data-id"):
-            break
-    focused = browser.switch_to.active_element
+    focused = _tab_to_graph(browser)  # the graph's one Tab stop: the node last clicked
     assert focused.get_attribute("data-id") == node_id and focused.get_attribute("aria-label")  # the last clicked
     focused.send_keys(Keys.ENTER)
     assert panel.find_element(By.TAG_NAME, "h2").text == node["label"]
@@ -145,18 +147,19 @@ def test_explorer_in_chromium(run_dir, browser, tmp_path):
     right = next(c["nodes"] for c in data["columns"][node["column"] + 1:] if c["nodes"])
     assert browser.switch_to.active_element.get_attribute("data-id") == right[min(k, len(right) - 1)]
     assert len(browser.find_elements(By.CSS_SELECTOR, '#graph .node[tabindex="0"]')) == 1  # the graph: one Tab stop
-    browser.save_screenshot(str(tmp_path / "keyboard.png"))
+    browser.save_screenshot(str(screens / "demo_keyboard.png"))
     drawn = {e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")}
     browser.find_element(By.ID, "compact").click()  # only the filters the chains use
     compact = {e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")}
     assert compact == {i for c in data["chains"] for i in c["nodes"]} and compact < drawn
     browser.find_element(By.ID, "compact").click()
     assert {e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#graph .node")} == drawn
-    assert (tmp_path / "keyboard.png").stat().st_size > 10_000
+    assert (screens / "demo_keyboard.png").stat().st_size > 10_000
     assert browser.get_log("browser") == []
 
 
-def test_a_loaded_run_shows_the_explorer_inline_in_a_notebook(run_dir, browser, tmp_path):
+def test_a_loaded_run_shows_the_explorer_inline_in_a_notebook(demo_run, browser, tmp_path):
+    run_dir = demo_run
     shown = load_run(run_dir)._repr_html_()
     assert load_run(run_dir).sub.summary() in html.unescape(shown)
     notebook = tmp_path / "cell.html"  # what Jupyter does with the HTML: put it in its page
@@ -169,7 +172,8 @@ def test_a_loaded_run_shows_the_explorer_inline_in_a_notebook(run_dir, browser, 
     assert browser.get_log("browser") == []
 
 
-def test_view_serves_the_page_on_localhost_when_asked(run_dir):
+def test_view_serves_the_page_on_localhost_when_asked(demo_run, tmp_path):
+    run_dir = demo_run
     command = [sys.executable, "-m", "hookchains.cli.main", "view", str(run_dir), "--serve"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -182,5 +186,5 @@ def test_view_serves_the_page_on_localhost_when_asked(run_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result = CliRunner().invoke(main, ["view", str(run_dir.parent / "images")])
+    result = CliRunner().invoke(main, ["view", str(tmp_path)])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "hookchains report" in result.output
