@@ -1,8 +1,7 @@
 """The HTML toolkit the report pages share: pictures embedded once, the page shell with its
 Content-Security-Policy, summary and fidelity tables, the task-image grid and the original model's
-predictions. The filter report (:mod:`hookchains.viz.report`), the token report
-(:mod:`hookchains.viz.token_report`) and the sweep report (:mod:`hookchains.viz.sweep_report`) are
-siblings built from these parts.
+predictions. The explorer pages (:mod:`hookchains.viz.explorer`: filter, token and text runs) and
+the sweep report (:mod:`hookchains.viz.sweep_report`) are built from these parts.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
 from hookchains.viz.graph import imagenet_names, output_names
 
-__all__ = ["Sprites", "Predictions", "predictions", "thumb", "fidelity_rows", "summary_html", "image_grid",
+__all__ = ["Sprites", "Predictions", "predictions", "thumb", "fidelity_rows", "summary_html",
            "document", "IMAGE_PX", "Result", "CSS"]
 
 IMAGE_PX = 128  # px of a task image in the page
@@ -174,19 +173,6 @@ def summary_html(sub: Result, rows: Sequence[Tuple[str, str]], what: str) -> str
                        for line in sub.task.get("warnings", []))
     return (f"{warnings}<p>{html.escape(sub.summary())}</p><table><caption>The thresholded {html.escape(what)} on the "
             f"task images (τ = {sub.tau:g})</caption>{body}</table>")
-
-
-def image_grid(sprites: Sprites, predictions: Predictions, pngs: Mapping[int, bytes]) -> str:
-    """The task images with their true class and the original model's prediction (wrong ones in red).
-
-    Example: ``image_grid(sprites, predictions, {i: thumb(to_tensor(raw[i]), 128) for i in ...})``."""
-    figures = []
-    for i in sorted(pngs):
-        bad = ' class="bad"' if predictions.correct[i] is False else ""
-        caption = predictions.caption(i)
-        figures.append(f"<figure>{sprites.show(pngs[i], caption)}"
-                       f"<figcaption{bad}>{html.escape(caption)}</figcaption></figure>")
-    return f'<div class="grid">{"".join(figures)}</div>'
 
 
 def document(sprites: Sprites, sections: Sequence[Tuple[str, str, str]]) -> str:
