@@ -17,7 +17,8 @@ its "chain") and text filter runs (:mod:`hookchains.viz.text_report`: kept heads
 
 * ``title``: the graph's title; ``note`` (optional): a warning shown under it; ``colour``: ``{"by": what the colour encodes, "low": ..., "high": ...}``;
 * ``views``: which controls the run has: ``{"chains": what an image's highlighted path is called in
-  its panel ("" for none), "highlight": the legend's word for it, "compare", "compact", "classes" (bools)}``;
+  its panel ("" for none), "highlight": the legend's word for it, "unit": what an item of the task is
+  ("Image", "Sentence"), "compare", "compact", "classes" (bools)}``;
 * ``columns``: ``[{"label", "kind" ("layer", "skipped" or "output"), "kept" (units the column keeps),
   "more" (kept units not drawn), "nodes" (node ids, top to bottom), optional "detail" (the line under
   the label, instead of "K kept")}]`` in network order;
@@ -26,7 +27,7 @@ its "chain") and text filter runs (:mod:`hookchains.viz.text_report`: kept heads
   "featvis" (picture id or null), "featvisFailed" (why the feature visualisation is not shown, or
   null), "maps" ([[image, picture id or null, peak activation], ...])}]``; optional: "pictures"
   ([[title, picture id or null, alt text or why there is none]]), "words" ([[word, activation]]),
-  "image" (the image a cell belongs to);
+  "image" (the image a cell belongs to), "title" (the panel's title, default "label");
 * ``edges``: ``[[from node id, to node id, width in [0, 1]]]``;
 * ``images``: ``[{"label", "caption", "pic" (or null: a sentence), "wrong" (misclassified by the
   original model)}]``, optional "rows" (``[{"title", "pics": [[label, picture id or null, alt]]}]``:
@@ -67,8 +68,8 @@ from hookchains.viz.html import CSS, IMAGE_PX
 
 __all__ = ["Pictures", "explorer_page", "image_buttons", "open_in_browser", "script_hash", "serve_page", "FILTER_VIEWS"]
 
-FILTER_VIEWS = {"chains": "chains", "highlight": "highlighted chains", "compare": True, "compact": True,
-                "classes": True}
+FILTER_VIEWS = {"chains": "chains", "highlight": "highlighted chains", "unit": "Image", "compare": True,
+                "compact": True, "classes": True}
 """The controls of a run with chains (a filter run): image, class, compare, chain filters only."""
 
 
@@ -149,7 +150,7 @@ _CONTROLS = """<div class="tools" role="toolbar" aria-label="Graph controls">
 <button type="button" id="zoom-in" aria-label="Zoom in">+</button><button type="button" id="zoom-out"
 aria-label="Zoom out">−</button><button type="button" id="zoom-fit">Fit</button><button type="button"
 id="compact" aria-pressed="false" title="Draw only the filters the chains use">Chain filters only</button>
-<label>Image <select id="pick-image"><option value="">–</option></select></label>
+<label><span id="pick-unit">Image</span> <select id="pick-image"><option value="">–</option></select></label>
 <label>Class <select id="pick-class"><option value="">–</option></select></label>
 <label>Compare <select id="cmp-a" aria-label="First class"></select></label><select id="cmp-b"
 aria-label="Second class"></select><button type="button" id="cmp-go">Compare</button>

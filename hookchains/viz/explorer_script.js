@@ -180,7 +180,7 @@
     }
     if (selected && shapes.has(selected)) shapes.get(selected).classList.add('sel');
     document.getElementById('graph-status').textContent =
-      chains.length ? chains.length + ' chain(s) highlighted' : 'no chain highlighted';
+      chains.length ? `${chains.length} ${D.views.chains || 'row(s)'} highlighted` : 'nothing highlighted';
   }
 
   // ------------------------------------------------------------------ panels
@@ -211,6 +211,12 @@
   }
   function strip(row, parent) {  // {title, pics: [[label, picture id or null, alt]]}: one Fig. 7 row
     html('h3', {}, parent, row.title);
+    if (row.pics.length === 1) {  // one wide picture (a sheet of every block)
+      const [label, pic, alt] = row.pics[0];
+      picture(pic, alt, parent, 'pic wide');
+      html('p', {class: 'muted'}, parent, label);
+      return;
+    }
     const grid = html('div', {class: 'maps'}, parent);
     for (const [label, pic, alt] of row.pics) {
       const f = html('figure', {class: 'map'}, grid);
@@ -240,7 +246,7 @@
   }
 
   function showNode(id) {
-    const n = nodes.get(id), p = start(n.label);
+    const n = nodes.get(id), p = start(n.title || n.label);
     p.dataset.view = 'node';
     facts(n.facts, p);
     if (n.featvis !== null) {
@@ -273,7 +279,7 @@
     highlight(through, id);
   }
   function showImage(i) {
-    const im = D.images[i], p = start('Image ' + (i + 1));
+    const im = D.images[i], p = start(D.views.unit + ' ' + (i + 1));
     p.dataset.view = 'image';
     if (im.pic !== null) picture(im.pic, im.caption, p, 'pic');
     html('p', {class: im.wrong ? 'bad' : ''}, p, im.caption);
@@ -308,9 +314,10 @@
     p.dataset.view = 'class';
     const chains = groupChains(g);
     const used = new Set(chains.flatMap(ch => ch.nodes));
-    const rep = group.images.find(i => !D.images[i].wrong && D.chains.some(ch => ch.image === i));
-    html('p', {}, p, `The class's sub-network: ${used.size} nodes on the ${chains.length} chains of its ` +
-         `${group.images.length} images` + (rep === undefined ? '.' : `; heatmaps on image ${rep + 1}.`));
+    const rep = group.images.find(i => !D.images[i].wrong && D.chains.some(ch => ch.image === i)) ?? group.images[0];
+    html('p', {}, p, (D.views.chains ? `The class's sub-network: ${used.size} nodes on the ${chains.length} chains of its `
+                      : `${used.size} cells of its `) + `${group.images.length} images` +
+         (rep === undefined ? '.' : `; pictures of ${D.images[rep].caption}.`));
     const grid = html('div', {class: 'classnet'}, p);
     D.columns.forEach(col => {
       const ids = col.nodes.filter(id => used.has(id) && (nodes.get(id).image === undefined || nodes.get(id).image === rep));
@@ -363,6 +370,7 @@
   const imageSelect = document.getElementById('pick-image'), groupSelect = document.getElementById('pick-class');
   const cmpA = document.getElementById('cmp-a'), cmpB = document.getElementById('cmp-b');
   D.images.forEach((im, i) => html('option', {value: i}, imageSelect, `${i + 1}: ${im.label}`));
+  document.getElementById('pick-unit').textContent = D.views.unit;
   D.groups.forEach((g, i) => { for (const s of [groupSelect, cmpA, cmpB]) html('option', {value: i}, s, g.name); });
   if (D.groups.length > 1) cmpB.value = 1;
   for (const [key, ids] of [['compare', ['cmp-a', 'cmp-b', 'cmp-go']], ['compact', ['compact']], ['classes', ['pick-class']]]) {

@@ -151,12 +151,13 @@ def token_explorer_data(tsub: TokenSubnetwork, items: Sequence[Dict[str, Any]], 
     for b, label in enumerate(labels):
         ids = [f"t{n}:{b}" for n in range(len(items))]
         kept = [int(masks[n, b, list(positions[n])].sum()) for n in range(len(items))]
-        columns.append({"label": label, "kind": "layer", "kept": sum(kept), "more": 0, "nodes": ids,
+        columns.append({"label": label, "kind": "layer", "kept": len(ids), "more": 0, "nodes": ids,
                         "detail": f"{sum(kept) / max(len(kept), 1):.1f} kept (mean)"})
         for n, k in enumerate(kept):
             extra = cell(n, b)
             total = len(positions[n])
-            nodes.append({"id": ids[n], "label": f"{n + 1}: {k}/{total}", "kind": "cell", "column": b, "image": n,
+            nodes.append({"id": ids[n], "label": f"{n + 1}: {k}/{total}", "title": f"{unit.capitalize()} {n + 1}, {label}",
+                          "kind": "cell", "column": b, "image": n,
                           "value": k / max(total, 1), "aria": f"{unit} {n + 1}, {label}: {k} of {total} tokens kept",
                           "facts": [(unit.capitalize(), items[n]["caption"]), ("Block", label),
                                     ("Tokens kept", f"{k}/{total}"), *extra.get("facts", [])],
@@ -166,8 +167,8 @@ def token_explorer_data(tsub: TokenSubnetwork, items: Sequence[Dict[str, Any]], 
              f"{len(items)} {unit}s x {len(labels)} blocks")
     return {"title": title, "columns": columns, "nodes": nodes, "edges": [], "images": list(items),
             "colour": {"by": "fraction of tokens kept", "low": "0", "high": "1"},
-            "views": {"chains": "", "highlight": f"the picked {unit}'s cells", "compare": False, "compact": False,
-                      "classes": True},
+            "views": {"chains": "", "highlight": f"the picked {unit}'s cells", "unit": unit.capitalize(),
+                      "compare": False, "compact": False, "classes": True},
             "groups": list(groups), "chains": [{"image": n, "nodes": [f"t{n}:{b}" for b in range(len(labels))],
                                                 "strength": 0.0, "title": items[n]["caption"]}
                                                for n in range(len(items))]}

@@ -177,10 +177,3 @@ def test_attribution_of_the_unpruned_network_is_eq10_over_transformers_own_atten
     expected = rollout(attentions, valid[:, None, :].expand(6, LAYERS, LENGTH))
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got[:, -1, 0].sum(-1), torch.ones(6), atol=1e-5)  # a distribution over the words
-
-
-def test_the_grid_greys_exactly_the_pruned_word_pieces():
-    from hookchains.viz.text_report import token_grid_html
-    kept = torch.tensor([[True, True, False], [True, False, False]])
-    page = token_grid_html(["[CLS]", "rain", "snow"], kept, ["L1", "L2"], torch.tensor([0.5, 0.3, 0.2]), "s")
-    assert page.count("<s>") == 3 and page.count("<s>snow</s>") == 2 and "<s>rain</s>" in page
