@@ -221,18 +221,21 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
 @click.option("--random-control", is_flag=True,
               help="also fit the model with re-initialised weights, reported beside the real fit (Adebayo et al.)")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
+@click.option("--no-explorers", is_flag=True, help="skip each task's explorer page (tasks/<id>/report.html: chains, "
+                                                   "feature visualisations, heatmaps; the scatter then links to the table)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="sweep folder: results.jsonl, tasks/, plots/, report.html (a rerun resumes it)")
+              help="sweep folder: results.jsonl, tasks/ (a run folder per task), plots/, report.html (a rerun resumes it)")
 @fit_options(outputs=False)
 @run_error
 def sweep(model_spec, pretrained, checkpoint, data_dir, output, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
           held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, baseline_budget, allocation, robustness,
-          eps, pgd_steps, random_control, skip_bad_images, out_dir, **opts) -> None:
+          eps, pgd_steps, random_control, skip_bad_images, no_explorers, out_dir, **opts) -> None:
     """Extract and evaluate a sub-network for each of many tasks (the paper's case studies).
 
     One JSON line per task goes to OUT/results.jsonl as soon as the task is done; rerunning the
     same command resumes. Under `torchrun --nproc-per-node=K` the tasks are shared across the
-    processes (GPUs when present). Ends with OUT/report.html and the plots in OUT/plots/.
+    processes (GPUs when present). Each task's run folder (OUT/tasks/ID) holds its explorer page. Ends
+    with OUT/report.html (a click on a task's point opens its explorer) and the plots in OUT/plots/.
     """
     from hookchains.evaluation.evaluate import EvalOptions
     from hookchains.workflow.sweep import SweepConfig, run_sweep
@@ -245,7 +248,8 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, output, n_tasks, classes
                          one_vs_rest=one_vs_rest, classes=names, per_class=per_class, held_out=held_out,
                          image_size=opts["image_size"], seed=opts["seed"], pretrained=pretrained,
                          checkpoint=checkpoint, output=output_choice(output), fit=fit, tau=opts["tau"], temperature=opts["temperature"],
-                         evaluation=evaluation, batch_tasks=batch_tasks, skip_bad_images=skip_bad_images)
+                         evaluation=evaluation, batch_tasks=batch_tasks, skip_bad_images=skip_bad_images,
+                         explorers=not no_explorers)
     records = run_sweep(config, out_dir, device=opts["device"], progress=not opts["quiet"],
                         log=None if opts["quiet"] else click.echo)
     if records and not opts["quiet"]:

@@ -105,17 +105,11 @@ h1{font-size:1.6rem;margin:.5rem 0}h2{font-size:1.3rem;margin-top:2rem;border-bo
 h3{font-size:1.05rem;margin:1.5rem 0 .5rem}
 table{border-collapse:collapse;margin:.5rem 0}caption{text-align:left;color:#555;font-size:.9rem}
 th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}th{background:#f3f3f3;font-weight:600}
-.graph{overflow:auto;max-height:85vh;border:1px solid #ddd;padding:.5rem;margin-bottom:.3rem}
 .grid{display:flex;flex-wrap:wrap;gap:.75rem}
 figure{margin:0}figcaption{font-size:.85rem}.grid figcaption{max-width:8rem}
 .bad{color:#a00000;font-weight:600}
-.chain{margin:.5rem 0 1rem}.chain p{margin:.2rem 0;font-size:.9rem}
-.steps{display:flex;flex-wrap:wrap;gap:.35rem;list-style:none;padding:0;margin:0}
-.step{display:flex;flex-direction:column;align-items:center;font-size:.75rem;width:100px}
-.pic{display:block;margin-bottom:2px}.label{font-family:ui-monospace,Menlo,Consolas,monospace}
+.pic{display:block;margin-bottom:2px}
 .muted{color:#555}
-.strip{overflow-x:auto;max-width:100%}.fig7 h4{font-size:.95rem;margin:.8rem 0 .3rem}
-.fig7 .steps{gap:0;padding-left:4px}.fig7 .step{width:84px}
 """
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 

@@ -1,9 +1,11 @@
 """Fixtures shared by the acceptance tests: one ``hookchains demo`` run per test session (the embedded
 MobileNetV2 with its real ImageNet weights, the bundled photos, the explorer page), so the demo's
-minutes are spent once however many tests read its run folder; the same for the text demo."""
+minutes are spent once however many tests read its run folder; the same for the text demo; and the
+system's Chromium driven by Selenium (Debian's ``chromium-driver``) at 1280 x 800."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import Dict, Tuple
 
 import pytest
 from click.testing import CliRunner
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 from hookchains.cli.main import main
 
@@ -37,3 +41,17 @@ def text_demo_run(tmp_path_factory) -> Tuple[Path, Dict]:
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     return out, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium at 1280 x 800 that records console messages and network requests."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800",
+                "--disable-background-networking", "--disable-component-update", "--no-first-run"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
+    yield driver
+    driver.quit()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -21,8 +20,6 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -36,8 +33,6 @@ from hookchains.inputs.models import preprocessing
 from hookchains.tokens.result import TokenSubnetwork
 from hookchains.workflow.runs import load_run
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 TEXT_DEMO = Path(__file__).resolve().parents[2] / "hookchains" / "assets" / "text_demo.jsonl"
 
 
@@ -46,19 +41,6 @@ def screens(tmp_path) -> Path:
     folder = Path(os.environ.get("HOOKCHAINS_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800",
-                "--disable-background-networking", "--disable-component-update", "--no-first-run"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def _data(run_dir: Path) -> Dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from benchmarks.digits import build, train, write_images  # on the path: pytest's pythonpath = ["."]
 from hookchains.inputs.data import class_folders
 from hookchains.inputs.models import create_model, preprocessing
 from hookchains.inputs.tasks import REST, SweepTask, load_task, plan_tasks
+from hookchains.workflow.runs import load_run
 from hookchains.workflow.sweep import append_record, read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,11 +67,33 @@ def _comparable(records):
 
 
 @pytest.fixture(scope="module")
-def straight(digits_study, tmp_path_factory):
+def straight_out(digits_study, tmp_path_factory) -> Path:
     """An uninterrupted single-process sweep: the reference every other run must reproduce."""
     out = tmp_path_factory.mktemp("straight") / "sweep"
     _run(digits_study, out)
-    return read_results(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(straight_out):
+    return read_results(straight_out)
+
+
+def test_a_scatter_point_opens_its_task_explorer(straight_out, straight, browser):
+    page = (straight_out / "report.html").read_text()
+    links = re.findall(r'<a href="([^"]+)" aria-label="task ([^ ]+) ', page)
+    assert [task for _, task in links] == [r["task"] for r in straight]  # a point per task
+    for href, task in links:
+        assert href == f"tasks/{task}/report.html"  # relative: the sweep folder can move, file:// works
+        run = load_run(straight_out / "tasks" / task)  # the runs layout, checked against its manifest
+        record = next(r for r in straight if r["task"] == task)
+        assert run.sub.counts()["filters_kept"] == record["size"]["filters_kept"] and len(run.task) == record["images"]
+    browser.get((straight_out / "report.html").as_uri())
+    task = links[-1][1]
+    browser.find_element(By.CSS_SELECTOR, f'.scatter a[href="tasks/{task}/report.html"]').click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready"))
+    assert browser.current_url == (straight_out / "tasks" / task / "report.html").as_uri()
+    assert browser.find_elements(By.CSS_SELECTOR, "#graph .node") and browser.get_log("browser") == []
 
 
 def test_plan_covers_every_pair_and_extends_stably():
