@@ -62,6 +62,7 @@ def _open(browser, run_dir: Path) -> Dict:
     """Load ``run_dir``'s page; check it is interactive, silent, offline and fitted; return its data."""
     path = run_dir / "report.html"
     page = path.resolve().as_uri()
+    browser.get_log("performance")  # what earlier tests left in the log is theirs
     browser.get(page)
     ready = WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready"))
     print(f"{run_dir.name}: page {path.stat().st_size / 1e6:.2f} MB, time to interactive {float(ready):.0f} ms "
