@@ -309,8 +309,8 @@ def render(run_dir, fmt, checkpoint) -> None:
 def report(run_dir, checkpoint, figure, overwrite, quiet) -> None:
     """Write RUN_DIR/report.html: one self-contained, interactive page (the explorer: the graph; click a
     filter for its feature visualisation and heatmaps, pick an image or a class for its chains; open it
-    with `hookchains view RUN_DIR`); for a ViT token run: kept patches and attribution heatmaps per
-    block, as in the paper's Fig. 7.
+    with `hookchains view RUN_DIR`); for a ViT token run the graph is a cell per image and block (the
+    tokens it keeps), a click shows kept patches and attribution heatmaps, as in the paper's Fig. 7.
     Each stage prints a status line and the end where the time went (on stderr; stdout: the files)."""
     from hookchains.core.io import check_new_file
     from hookchains.core.progress import Progress

@@ -18,8 +18,8 @@ as one interactive page (:mod:`hookchains.viz.explorer`), whose spine is the sub
   classified image of the class (Fig. 4-5); two classes: shared and class-specific filters, and the
   chains of their misclassified images (Fig. 6).
 
-A token run (a ViT, :class:`~hookchains.tokens.TokenSubnetwork`) gets the page of
-:mod:`hookchains.viz.token_report` instead: Fig. 7 per image, built from the helpers here.
+A token run (a ViT, :class:`~hookchains.tokens.TokenSubnetwork`) gets the same explorer with its own
+spine and panels (:mod:`hookchains.viz.token_report`: token-by-layer cells, Fig. 7 per image).
 
 The page is one file: every picture stored once, an inline script allowed by its hash, and a
 Content-Security-Policy that forbids every network request. Feature visualisations are cached under
@@ -259,7 +259,7 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
                  progress: Optional[Progress] = None, max_nodes: Optional[int] = MAX_NODES) -> Path:
     """Write the self-contained HTML explorer of ``sub`` on ``image_set`` (see the module docstring).
 
-    A token run's result (a ViT) has its own page, :func:`hookchains.viz.token_report.write_token_report`;
+    A token run's result (a ViT) has its own spine and panels, :func:`hookchains.viz.token_report.write_token_report`;
     :func:`hookchains.workflow.extract.write_run_report` picks the right one.
 
     Args:
