@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hookchains.core.state import eval_mode
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import ImageSet
+from hookchains.inputs.forward import class_scores
 from hookchains.tokens.result import TokenSubnetwork
 from hookchains.viz.graph import imagenet_names, output_names
 
@@ -70,10 +71,13 @@ def _class_indices(sub: Result, image_set: ImageSet, count: int,
 
 def predictions(sub: Result, model: nn.Module, image_set: ImageSet,
                  class_indices: Optional[Mapping[str, int]]) -> Predictions:
-    """The original model's prediction for every image, and whether it is the true class."""
+    """The original model's prediction for every image, and whether it is the true class (a filter
+    run reads the class scores where its ``sub.sites.output`` says: a dict/tuple output's entry)."""
     device = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
-        probs = model(image_set.images.to(device)).float().softmax(-1).cpu()
+        raw = model(image_set.images.to(device))
+        scores = class_scores(raw, sub.sites.output) if isinstance(sub, Subnetwork) else raw.float()
+    probs = scores.softmax(-1).cpu()
     indices = _class_indices(sub, image_set, probs.shape[1], class_indices)
     predicted = probs.argmax(-1).tolist()
     names = [image_set.class_names[int(y)] for y in image_set.labels]

@@ -137,11 +137,22 @@ def _heatmaps(sub: Subnetwork, model: nn.Module, image_set: ImageSet, wanted: Se
     return result
 
 
+def _unmeasured(sub: Subnetwork) -> Optional[str]:
+    """Why :func:`_degradation` measures nothing for ``sub`` (None: it measures the chain filters)."""
+    if sub.ablation != "zero":
+        return f"only zero-ablation runs are measured, this one is {sub.ablation}"
+    if sub.sites.output.select is not None:
+        return (f"Fig. 2 is measured on the model's plain output; its class scores are output[{sub.sites.output.select!r}]"
+                if not callable(sub.sites.output.select) else "Fig. 2 is measured on the model's plain output")
+    return None
+
+
 def _degradation(sub: Subnetwork, model: nn.Module, images: Tensor, filters: Set[Key],
                  progress: Progress) -> Dict[Key, float]:
     """Fig. 2's degradation of each of ``filters``: the mean drop of the thresholded network's
-    probability of the original's predicted class when the filter is removed (zero ablation only)."""
-    if sub.ablation != "zero" or not filters:
+    probability of the original's predicted class when the filter is removed (zero ablation of a model
+    whose output is its class scores only: :func:`_unmeasured`)."""
+    if _unmeasured(sub) or not filters:
         return {}
     with progress.stage("degradation", f"removing each of {len(filters)} chain filters"), \
             attach(model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature) as hooks:
@@ -189,7 +200,7 @@ def _filter_node(sub: Subnetwork, lay: Layout, column: int, site: FilterSite, j:
     if key in lay.importance:
         facts.append(("Importance in its layer", f"{lay.importance[key]:.3f}"))
     degradation = (f"{pics.degradation[key]:+.4f} (mean drop of the predicted class's probability)"
-                   if key in pics.degradation else "not measured (only chain filters of zero-ablation runs are)")
+                   if key in pics.degradation else f"not measured ({_unmeasured(sub) or 'only the chain filters are'})")
     facts += [("Degradation when removed", degradation), ("Chains through it", str(uses))]
     png = pics.featvis.get(key)
     maps = [[i, None if pics.heatmaps[(i, *key)][0] is None else table.add(pics.heatmaps[(i, *key)][0]),
