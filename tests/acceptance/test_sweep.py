@@ -147,12 +147,13 @@ def test_killed_sweep_resumes_without_losing_or_repeating_a_task(digits_study, s
     assert [r["task"] for r in records] == [f"{i:05d}" for i in range(4)]
     assert _comparable(records) == _comparable(straight)
     assert (out / "report.html").exists() and sorted(p.name for p in (out / "tasks").iterdir()) == [
-        f"{i:05d}" for i in range(4)]
+        f"{i:05d}" for i in range(4)]  # no staging folder left by the kill
+    assert all((out / "tasks" / f"{i:05d}" / "report.html").is_file() for i in range(4))
 
 
 def test_sweep_refuses_to_resume_with_other_settings(digits_study, tmp_path):
     out = tmp_path / "sweep"
-    _run(digits_study, out, "--tasks", "1")
+    _run(digits_study, out, "--tasks", "1", "--no-explorers")
     cmd = [sys.executable, "-m", "hookchains.cli.main", *_sweep_args(digits_study, out, "--lam", "0.02")]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
@@ -161,14 +162,14 @@ def test_sweep_refuses_to_resume_with_other_settings(digits_study, tmp_path):
 
 def test_batched_tasks_give_the_same_records(digits_study, straight, tmp_path):
     out = tmp_path / "sweep"
-    _run(digits_study, out, "--batch-tasks", "2")
+    _run(digits_study, out, "--batch-tasks", "2", "--no-explorers")  # explorers do not change records
     assert _comparable(read_results(out)) == _comparable(straight)
 
 
 def test_torchrun_two_processes_share_the_tasks(digits_study, straight, tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "hookchains.cli.main", *_sweep_args(digits_study, out), "--quiet"]
+           "-m", "hookchains.cli.main", *_sweep_args(digits_study, out), "--quiet", "--no-explorers"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_results(out)
@@ -176,7 +177,8 @@ def test_torchrun_two_processes_share_the_tasks(digits_study, straight, tmp_path
     assert _comparable(records) == _comparable(straight)
     assert not list(out.glob("results.rank-*.jsonl"))         # merged into results.jsonl
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
-    assert (out / "report.html").exists()
+    assert (out / "report.html").exists() and not list(out.glob("tasks/*/report.html"))
+    assert '<a href="#task-00000"' in (out / "report.html").read_text()  # no explorer: the point jumps to the row
 
 
 @pytest.mark.parametrize("kind, extra, images, labels", [
