@@ -7,8 +7,9 @@ The mapping of the paper's vocabulary onto a transformer layer (docs/design.md, 
   (one score per head, multiplying that head's slice of the context vector on its way into the output
   projection: ``FilterSite.on_input``, ``width = head_dim``);
 * **gate sites**: whole layers (shape-preserving, Eq. 6-7): a closed layer passes its input through;
-* **token sites** (BERT-like encoders given token ids): the sequence entering each layer, one site per
-  layer, the first token ([CLS]) never pruned (:mod:`hookchains.tokens.encoder`).
+* **token sites** (BERT-like encoders given token ids; HF ViT/DeiT image classifiers given images): the
+  sequence entering each layer, one site per layer, the first token ([CLS]; DeiT: also its distillation
+  token) never pruned (:mod:`hookchains.tokens.encoder`).
 
 Recognised layouts (no ``transformers`` import: the structure is read from module attributes):
 
@@ -41,7 +42,12 @@ from hookchains.inputs.forward import OutputSpec, primary
 
 from .base import Adapter
 
-__all__ = ["LayerLayout", "TransformersAdapter", "transformer_layers", "encoder_layers"]
+__all__ = ["LayerLayout", "TransformersAdapter", "transformer_layers", "encoder_layers", "patch_embeddings",
+           "token_layers", "IMAGE_TOKEN_MODELS"]
+
+IMAGE_TOKEN_MODELS = ("vit", "deit")
+"""``config.model_type`` of the HF image classifiers whose head reads only the class (and distillation)
+token, so a pruned patch token cannot reach the output (BEiT and DINOv2 also pool the patches)."""
 
 
 @dataclass(frozen=True)
@@ -152,13 +158,43 @@ def encoder_layers(model: nn.Module) -> List[LayerLayout]:
     return layers if all(len(layer.qkv) == 3 and layer.attention.endswith(".self") for layer in layers) else []
 
 
+def patch_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The embeddings module of an HF ViT-style image model (``patch_embeddings`` and a ``cls_token``
+    parameter), or ``None``."""
+    for _, module in model.named_modules():
+        if hasattr(module, "patch_embeddings") and isinstance(getattr(module, "cls_token", None), nn.Parameter):
+            return module
+    return None
+
+
+def _prefix_tokens(embeddings: nn.Module) -> int:
+    """Class token, plus DeiT's distillation token."""
+    return 1 + isinstance(getattr(embeddings, "distillation_token", None), nn.Parameter)
+
+
+def token_layers(model: nn.Module) -> List[LayerLayout]:
+    """The layers whose input sequences are token sites: BERT-like encoder layers (:func:`encoder_layers`),
+    or every layer of an HF ViT-style image model (:func:`patch_embeddings`); else ``[]``."""
+    return encoder_layers(model) or (transformer_layers(model) if patch_embeddings(model) is not None else [])
+
+
 def _token_sites(model: nn.Module, example) -> List[TokenSite]:
-    """One token site per BERT-like encoder layer when ``example`` is token ids (``N x L`` integers):
-    the sequence of ``L`` tokens entering the layer, the first one never pruned."""
-    ids = primary(example) if example is not None else None
-    if ids is None or ids.ndim != 2 or ids.is_floating_point():
+    """One token site per layer of :func:`token_layers`: for token ids (``N x L`` integers) the ``L``
+    tokens entering the layer, the first never pruned; for images (``N x C x H x W``) the prefix tokens
+    and the ``(H / p) x (W / p)`` patches (``p`` the patch size), the prefix tokens never pruned."""
+    x = primary(example) if example is not None else None
+    embeddings = patch_embeddings(model)
+    if x is not None and x.ndim == 2 and not x.is_floating_point() and embeddings is None:
+        return [TokenSite(layer.path, f"L{layer.index + 1}", int(x.shape[1]), 1) for layer in encoder_layers(model)]
+    if x is None or x.ndim != 4 or not x.is_floating_point() or embeddings is None:
         return []
-    return [TokenSite(layer.path, f"L{layer.index + 1}", int(ids.shape[1]), 1) for layer in encoder_layers(model)]
+    size = getattr(embeddings.patch_embeddings, "patch_size", None)
+    ph, pw = (size, size) if isinstance(size, int) else tuple(size or (0, 0))
+    if not ph or not pw:
+        return []
+    prefix = _prefix_tokens(embeddings)
+    tokens = prefix + (int(x.shape[2]) // ph) * (int(x.shape[3]) // pw)
+    return [TokenSite(layer.path, f"L{layer.index + 1}", tokens, prefix) for layer in token_layers(model)]
 
 
 class TransformersAdapter(Adapter):

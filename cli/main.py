@@ -29,7 +29,7 @@ from hookchains.inputs.data import count
 from hookchains.viz.graph import GRAPH_FORMATS
 from hookchains.workflow.demo import DEMO_DURATION
 from hookchains.workflow.export import EXPORT_FORMATS
-from hookchains.workflow.extract import EXTRACT_MODES
+from hookchains.workflow.extract import EXTRACT_SITES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,20 +96,28 @@ def inspect(model: str, checkpoint: Optional[str], image_size: Optional[int], ad
 @click.option("--per-class", default=10, show_default=True, type=int, help="images per class")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="run folder (default: runs/<classes>)")
-@click.option("--mode", type=click.Choice(EXTRACT_MODES), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(EXTRACT_SITES), hidden=True, help="the name of --sites before 0.3")
+@click.option("--sites", type=click.Choice(EXTRACT_SITES), default="auto", show_default=True,
               help="what to score: filters and layers (Eq. 8), or per-image tokens of a ViT or per-sentence tokens "
                    "of an hf: encoder (section 4.5); auto: tokens for a timm ViT/DeiT with class-token pooling, else "
                    "filters (hf: models too)")
+@click.option("--curve", is_flag=False, flag_value="auto", default=None, metavar="[kl_target=|lam=]V,V,...",
+              help="text runs: the size-fidelity trade-off, one fit per value (bare --curve: kl_target=0.01,0.1,0.3 "
+                   "for filters, lam=0.005,0.08,1 for tokens), and the random-weights control beside it, in "
+                   "curve.json and the summary; costs 2 fits per value")
 @fit_options
 @run_error
 def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, classes, per_class, skip_bad_images,
             out_dir, **opts) -> None:
     """Fit, threshold, materialise and draw the sub-network of a model on images of a few classes.
 
-    For a ViT/DeiT (mode tokens) every image gets its own token scores; the run folder holds them,
+    For a ViT/DeiT (--sites tokens) every image gets its own token scores; the run folder holds them,
     the token-dropping module's logits and a report with Fig. 7 (no graph). For a text model
     (--model hf:PATH --text-data DIR) heads, MLP neurons and layers are scored (pip install hookchains[text]).
     """
+    if opts["mode"] is not None:
+        click.echo("note: --mode is deprecated; it is now called --sites", err=True)
+        opts["sites"] = opts["mode"]
     if text_data is not None or model_spec.startswith("hf:"):
         from hookchains.cli.text import extract_text_run
         if text_data is None:
@@ -121,6 +129,8 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
         return
     if data_dir is None or classes is None:
         raise ValueError("extract needs --data DIR and --classes a,b (or --model hf:PATH --text-data DIR for text)")
+    if opts.get("curve") is not None:
+        raise ValueError("--curve is for text runs (--text-data); for images, hookchains sweep fits several settings")
     from hookchains.core.progress import Progress
     from hookchains.inputs.data import load_image_folder
     from hookchains.inputs.models import create_model, preprocessing
@@ -173,7 +183,7 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
     sub = run_extract(net, ref, task, out, config=config, tau=opts["tau"], temperature=opts["temperature"],
                       device=opts["device"], overwrite=opts["overwrite"],
                       graph_format=None if opts["no_graph"] else opts["format"], report=not opts["no_report"],
-                      mode=opts.get("mode", "auto"), output=opts.get("output"), progress=progress)
+                      sites=opts.get("sites", "auto"), output=opts.get("output"), progress=progress)
     seconds = time.perf_counter() - start
     physical = read_physical(out)  # filter runs only: a token run keeps the model's weights
     warnings = sub.task.get("warnings", [])

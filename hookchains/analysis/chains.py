@@ -60,7 +60,7 @@ class ChainFilter(NamedTuple):
     """One filter of a chain: its site, channel index and paper-style label (``"L3B1C2_18"``)."""
 
     site: str
-    index: int
+    index: int  # type: ignore[assignment]  # the channel index (public since 0.1); shadows tuple.index
     label: str
 
 
@@ -296,7 +296,7 @@ class _Graph:
         parts.append(float(image_ends[path[-1][0]][path[-1][1]]))
         sites, kept = self.flow.sites, self.flow.kept
         filters = [ChainFilter(sites[l].name, kept[l][i], f"{sites[l].label}_{kept[l][i]}") for l, i in path]
-        return Chain(filters, strength, parts, n, int(self.flow.predictions[n]))
+        return Chain(filters, strength, parts, n, int(self.flow.traced()[2][n]))
 
     def best(self, n: int, k: int, banned: Set[Tuple[int, int]]) -> List[Tuple[float, Path]]:
         """The ``k`` strongest paths of image ``n`` through none of the ``banned`` (layer, node)s."""

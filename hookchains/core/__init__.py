@@ -1,1 +1,1 @@
-"""The method's core: sites, model state, score hooks, fit (Eq. 8), the Subnetwork result, materialize, metrics."""
+"""The method's core: sites, model state, score hooks, fit (Eq. 8, the one optimisation loop), the results' base and the Subnetwork result, materialize, metrics."""

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hookchains.core.sites import SiteMap
-from hookchains.core.state import capture_featuremaps
+from hookchains.core.state import capture_featuremaps, tensor_of
 
 __all__ = ["ABLATIONS", "channel_means", "fold_constant_channels", "use_ablation"]
 
@@ -106,4 +106,4 @@ def fold_constant_channels(model: nn.Module, constants: Mapping[str, Mapping[int
                                        requires_grad=weight.requires_grad)
         index = torch.tensor(list(values), device=weight.device)
         weight[index] = 0
-        module.bias[index] = torch.tensor(list(values.values()), dtype=weight.dtype, device=weight.device)
+        tensor_of(module, "bias")[index] = torch.tensor(list(values.values()), dtype=weight.dtype, device=weight.device)

@@ -5,7 +5,7 @@ their scores ``S`` (Eq. 3) and mix gated layers as ``G * F(H) + (1 - G) * H`` wi
 ``G = sigmoid(alpha / T)`` (Eq. 6-7). ``detach()`` (or leaving the ``with`` block) removes every hook,
 after which the model's state_dict and outputs are exactly what they were.
 
-The hooks evaluate the scores in one of four modes:
+The hooks apply the scores in one of these maskings (:data:`MASKINGS`; called "modes" before 0.3):
 
 * ``"soft"``  -- the relaxed network of Eq. 8 (``S`` as is, ``G`` in (0, 1));
 * ``"hard"``  -- the thresholded network of section 3.2 (``S * [S >= tau]``, ``G`` rounded to 0/1);
@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from hookchains.adapters import default_example, discover
+from hookchains.core.deprecation import renamed_keyword
 from hookchains.core.guard import verify
 from hookchains.core.sites import FilterSite, GateSite, SiteMap
 
-__all__ = ["ScoreHooks", "HookOwner", "attach", "strip_hooks", "MODES"]
+__all__ = ["ScoreHooks", "HookOwner", "attach", "strip_hooks", "MASKINGS", "MODES"]
 
-MODES = ("soft", "hard", "ste", "mask", "off", "recipe")
+MASKINGS = ("soft", "hard", "ste", "mask", "off", "recipe")
+MODES = MASKINGS  # the name before 0.3
 
 
 def _broadcast_shape(ndim: int, channel_dim: Optional[int]) -> List[int]:
@@ -103,7 +105,7 @@ class ScoreHooks(HookOwner):
             raise ValueError(f"tasks must be at least 1 (or None for one task), got {tasks}")
         self.model, self.sites, self.tasks = model, sites, tasks
         self.tau, self.temperature, self.score_max = tau, temperature, score_max
-        self.mode = "soft"
+        self.masking = "soft"
         device = next(model.parameters()).device
         lead = () if tasks is None else (tasks,)
         self.scores: Dict[str, nn.Parameter] = {
@@ -111,33 +113,38 @@ class ScoreHooks(HookOwner):
         self.gate_logits: Dict[str, nn.Parameter] = {
             g.name: nn.Parameter(torch.zeros(lead, device=device)) for g in sites.gates}
         self._span_inputs: Dict[str, List[torch.Tensor]] = {}
-        # mode "recipe": site name -> multipliers, installed by a fit recipe (hookchains.core.recipes)
+        # masking "recipe": site name -> multipliers, installed by a fit recipe (hookchains.core.recipes)
         self.recipe_values: Optional[Callable[[str], torch.Tensor]] = None
         self.means: Dict[str, torch.Tensor] = {}  # mean ablation (hookchains.core.ablation); empty: zero ablation
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._register()
 
-    # ------------------------------------------------------------------ values per mode
-    def filter_values(self, name: str, mode: Optional[str] = None) -> torch.Tensor:
-        """Multipliers of filter site ``name`` under ``mode`` (default: the current mode)."""
-        s, mode = self.scores[name], mode or self.mode
-        if mode == "recipe":
+    # ------------------------------------------------------------------ values per masking
+    @renamed_keyword(mode="masking")
+    def filter_values(self, name: str, masking: Optional[str] = None) -> torch.Tensor:
+        """Multipliers of filter site ``name`` under ``masking`` (default: the current masking)."""
+        s, masking = self.scores[name], masking or self.masking
+        if masking == "recipe":
+            if self.recipe_values is None:
+                raise RuntimeError("masking 'recipe' applies the values a fit recipe installs (hookchains.core.recipes.Mask); "
+                                   "none is installed: use masking 'hard' or 'soft'")
             return self.recipe_values(name)
-        if mode == "soft":
+        if masking == "soft":
             return s
         keep = (s >= self.tau).to(s.dtype)
-        if mode == "mask":
+        if masking == "mask":
             return keep
         hard = s * keep
-        return hard if mode == "hard" else s + (hard - s).detach()
+        return hard if masking == "hard" else s + (hard - s).detach()
 
-    def gate_values(self, name: str, mode: Optional[str] = None) -> torch.Tensor:
-        """Gate ``G`` of gate site ``name`` under ``mode`` (Eq. 6; rounded in hard modes)."""
-        g, mode = torch.sigmoid(self.gate_logits[name] / self.temperature), mode or self.mode
-        if mode == "soft":
+    @renamed_keyword(mode="masking")
+    def gate_values(self, name: str, masking: Optional[str] = None) -> torch.Tensor:
+        """Gate ``G`` of gate site ``name`` under ``masking`` (Eq. 6; rounded in hard maskings)."""
+        g, masking = torch.sigmoid(self.gate_logits[name] / self.temperature), masking or self.masking
+        if masking == "soft":
             return g
         hard = (g >= 0.5).to(g.dtype)
-        return g + (hard - g).detach() if mode in ("ste", "recipe") else hard
+        return g + (hard - g).detach() if masking in ("ste", "recipe") else hard
 
     # ------------------------------------------------------------------ hooks
     def _register(self) -> None:
@@ -172,7 +179,7 @@ class ScoreHooks(HookOwner):
 
     def _filter_hook(self, site: FilterSite):
         def hook(module, args, out):
-            if self.mode == "off":
+            if self.masking == "off":
                 return None
             scaled = self._scaled(out, self.filter_values(site.name), site.channel_dim, site.width)
             return scaled if site.name not in self.means else scaled + self._ablated(out, site)
@@ -180,16 +187,16 @@ class ScoreHooks(HookOwner):
 
     def _input_hook(self, site: FilterSite):
         def hook(module, args):
-            if self.mode == "off":
+            if self.masking == "off":
                 return None
             return (self._scaled(args[0], self.filter_values(site.name), site.channel_dim, site.width), *args[1:])
         return hook
 
     def _ablated(self, out: torch.Tensor, site: FilterSite) -> torch.Tensor:
-        """Mean ablation's term ``(1 - k) * mean`` (k: the kept indicator in the current mode)."""
+        """Mean ablation's term ``(1 - k) * mean`` (k: the kept indicator in the current masking)."""
         s = self.scores[site.name]
-        keep = s if self.mode == "soft" else (s >= self.tau).to(s.dtype)
-        keep = s + (keep - s).detach() if self.mode == "ste" else keep
+        keep = s if self.masking == "soft" else (s >= self.tau).to(s.dtype)
+        keep = s + (keep - s).detach() if self.masking == "ste" else keep
         mean = self.means[site.name].to(out.device, out.dtype)
         return self._scaled(torch.ones_like(out), 1 - keep, site.channel_dim) * mean.reshape(
             [-1 if d == site.channel_dim % out.ndim else 1 for d in range(out.ndim)])
@@ -200,7 +207,7 @@ class ScoreHooks(HookOwner):
 
     def _span_start_hook(self, gate: GateSite):
         def hook(module, args):
-            if self.mode != "off":
+            if self.masking != "off":
                 # clone: H as it was before the layer/block ran; an in-place op inside it (an in-place
                 # activation at the top of a block, ``out += x``) must not alter H
                 self._span_inputs.setdefault(gate.name, []).append(args[0].clone())
@@ -208,7 +215,7 @@ class ScoreHooks(HookOwner):
 
     def _span_end_hook(self, gate: GateSite):
         def hook(module, args, out):
-            if self.mode == "off":
+            if self.masking == "off":
                 return None
             return self._mix(gate, self._span_inputs[gate.name].pop(), out)
         return hook
@@ -219,16 +226,17 @@ class ScoreHooks(HookOwner):
         yield from self.scores.values()
         yield from self.gate_logits.values()
 
+    @renamed_keyword(mode="masking")
     @contextmanager
-    def using(self, mode: str) -> Iterator[ScoreHooks]:
-        """Temporarily evaluate the hooks in ``mode`` (one of :data:`MODES`)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        previous, self.mode = self.mode, mode
+    def using(self, masking: str) -> Iterator[ScoreHooks]:
+        """Temporarily apply the scores in ``masking`` (one of :data:`MASKINGS`; keyword ``mode`` before 0.3)."""
+        if masking not in MASKINGS:
+            raise ValueError(f"unknown masking {masking!r}; choose one of {MASKINGS}")
+        previous, self.masking = self.masking, masking
         try:
             yield self
         finally:
-            self.mode = previous
+            self.masking = previous
             self._span_inputs.clear()
 
     def clamp_(self, gate_bound: Optional[float] = None) -> None:

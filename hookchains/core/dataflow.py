@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from hookchains.core.attach import attach
 from hookchains.core.sites import FilterSite
-from hookchains.core.state import eval_mode
+from hookchains.core.state import eval_mode, tensor_of
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import OutputSpec, class_scores
 
@@ -157,7 +157,7 @@ def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite) -> Tens
         >>> channel_weights(sub, model, sub.sites.filter("2")).shape      # depthwise: diagonal
         torch.Size([4, 4])
     """
-    weight = model.get_submodule(site.name).weight.detach().float().cpu()
+    weight = tensor_of(model.get_submodule(site.name)).detach().float().cpu()
     summed = weight.flatten(2).sum(-1) if weight.ndim > 2 else weight
     groups = site.groups if site.kind == "conv" else 1
     scale = _norm_scale(model.get_submodule(site.fold_module), site, summed.shape[0])
@@ -167,7 +167,7 @@ def channel_weights(sub: Subnetwork, model: nn.Module, site: FilterSite) -> Tens
 
 def _connections(model: nn.Module, site: FilterSite) -> Tensor:
     """Bool (out, in): input channel ``u`` reaches output ``v`` (a nonzero weight, a nonzero norm scale)."""
-    weight = model.get_submodule(site.name).weight.detach().cpu()
+    weight = tensor_of(model.get_submodule(site.name)).detach().cpu()
     nonzero = (weight != 0).flatten(2).any(-1) if weight.ndim > 2 else weight != 0
     scale = _norm_scale(model.get_submodule(site.fold_module), site, weight.shape[0])
     return _dense(nonzero, site.groups if site.kind == "conv" else 1) & (scale != 0)[:, None]
@@ -226,27 +226,31 @@ class Dataflow:
         kept, dead = self.kept[self.position(name)], set(self.dead.get(name, []))
         return torch.tensor([j not in dead for j in kept], dtype=torch.bool)
 
+    def traced(self) -> Tuple[Dict[Tuple[str, str], Tensor], Dict[str, Tensor], Tensor]:
+        """``(shares, logit_shares, predictions)``, the per-image figures; ``ValueError`` without images."""
+        if self.shares is None or self.logit_shares is None or self.predictions is None:
+            raise ValueError("edge and end values need images: call trace_dataflow(sub, model, images)")
+        return self.shares, self.logit_shares, self.predictions
+
     def edge_values(self, producer: str, consumer: str) -> Tensor:
         """``(N, n_P, n_S)`` edge values ``c = E * r`` (module docstring), ``-inf`` where no edge exists
         or the producer's filter is dead. Needs images."""
-        if self.shares is None:
-            raise ValueError("edge values need images: call trace_dataflow(sub, model, images)")
+        shares = self.traced()[0]
         key = (producer, consumer)
         values = self.exact[key] if key in self.exact else \
-            self.shares[key].double()[:, :, None] * self.weights[key].double()[None]
+            shares[key].double()[:, :, None] * self.weights[key].double()[None]
         mask = self.connected[key] & self.live(producer)[:, None]
         return values.masked_fill(~mask[None], float("-inf"))
 
     def end_values(self, producer: str) -> Tensor:
         """``(N, n_P)`` chain ends: the logit shares, ``-inf`` where the classifier's weight of the image's
         predicted class is 0 at the filter, the filter is dead, or the site does not feed the classifier."""
-        if self.logit_shares is None:
-            raise ValueError("end values need images: call trace_dataflow(sub, model, images)")
-        n_images = self.predictions.shape[0]
+        _, logit_shares, predictions = self.traced()
         if producer not in self.feeds[self.classifier]:
-            return torch.full((n_images, len(self.kept[self.position(producer)])), float("-inf"), dtype=torch.float64)
-        mask = self.connected[(producer, self.classifier)].T[self.predictions] & self.live(producer)[None]
-        return self.logit_shares[producer].double().masked_fill(~mask, float("-inf"))
+            return torch.full((predictions.shape[0], len(self.kept[self.position(producer)])), float("-inf"),
+                              dtype=torch.float64)
+        mask = self.connected[(producer, self.classifier)].T[predictions] & self.live(producer)[None]
+        return logit_shares[producer].double().masked_fill(~mask, float("-inf"))
 
     def strength(self, producer: str, consumer: str) -> Tensor:
         """``(n_P, n_S)`` drawn strength of each edge: ``|mean over images of c|`` (``|E|`` without
@@ -262,17 +266,19 @@ class Dataflow:
     def silent(self, producer: str) -> Tensor:
         """Bool ``(N, n_P)``: filters whose share is exactly 0 in every consumer they feed, per image
         (e.g. zero after their ReLU/ReLU6 at every position). Needs images."""
-        shares = [r for (p, _), r in self.shares.items() if p == producer]
+        all_shares, logit_shares, predictions = self.traced()
+        shares = [r for (p, _), r in all_shares.items() if p == producer]
         if producer in self.feeds[self.classifier]:
-            shares.append(self.logit_shares[producer])
+            shares.append(logit_shares[producer])
         if not shares:
-            return torch.ones(self.predictions.shape[0], len(self.kept[self.position(producer)]), dtype=torch.bool)
+            return torch.ones(predictions.shape[0], len(self.kept[self.position(producer)]), dtype=torch.bool)
         return torch.stack([r == 0 for r in shares]).all(0)
 
 
 def _zero_product(node) -> bool:
     """A multiplication by a constant that is 0 everywhere (a closed gate's branch): nothing passes."""
     kind = type(node).__name__
+    saved: Optional[str] = None
     if kind == "MulBackward1":
         saved = "_saved_other"
     elif kind == "MulBackward0":
@@ -398,7 +404,7 @@ def _feeds(probe: _Probe, consumers: Dict[str, int], channels: Dict[str, int]):
     for name in consumers:
         if name not in probe.starts:
             continue
-        start, views = probe.starts[name], set()
+        start, views = probe.starts[name], set[Tuple[int, ...]]()
         if isinstance(start, Tensor):  # reads a tensor without history: the image itself, or a constant
             found = [INPUT] if start is probe.leaves[INPUT] else []
         else:
@@ -474,8 +480,8 @@ def _shares(probe: _Probe, flow: Dataflow, by_name: Dict[str, FilterSite]) -> No
     flow.predictions = probe.logits.argmax(-1).cpu()
     producers = [p for p in flow.feeds.get(flow.classifier, []) if p != INPUT]
     picked = probe.logits.gather(1, flow.predictions.to(probe.logits.device)[:, None]).sum()
-    grads = torch.autograd.grad(picked, [probe.leaves[p] for p in producers], allow_unused=True) if producers else []
-    for producer, grad in zip(producers, grads):
+    logit_grads = torch.autograd.grad(picked, [probe.leaves[p] for p in producers], allow_unused=True) if producers else ()
+    for producer, grad in zip(producers, logit_grads):
         flow.logit_shares[producer] = _per_channel(probe, by_name[producer], grad, kept[producer])
 
 

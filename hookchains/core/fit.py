@@ -14,6 +14,13 @@ the kept count's change (percent per 10 steps) over the last ``patience`` steps;
 :meth:`Subnetwork.summary` names a step-limit ending. (The paper's ``|dloss| < 0.05`` fired at step 9
 or never; docs/design.md.)
 
+A fit that reaches the step limit returns the sparsest network it met whose KL was within ``kl_tol``
+(every step's KL is that of the thresholded network the step started from, so that network's fidelity
+is known exactly), not the last one, which dual ascent leaves hovering around ``kl_target`` and can end
+just above it; ``config["returned_step"]`` names the step (``None``: the last network). This is the
+"best feasible iterate" of constrained optimisation; recipes whose recorded KL is not the extracted
+network's (``paper``'s soft network, ``l0``'s sampled masks) return the last network as before.
+
 Model weights are frozen and the model is in eval mode for the duration (each module's own flag and
 each parameter's ``requires_grad`` restored afterwards, :mod:`hookchains.core.state`): no weight gradient is
 ever computed; the seed applies to a forked RNG, so the caller's global RNG state is untouched.
@@ -26,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +42,15 @@ from tqdm.auto import tqdm
 from hookchains.core.ablation import ABLATIONS, use_ablation
 from hookchains.core.attach import ScoreHooks
 from hookchains.core.dataflow import DataflowError, find_dead_filters
+from hookchains.core.deprecation import renamed_keyword
 from hookchains.core.metrics import fidelity
-from hookchains.core.recipes import GATE_BOUND, RECIPES, Paper, Recipe, Ste, recipe_named
+from hookchains.core.recipes import GATE_BOUND, RECIPES, Recipe, recipe_named
 from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
 __all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
-           "next_kl_weight", "stopped"]
+           "kl_per_task", "Scored", "KLTerm", "Track", "optimise"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,9 @@ class FitConfig:
 
     Attributes:
         steps: maximum optimisation steps (paper: 300).
-        lr: Adam learning rate for scores and gate logits (paper: 0.005).
+        lr: Adam learning rate for scores and gate logits (paper: 0.005, the default of a bare
+            ``FitConfig()``; :func:`preset_for`, which :func:`fit` uses when no config is given, sets 0.02
+            for every recipe but ``paper``).
         lam: weight of ``||S||_1`` (paper: 0.005 for ResNet-50 and VGG-19).
         lam_gate: weight of the gate penalty (paper: 1 for ResNet-50, 2 for VGG-19).
         recipe: a :class:`hookchains.core.recipes.Recipe` or its name (``"mask"``, ``"l0"``, ``"ste"``,
@@ -112,20 +122,33 @@ class FitConfig:
 
 
 # Per-family defaults. resnet/vgg: the paper's lam/lam_gate (section 4.1). mobilenet: measured on the
-# embedded MobileNetV2 (see CHANGELOG); the others inherit the ResNet values.
+# embedded MobileNetV2 (see CHANGELOG); the others inherit the ResNet values. lr 0.02 for every recipe
+# but ``paper`` (which keeps the paper's 0.005, :data:`PAPER_LR`): every recipe figure in
+# :mod:`hookchains.core.recipes` was measured at 0.02; at 0.005 a score needs >= 180 of the 300 steps to
+# fall from 1 below tau, and the demo pair at 224 px ends at the step limit far above 5 % of the filters.
 PRESETS: Dict[str, Dict[str, float]] = {
-    "resnet": {"lam": 0.005, "lam_gate": 1.0},
-    "vgg": {"lam": 0.005, "lam_gate": 2.0},
-    "mobilenet": {"lam": 0.005, "lam_gate": 1.0},
-    "vit": {"lam": 0.005, "lam_gate": 1.0},
-    "generic": {"lam": 0.005, "lam_gate": 1.0},
+    "resnet": {"lam": 0.005, "lam_gate": 1.0, "lr": 0.02},
+    "vgg": {"lam": 0.005, "lam_gate": 2.0, "lr": 0.02},
+    "mobilenet": {"lam": 0.005, "lam_gate": 1.0, "lr": 0.02},
+    "vit": {"lam": 0.005, "lam_gate": 1.0, "lr": 0.02},
+    "generic": {"lam": 0.005, "lam_gate": 1.0, "lr": 0.02},
+    "transformers": {"lam": 0.005, "lam_gate": 0.05, "lr": 0.02},  # measured on all-MiniLM-L6-v2 (issue 14)
 }
+PAPER_LR = 0.005  # section 4.1
 
 
 def preset_for(adapter: str, **overrides) -> FitConfig:
-    """The :class:`FitConfig` for an adapter family, with explicit ``overrides`` winning."""
+    """The :class:`FitConfig` for an adapter family (:data:`PRESETS`), with explicit ``overrides``
+    winning; recipe ``paper`` gets the paper's lr 0.005 unless ``lr`` is given.
+
+    Example:
+        >>> preset_for("resnet").lr, preset_for("resnet", recipe="paper").lr, preset_for("vgg", lr=0.1).lr
+        (0.02, 0.005, 0.1)
+    """
     values = dict(PRESETS.get(adapter, PRESETS["generic"]))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if recipe_named(values.get("recipe")).name == "paper" and overrides.get("lr") is None:
+        values["lr"] = PAPER_LR
     return FitConfig(**values)
 
 
@@ -180,120 +203,196 @@ def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice]
                               torch.tensor([weight]))[0]
 
 
-def next_kl_weight(weight: float, kl: float, cfg: FitConfig) -> float:
-    """The next KL weight for :mod:`hookchains.tokens` (dual ascent on the KL target, none for ``paper``)."""
-    return (Paper() if cfg.recipe == "paper" else Ste()).next_kl_weight(weight, kl, cfg)
+class Scored(Protocol):
+    """What :func:`optimise` needs of the hooks that hold the scores: :class:`ScoreHooks` (filters),
+    :class:`hookchains.tokens.fit.TokenScores` (tokens). The recipe reads and writes the scores themselves."""
+
+    tau: float
+
+    @property
+    def task_count(self) -> int: ...
+
+    def using(self, masking: str, /) -> ContextManager[Any]: ...
+
+    def per_task(self, values: torch.Tensor) -> torch.Tensor: ...
+
+    def kept_counts(self, task: int = 0) -> Mapping[str, float]: ...
 
 
-def stopped(cfg: FitConfig, history: Dict[str, List[float]], stable_for: int) -> bool:
-    """:mod:`hookchains.tokens`' stop rule: ``paper``: |loss change| < ``loss_tol``; otherwise the kept
-    set stable for ``patience`` steps with the loss settled and the KL within ``kl_tol``."""
-    step = len(history["loss"])
-    if cfg.recipe == "paper":
-        return step >= 2 and abs(history["loss"][-1] - history["loss"][-2]) < cfg.loss_tol
-    if step < max(cfg.min_steps, cfg.patience + 1) or stable_for < cfg.patience:
-        return False
-    settled = abs(history["loss"][-1] - history["loss"][-1 - cfg.patience]) < cfg.loss_tol
-    return settled and history["kl"][-1] <= cfg.kl_tol
+@dataclass(frozen=True)
+class KLTerm:
+    """The KL part of the objective, for :func:`optimise`.
+
+    Attributes:
+        backward: ``weights`` (one per task) -> every task's mean KL (nats), after backpropagating
+            ``sum_t weights[t] * KL_t`` (Eq. 8's first term, weighted).
+        hard: every task's mean KL of the thresholded (``hard``) network, without gradients.
+    """
+
+    backward: Callable[[torch.Tensor], List[float]]
+    hard: Callable[[], List[float]]
 
 
 @dataclass
-class _Track:
+class Track:
     """One task's bookkeeping during the optimisation: its history, KL weight and stop rule."""
 
     history: Dict[str, List[float]] = dataclasses.field(
-        default_factory=lambda: {k: [] for k in ("loss", "kl", "filters", "gates", "kl_weight")})
+        default_factory=lambda: {k: [] for k in ("loss", "kl", "kl_weight")})
     kl_weight: float = 1.0
     stopped: bool = False
-    layers: int = 0
+    counted: List[str] = dataclasses.field(default_factory=list)
+    sparsest: Optional[Tuple[float, int, List[torch.Tensor]]] = None  # kept count, step, values
+    returned_step: Optional[int] = None  # the step whose network the fit returns (None: the last)
 
-    def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Dict[str, int]) -> None:
-        """Log one step, adapt the KL weight, and decide whether this task has converged."""
-        for name, value in (("loss", kl + penalty), ("kl", kl), ("filters", kept["filters"]),
-                            ("gates", kept["gates"]), ("kl_weight", self.kl_weight)):
-            self.history[name].append(value)
-        self.layers = kept["layers"]
+    def remember(self, kept: float, kl: float, values: List[torch.Tensor], cfg: FitConfig) -> None:
+        """Keep ``values`` (this task's fitted tensors before the step) if that network's KL was within
+        ``kl_tol`` and it is the sparsest so far (ties: the later)."""
+        if kl <= cfg.kl_tol and (self.sparsest is None or kept <= self.sparsest[0]):
+            self.sparsest = (kept, len(self.history["kl"]), values)
+
+    def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Mapping[str, float]) -> None:
+        """Log one step (loss, KL, KL weight and every kept count), adapt the KL weight, and decide
+        whether this task has converged."""
+        self.counted = list(kept)
+        for name, value in (("loss", kl + penalty), ("kl", kl), ("kl_weight", self.kl_weight), *kept.items()):
+            self.history.setdefault(name, []).append(value)
         self.kl_weight = recipe.next_kl_weight(self.kl_weight, kl, cfg)
         self.stopped = recipe.converged(cfg, self.history)
 
-    def ending(self, cfg: FitConfig) -> Dict[str, object]:
-        """How the fit ended: ``converged`` or ``step_limit``, and the kept filters' relative change
+    def ending(self, cfg: FitConfig, counted: str = "filters") -> Dict[str, object]:
+        """How the fit ended: ``converged`` or ``step_limit``, and the kept count's relative change
         per 10 steps (percent) over the last ``patience`` steps."""
-        kept = self.history["filters"]
+        kept = self.history[counted]
         span = min(cfg.patience, len(kept) - 1)
         change = 100.0 * (kept[-1] - kept[-1 - span]) / max(kept[-1 - span], 1) * 10 / span if span else 0.0
-        return {"ended": "converged" if self.stopped else "step_limit", "kept_change_per_10_steps": round(change, 3)}
+        return {"ended": "converged" if self.stopped else "step_limit", "kept_change_per_10_steps": round(change, 3),
+                "returned_step": self.returned_step}
 
 
-def _step(chains: ScoreHooks, recipe: Recipe, optimiser, images, teacher_logp, parts, tracks: List[_Track],
-          cfg: FitConfig, layout):
+
+def _step(hooks: Scored, recipe: Recipe, optimiser, kl: KLTerm, tracks: List[Track], cfg: FitConfig):
     """One Adam step for every task; a converged task's values are put back, so it ends exactly
     where it would have ended alone. Returns the per-task KL and penalty."""
     params = [p for group in optimiser.param_groups for p in group["params"]]
     frozen = [i for i, t in enumerate(tracks) if t.stopped]
-    saved = [chains.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
+    saved = [hooks.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
     optimiser.zero_grad(set_to_none=True)
-    kls = _tasks_kl_backward(chains, images, teacher_logp, parts,
-                             torch.tensor([t.kl_weight for t in tracks]), layout)
-    penalty = recipe.penalty(chains, cfg)
+    kls = kl.backward(torch.tensor([t.kl_weight for t in tracks]))
+    penalty = recipe.penalty(hooks, cfg)
     penalty.sum().backward()
     optimiser.step()
     with torch.no_grad():
         for p, values in zip(params, saved):
-            chains.per_task(p)[frozen] = values
-    recipe.project(chains, cfg)
+            hooks.per_task(p)[frozen] = values
+    recipe.project(hooks, cfg)
     if recipe.stochastic:  # record the KL of the network that will be extracted
-        kls = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
+        kls = kl.hard()
     return kls, penalty.detach().cpu().tolist()
 
 
-def _tasks_kl(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
-    """Mean KL(teacher || student) per task (``scores``: tasks x N x classes, or tasks x N x P x classes
-    for a dense prediction, averaged over the P positions as in :func:`_tasks_kl_backward`)."""
+def kl_per_task(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
+    """Mean KL(teacher || student) per task, in nats (``scores``: tasks x N x classes class scores,
+    ``teacher_logp`` the teacher's log-probabilities of the same shape; tasks x N x P x classes for a
+    dense prediction, averaged over the P positions as in :func:`kl_backward`).
+
+    Example:
+        >>> kl_per_task(torch.zeros(1, 2, 3), torch.log_softmax(torch.zeros(1, 2, 3), -1))
+        [0.0]
+    """
     kl = F.kl_div(F.log_softmax(scores, -1), teacher_logp, log_target=True, reduction="none").sum(-1)
     return kl.reshape(*kl.shape[:2], -1).mean(-1).mean(-1).double().cpu().tolist()
 
 
-def _confirm(chains: ScoreHooks, recipe: Recipe, images, teacher_logp, tracks: Dict[int, _Track], cfg: FitConfig,
-             layout) -> None:
+def _confirm(recipe: Recipe, kl: KLTerm, tracks: Dict[int, Track], cfg: FitConfig) -> None:
     """A task about to stop is checked on the network it ends with (the KL recorded in a step is that
     of the network before the step's update): it keeps running if that network's KL is above ``kl_tol``."""
     if recipe.confirms and any(t.stopped for t in tracks.values()):
-        final = _tasks_kl(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp)
+        final = kl.hard()
         for index, track in tracks.items():
             track.stopped = track.stopped and final[index] <= cfg.kl_tol
 
 
-def _optimise(chains: ScoreHooks, recipe: Recipe, images: torch.Tensor, teacher_logp: torch.Tensor,
-              cfg: FitConfig, layout: torch.memory_format) -> List[_Track]:
-    """Adam on the recipe's objective for every task at once until each has converged (or ``cfg.steps``)."""
-    optimiser = torch.optim.Adam(recipe.start(chains, cfg), lr=cfg.lr)
-    parts = chunks(primary(images).shape[1], cfg.batch_size)
-    tracks = [_Track() for _ in range(chains.task_count)]
-    bar = tqdm(range(cfg.steps), desc="fit", disable=not cfg.progress, leave=False)
+def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: str = "fit") -> List[Track]:
+    """Adam on the recipe's objective (``KL`` weighted per task + the recipe's penalty) for every task
+    at once until each has converged by the recipe's stop rule (or ``cfg.steps``): the one loop of the
+    filter fit (:func:`fit`) and the token fit (:func:`hookchains.tokens.fit.fit_tokens`). The KL weight
+    follows :meth:`Recipe.next_kl_weight`; a tqdm bar named ``desc`` shows the loss, KL and kept counts.
+
+    Returns one :class:`Track` per task (``history``: per-step loss, KL in nats, KL weight, kept counts).
+
+    Example (what :func:`fit` does around it: eval mode, frozen weights, a seed):
+        >>> import hookchains, timm, torch
+        >>> from hookchains.core.recipes import Ste
+        >>> model, x = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(2, 3, 32, 32)
+        >>> hooks = hookchains.attach(model)
+        >>> teacher = torch.log_softmax(logits_of(hooks, x, "off"), -1)
+        >>> kl = KLTerm(lambda w: [kl_backward(hooks, x, teacher, chunks(2, None), float(w[0]))],
+        ...             lambda: kl_per_task(logits_of(hooks, x, "hard")[None], teacher[None]))
+        >>> track = optimise(hooks, Ste(), kl, FitConfig(steps=3, progress=False))[0]
+        >>> len(track.history["kl"]), sorted(track.counted)
+        (3, ['filters', 'gates', 'layers'])
+    """
+    optimiser = torch.optim.Adam(recipe.start(hooks, cfg), lr=cfg.lr)
+    params = [p for group in optimiser.param_groups for p in group["params"]]
+    tracks = [Track() for _ in range(hooks.task_count)]
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not cfg.progress, leave=False)
     try:
-        with chains.using(recipe.mode):
+        with hooks.using(recipe.masking):
             for _ in bar:
-                kls, penalties = _step(chains, recipe, optimiser, images, teacher_logp, parts, tracks, cfg, layout)
                 running = [i for i, t in enumerate(tracks) if not t.stopped]
+                before = _starting_points(hooks, recipe, params, running)
+                kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 for i in running:
-                    tracks[i].record(recipe, cfg, kls[i], penalties[i], chains.kept_counts(i))
-                _confirm(chains, recipe, images, teacher_logp, {i: tracks[i] for i in running}, cfg, layout)
-                bar.set_postfix(_progress(tracks))
+                    if i in before:
+                        tracks[i].remember(before[i][0], kls[i], before[i][1], cfg)
+                    tracks[i].record(recipe, cfg, kls[i], penalties[i], hooks.kept_counts(i))
+                _confirm(recipe, kl, {i: tracks[i] for i in running}, cfg)
+                bar.set_postfix(_progress(tracks, recipe.counted))
                 if all(t.stopped for t in tracks):
                     break
+            _return_sparsest(hooks, recipe, kl, params, tracks, cfg)
     finally:
         bar.close()
-        recipe.finish(chains)
+        recipe.finish(hooks)
     return tracks
 
 
-def _progress(tracks: List[_Track]) -> Dict[str, str]:
+def _starting_points(hooks: Scored, recipe: Recipe, params: List[torch.Tensor],
+                     running: List[int]) -> Dict[int, Tuple[float, List[torch.Tensor]]]:
+    """Per running task, the kept count and a copy of the fitted values the coming step starts from
+    (whose KL that step measures); empty for recipes whose recorded KL is not the extracted network's."""
+    if not recipe.confirms or recipe.stochastic:
+        return {}
+    with torch.no_grad():
+        return {i: (hooks.kept_counts(i)[recipe.counted], [hooks.per_task(p)[i].detach().clone() for p in params])
+                for i in running}
+
+
+def _return_sparsest(hooks: Scored, recipe: Recipe, kl: KLTerm, params: List[torch.Tensor], tracks: List[Track],
+                     cfg: FitConfig) -> None:
+    """A task that ran to the step limit gets its sparsest network within ``kl_tol`` back (module doc)
+    unless its last network is within ``kl_tol`` and at least as sparse."""
+    ended = {i: t.sparsest for i, t in enumerate(tracks) if not t.stopped and t.sparsest is not None}
+    if not ended:
+        return
+    final = kl.hard()
+    with torch.no_grad():
+        for i, (kept, step, values) in ended.items():
+            if final[i] <= cfg.kl_tol and hooks.kept_counts(i)[recipe.counted] <= kept:
+                continue
+            for p, value in zip(params, values):
+                hooks.per_task(p)[i] = value
+            tracks[i].returned_step = step
+    recipe.project(hooks, cfg)
+
+
+def _progress(tracks: List[Track], counted: str) -> Dict[str, str]:
     """Progress-bar figures: the task's own for one task, means and the number running for several."""
-    means = {key: sum(t.history[key][-1] for t in tracks) / len(tracks) for key in ("loss", "kl", "filters")}
-    figures = {"loss": f"{means['loss']:.3f}", "kl": f"{means['kl']:.3f}", "filters": f"{means['filters']:.0f}"}
+    means = {key: sum(t.history[key][-1] for t in tracks) / len(tracks) for key in ("loss", "kl", counted)}
+    figures = {"loss": f"{means['loss']:.3f}", "kl": f"{means['kl']:.3f}", counted: f"{means[counted]:.0f}"}
     if len(tracks) == 1:
-        figures.update(layers=str(tracks[0].layers), gates=str(tracks[0].history["gates"][-1]))
+        figures.update({k: f"{tracks[0].history[k][-1]:.0f}" for k in tracks[0].counted if k != counted})
     else:
         figures["running"] = str(sum(not t.stopped for t in tracks))
     return figures
@@ -311,20 +410,21 @@ def chunks(n: int, batch_size: Optional[int]) -> List[slice]:
 
 
 @torch.no_grad()
-def _tasks_logits(chains: ScoreHooks, images, mode: str, batch_size: Optional[int],
+def _tasks_logits(chains: ScoreHooks, images, masking: str, batch_size: Optional[int],
                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Class scores (tasks x N x classes, or tasks x N x P x classes for a dense prediction;
-    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``mode``."""
+    :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``masking``."""
     tasks, n = primary(images).shape[:2]
-    with chains.using(mode):
+    with chains.using(masking):
         parts = [class_scores(call(chains.model, _batch(images, p, layout)), chains.sites.output)
                  for p in chunks(n, batch_size)]
     return torch.cat([part.view(tasks, -1, *part.shape[1:]) for part in parts], 1)
 
 
-def logits_of(chains: ScoreHooks, images, mode: str, batch_size: Optional[int] = None) -> torch.Tensor:
-    """Class scores of the hooked model on ``images`` with the hooks in ``mode`` (no gradients)."""
-    return _tasks_logits(chains, map_tensors(lambda t: t[None], images), mode, batch_size)[0]
+@renamed_keyword(mode="masking")
+def logits_of(chains: ScoreHooks, images, masking: str, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Class scores of the hooked model on ``images`` with the hooks in ``masking`` (no gradients)."""
+    return _tasks_logits(chains, map_tensors(lambda t: t[None], images), masking, batch_size)[0]
 
 
 def fit(chains: ScoreHooks, images: torch.Tensor, config: Optional[FitConfig] = None, **options) -> Subnetwork:
@@ -393,30 +493,34 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
         validate_inputs(images, len(chains.sites.input_shape))
     if not chains.attached:
         raise RuntimeError("these chains were detached; call hookchains.attach(model) again")
-    cfg = dataclasses.replace(config or preset_for(chains.sites.adapter), **options)
+    preset = preset_for(chains.sites.adapter, recipe=options.get("recipe"), lr=options.get("lr"))
+    cfg = dataclasses.replace(config or preset, **options)
     device = _device_of(chains)
     images = map_tensors(lambda t: t.to(device), stack(tasks))
     recipe = recipe_named(cfg.recipe)
-    if cfg.ablation != "zero" and recipe.mode == "recipe":
+    if cfg.ablation != "zero" and recipe.masking == "recipe":
         raise ValueError(f"{cfg.ablation} ablation works with the recipes that threshold the scores (ste, paper), "
                          f"not {recipe.name!r}: use ablation='zero' or recipe='ste'")
     # nearly closed soft gates (G ~ 1e-40) would make CPU steps crawl: denormals flushed meanwhile
     with seeded(cfg.seed, device), explaining(chains.model, flush_denormal=True):
         use_ablation(chains, cfg.ablation, [map_tensors(lambda t: t.to(device), task) for task in tasks])
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
-        tracks = _optimise(chains, recipe, images, F.log_softmax(teacher, -1), cfg, layout)
+        teacher_logp, parts = F.log_softmax(teacher, -1), chunks(primary(images).shape[1], cfg.batch_size)
+        kl = KLTerm(lambda weights: _tasks_kl_backward(chains, images, teacher_logp, parts, weights, layout),
+                    lambda: kl_per_task(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp))
+        tracks = optimise(chains, recipe, kl, cfg)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
     if any(math.isnan(v) for t in tracks for v in t.history["loss"]):
         raise FloatingPointError("the loss became NaN during fitting; lower lr or check the images")
     return [_result(chains, recipe, i, track, teacher[i], student[i], cfg) for i, track in enumerate(tracks)]
 
 
-def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: _Track, teacher: torch.Tensor,
+def _result(chains: ScoreHooks, recipe: Recipe, task: int, track: Track, teacher: torch.Tensor,
             student: torch.Tensor, cfg: FitConfig) -> Subnetwork:
     scores, gates = chains.task_state(task)
     options = recipe.to_json()
     config = {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "recipe": options.pop("name"),
-              "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg)}
+              "recipe_options": options, "steps_run": len(track.history["loss"]), **track.ending(cfg, recipe.counted)}
     sub = Subnetwork(chains.sites, scores, gates, chains.tau, chains.temperature,
                      fidelity(teacher.cpu(), student.cpu()), config, track.history,
                      importance=recipe.importance(chains, task), ablation=cfg.ablation,

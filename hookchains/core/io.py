@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def read_json(path: PathLike) -> Any:
                          "the file is truncated or was edited; re-create it") from None
 
 
-def write_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] = None) -> Path:
+def write_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> Path:
     """Atomically write tensors as safetensors (contiguous CPU copies)."""
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return atomic_write_bytes(path, save(data, metadata=metadata))

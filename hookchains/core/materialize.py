@@ -33,17 +33,12 @@ from torch.nn.modules.conv import _ConvNd
 from hookchains.core.ablation import fold_constant_channels
 from hookchains.core.attach import ScoreHooks, strip_hooks
 from hookchains.core.pruning import ChannelRemoval, remove_zero_channels
-from hookchains.core.state import PassThrough
+from hookchains.core.result import TOLERANCE, MaterializeError, check_exact, exactness_limit
+from hookchains.core.state import PassThrough, tensor_of
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors
 
-__all__ = ["materialize", "MaterializeError", "MaterializeReport", "TOLERANCE"]
-
-TOLERANCE = 1e-4
-
-
-class MaterializeError(RuntimeError):
-    """The materialised module does not reproduce the thresholded network."""
+__all__ = ["materialize", "MaterializeError", "MaterializeReport", "TOLERANCE"]  # the check: core.result
 
 
 @dataclass
@@ -113,8 +108,9 @@ def _bake_parametrizations(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             if parametrize.is_parametrized(module):
-                values = {name: getattr(module, name) for name in module.parametrizations}
-                grads = {name: any(q.requires_grad for q in p.parameters()) for name, p in module.parametrizations.items()}
+                parametrizations = module.get_submodule("parametrizations")
+                values = {name: getattr(module, name) for name, _ in parametrizations.named_children()}
+                grads = {name: any(q.requires_grad for q in p.parameters()) for name, p in parametrizations.named_children()}
                 module.__class__ = type(module).__bases__[0]
                 del module._modules["parametrizations"]
                 for name, value in values.items():
@@ -161,11 +157,11 @@ def _fold(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> N
         # weight-standardised convs (timm StdConv/ScaledStdConv) normalise their weight per output
         # channel, so a scale folded into it would vanish: their per-channel ``gain`` takes it instead
         scaled = getattr(module, "gain", None)
-        scaled = scaled if isinstance(scaled, torch.Tensor) and scaled.shape[0] == site.channels else module.weight
+        scaled = scaled if isinstance(scaled, torch.Tensor) and scaled.shape[0] == site.channels else tensor_of(module)
         m = mult[site.name].to(scaled.device, scaled.dtype)
         scaled.mul_(m.view((-1,) + (1,) * (scaled.ndim - 1)))
         if getattr(module, "bias", None) is not None:
-            module.bias.mul_(m)
+            tensor_of(module, "bias").mul_(m)
 
 
 def _fold_means(model: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor]) -> None:
@@ -257,9 +253,13 @@ def _check_inputs(sub: Subnetwork, images, device):
     return torch.cat([p for p in parts if p.shape[1:] == parts[-1].shape[1:]])
 
 
-def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub: Subnetwork) -> float:
+def _logits(module: nn.Module, inputs: torch.Tensor, sub: Subnetwork) -> torch.Tensor:
     with torch.no_grad():
-        return float((class_scores(call(module, inputs), sub.sites.output) - reference).abs().max())
+        return class_scores(call(module, inputs), sub.sites.output)
+
+
+def _diff(module: nn.Module, inputs: torch.Tensor, reference: torch.Tensor, sub: Subnetwork) -> float:
+    return float((_logits(module, inputs, sub) - reference).abs().max())
 
 
 def _physical(work: nn.Module, sub: Subnetwork, mult: Dict[str, torch.Tensor], inputs: torch.Tensor,
@@ -295,13 +295,11 @@ def _check_dtype(module: nn.Module, inputs, reference: torch.Tensor, tolerance: 
                  report: MaterializeReport, sub: Subnetwork) -> nn.Module:
     """``module`` (cast to the model's low-precision dtype) if it matches ``reference`` (the hooked model
     in that dtype) within ``tolerance`` x max|logit|; the figures go into ``report.notes``."""
-    limit = tolerance * max(float(reference.abs().max()), 1e-12)
-    diff = _diff(module, inputs, reference, sub)
+    diff = check_exact(_logits(module, inputs, sub), reference, tolerance, what=f"in {report.dtype} the materialised "
+                       "module", advice="materialise a float32 copy (model.float()) instead")
     report.notes.append(f"{report.dtype}: outputs differ from the hooked model in {report.dtype} by {diff:.3g} "
-                        f"(rounding; tolerance {tolerance:g} x max|logit| = {limit:.3g}); exact in float32")
-    if not diff <= limit:
-        raise MaterializeError(f"in {report.dtype} the materialised module differs from the thresholded network "
-                               f"by {diff:.3g} (> {limit:.3g}); materialise a float32 copy (model.float()) instead")
+                        f"(rounding; tolerance {tolerance:g} x max|logit| = {exactness_limit(reference, tolerance):.3g}); "
+                        "exact in float32")
     return module
 
 
@@ -336,7 +334,7 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     low = None if dtype == torch.float32 else _reference_logits(work, sub, low_inputs, mode)
     work.float()  # fold, prune and check the structure in float32; cast back at the end
     reference = _reference_logits(work, sub, inputs, mode)
-    scale = max(float(reference.abs().max()), 1e-12)
+    limit = exactness_limit(reference, tolerance)
     mult = _multipliers(sub, fold_scores)
     example = map_tensors(lambda t: t[:1], inputs)
     macs_before, params_before = tp.utils.count_ops_and_params(work, example)
@@ -348,17 +346,14 @@ def materialize(sub: Subnetwork, model: nn.Module, images: Optional[torch.Tensor
     result, removal, notes = work, None, []
     fallback = "exactness fallback" if prune else None
     if prune:
-        result, removal, notes = _physical(work, sub, mult, inputs, reference, tolerance * scale)
+        result, removal, notes = _physical(work, sub, mult, inputs, reference, limit)
         fallback = "exactness fallback" if notes and "changed the outputs" in notes[-1] else "torch-pruning error"
-    diff = _diff(result, inputs, reference, sub)
-    if diff > tolerance * scale:
-        raise MaterializeError(f"materialised module differs from the thresholded network by {diff:.3g} "
-                               f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g}); please report this model")
+    diff = check_exact(_logits(result, inputs, sub), reference, tolerance, advice="please report this model")
     macs_after, params_after = tp.utils.count_ops_and_params(_detach_caches(result), example)
     channels_after = _channel_count(result)
     report = MaterializeReport(channels_after < channels_before, channels_before, channels_after,
                                int(params_before), int(params_after), int(macs_before), int(macs_after), diff,
-                               tolerance * scale, fold_scores, notes, channels_before - channels_after,
+                               limit, fold_scores, notes, channels_before - channels_after,
                                _site_report(sub, mult, removal, fallback), str(dtype).replace("torch.", ""))
     if low is not None:
         result = _check_dtype(result.to(dtype), low_inputs, low, _dtype_tolerance(dtype, tolerance), report, sub)

@@ -77,6 +77,8 @@ class ZeroShotClassifier(nn.Module):
     Output: N x K class scores (logits).
     """
 
+    prototypes: torch.Tensor  # a buffer: K x D unit class prototypes
+
     def __init__(self, model: nn.Module, prototypes: torch.Tensor, temperature: float = ZERO_SHOT_TEMPERATURE) -> None:
         super().__init__()
         if temperature <= 0:

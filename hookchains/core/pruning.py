@@ -36,7 +36,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 from torch import nn
@@ -424,7 +424,7 @@ def _remove(dg, group, plan, fixed_at, removal: ChannelRemoval, names,
     try:
         _absorb(absorb)
         _prune_items(dg, group, removable)
-        failed = saved is not None and not check()
+        failed: Union[bool, str] = saved is not None and check is not None and not check()
     except Exception as exc:  # torch-pruning cannot resize every layer: those channels stay
         removal.errors.append(f"{names.get(group.items[0].dep.target.module, '?')}: {type(exc).__name__}: "
                               f"{str(exc)[:120]}")

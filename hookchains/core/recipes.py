@@ -29,7 +29,7 @@ fit (``S`` in ``[0, 1]``) already scales them down, and every recipe here keeps 
 in the extracted network, so the sub-network computes ``S_f * filter_f``: exact as a sub-network of
 *scaled* filters, not a copy. ``m_max`` bounds the scale: ``m_max=1`` (the paper's bound) never
 amplifies a filter; ``m_max > 1`` lets kept filters stand in for removed ones, which buys sparsity
-but makes the binary sub-network (every ``S = 1``, hooks mode ``"mask"``) a worse copy. Choose per use.
+but makes the binary sub-network (every ``S = 1``, masking ``"mask"``) a worse copy. Choose per use.
 
 **Default** (:func:`default_recipe`): ``Ste(m_max=None)``, measured on the digits CNN of
 ``benchmarks/digits.py`` (304 filters; lam 0.005, lr 0.02, at most 300 steps; tasks 3-8, 1-7, 0-6,
@@ -54,6 +54,7 @@ KL 0.053; missile 22.17 %, 15/20, KL 0.108 -- all at the step limit.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
 
@@ -70,18 +71,29 @@ _GAMMA, _ZETA, _BETA = -0.1, 1.1, 2.0 / 3.0
 
 @dataclass
 class Recipe:
-    """Base of every recipe: the hook mode used while fitting, the cost, the projection after each
+    """Base of every recipe: the hooks' masking while fitting, the cost, the projection after each
     Adam step, the KL weight's schedule and the stop rule. Subclasses override what differs."""
 
     name = "recipe"
-    mode = "ste"
+    masking = "ste"  # how the hooks apply the scores while fitting (hookchains.core.attach.MASKINGS)
     stochastic = False  # True: the forward while fitting is not the extracted network
     confirms = True  # the stop needs the final network's KL within kl_tol
+    counted = "filters"  # the kept count (a key of the hooks' kept_counts) whose stability stops the fit
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "mode" in vars(cls):  # a recipe written before 0.3
+            warnings.warn(f"{cls.__name__}.mode is deprecated: name it masking", DeprecationWarning, stacklevel=2)
+            cls.masking = vars(cls)["mode"]
 
     def start(self, chains, cfg) -> List[Dict[str, Any]]:
-        """Reset ``chains`` to the original network (``S = 1``, gates at ``gate_init``) and return
+        """Plan the earliest stop, reset ``chains`` to the original network (:meth:`reset`) and return
         the optimiser's parameter groups."""
         self.earliest_stop = max(cfg.min_steps, math.ceil(self.travel(chains) / cfg.lr) + cfg.patience)
+        return self.reset(chains, cfg)
+
+    def reset(self, chains, cfg) -> List[Dict[str, Any]]:
+        """Set ``S = 1`` and the gates to ``gate_init``; return the optimiser's parameter groups."""
         alpha = 2.0 * chains.temperature if cfg.gate_init is None else cfg.gate_init
         with torch.no_grad():
             for s in chains.scores.values():
@@ -116,9 +128,9 @@ class Recipe:
         return float(min(1e4, max(1.0, weight * math.exp(cfg.kl_rate * step))))
 
     def converged(self, cfg, history: Dict[str, List[float]]) -> bool:
-        """The kept count moved by at most ``size_tol`` (relative) over the last ``patience`` steps and
-        the thresholded network's KL is within ``kl_tol``."""
-        step, kept = len(history["kl"]), history["filters"]
+        """The kept count (``history[counted]``) moved by at most ``size_tol`` (relative) over the last
+        ``patience`` steps and the thresholded network's KL is within ``kl_tol``."""
+        step, kept = len(history["kl"]), history[self.counted]
         if step < max(self.earliest_stop, cfg.patience + 1) or history["kl"][-1] > cfg.kl_tol:
             return False
         return abs(kept[-1] - kept[-1 - cfg.patience]) <= cfg.size_tol * max(kept[-1 - cfg.patience], 1)
@@ -149,11 +161,11 @@ class Paper(Recipe):
     """Eq. 8 as written (section 3.2/4.1): soft network, ``sum(alpha)`` gate cost, ``|dloss| < loss_tol`` stop."""
 
     name = "paper"
-    mode = "soft"
+    masking = "soft"
     confirms = False
 
-    def start(self, chains, cfg) -> List[Dict[str, Any]]:
-        groups = super().start(chains, cfg)
+    def reset(self, chains, cfg) -> List[Dict[str, Any]]:
+        groups = super().reset(chains, cfg)
         with torch.no_grad():
             for a in chains.gate_logits.values():
                 a.fill_(0.0 if cfg.gate_init is None else cfg.gate_init)
@@ -194,7 +206,7 @@ class Mask(Recipe):
     """
 
     name = "mask"
-    mode = "recipe"
+    masking = "recipe"
     m_max: Optional[float] = 1.0
     cost: str = "filters"
     keep_target: Optional[float] = None
@@ -317,7 +329,6 @@ def recipe_named(recipe: Union[str, Recipe, None]) -> Recipe:
         return default_recipe()
     name = recipe
     if name == "hookchains":
-        import warnings
         warnings.warn("recipe 'hookchains' is now called 'ste'", DeprecationWarning, stacklevel=3)
         name = "ste"
     if name not in RECIPES:

@@ -40,7 +40,7 @@ from torch import nn
 from hookchains.adapters.transformers import LayerLayout, transformer_layers
 from hookchains.core.attach import ScoreHooks, strip_hooks
 from hookchains.core.materialize import TOLERANCE, MaterializeError
-from hookchains.core.state import PassThrough
+from hookchains.core.state import PassThrough, tensor_of
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores
 
@@ -93,25 +93,31 @@ def _set(module: nn.Module, weight: torch.Tensor, bias) -> None:
         module.bias = nn.Parameter(bias.contiguous(), requires_grad=module.bias.requires_grad)
 
 
+def _set_size(module: nn.Module, name: str, size: int) -> None:
+    """Record a sliced layer's new size (``out_features``, ``in_features``, GPT-2 ``Conv1D``'s ``nf``): a
+    plain attribute, stored as ``nn.Module.__setattr__`` stores any non-tensor value."""
+    object.__setattr__(module, name, size)
+
+
 def _keep_outputs(module: nn.Module, rows: torch.Tensor, conv1d: bool) -> None:
     """Keep output features ``rows`` of an ``nn.Linear`` (weight out x in) or GPT-2 ``Conv1D`` (in x out)."""
-    bias = None if module.bias is None else module.bias.data[rows]
+    bias = module.bias.data[rows] if isinstance(module.bias, torch.Tensor) else None
     if conv1d:
-        _set(module, module.weight.data[:, rows], bias)
-        module.nf = len(rows)
+        _set(module, tensor_of(module).data[:, rows], bias)
+        _set_size(module, "nf", len(rows))
     else:
-        _set(module, module.weight.data[rows], bias)
-        module.out_features = len(rows)
+        _set(module, tensor_of(module).data[rows], bias)
+        _set_size(module, "out_features", len(rows))
 
 
 def _keep_inputs(module: nn.Module, cols: torch.Tensor, scale: torch.Tensor, conv1d: bool) -> None:
     """Keep input features ``cols`` of a projection, each scaled by ``scale`` (folded score)."""
-    w = module.weight.data
+    w = tensor_of(module).data
     if conv1d:
         _set(module, w[cols] * scale.to(w)[:, None], None)
     else:
         _set(module, w[:, cols] * scale.to(w)[None, :], None)
-        module.in_features = len(cols)
+        _set_size(module, "in_features", len(cols))
 
 
 def _slice_heads(model: nn.Module, layer: LayerLayout, heads: torch.Tensor, scale: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from hookchains.inputs.forward import call
 
-__all__ = ["get_module", "eval_mode", "frozen_weights", "capture_featuremaps", "flush_denormal_enabled",
+__all__ = ["get_module", "tensor_of", "eval_mode", "frozen_weights", "capture_featuremaps", "flush_denormal_enabled",
            "explaining", "seeded", "swapped", "PassThrough"]
 
 
@@ -34,6 +34,20 @@ def get_module(model: nn.Module, module_path: str) -> nn.Module:
         return model.get_submodule(module_path)
     except AttributeError as err:
         raise ValueError(f"no module at path {module_path!r}: {err}") from err
+
+
+def tensor_of(module: nn.Module, name: str = "weight") -> Tensor:
+    """``module.<name>`` (a parameter or buffer, e.g. ``weight``) as the tensor it is; ``TypeError``
+    naming the module when it is not a tensor.
+
+    Example:
+        >>> tensor_of(nn.Linear(2, 3)).shape
+        torch.Size([3, 2])
+    """
+    value = getattr(module, name, None)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is {type(value).__name__}, not a tensor")
+    return value
 
 
 @contextlib.contextmanager

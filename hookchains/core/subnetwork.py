@@ -2,14 +2,15 @@
 
 It holds the learned filter scores and gate logits, the threshold ``tau`` and temperature ``T``, the
 site map, and fidelity figures measured on the *thresholded* network. Everything that is not a tensor
-is JSON; tensors are safetensors -- saved results load back without unpickling anything.
+is JSON; tensors are safetensors -- saved results load back without unpickling anything. Save/load,
+the summary's shared parts and the format version are those of :class:`hookchains.core.result.Result`,
+shared with the token result.
 
 Thresholding (section 3.2, 4.1): a filter is kept when ``S >= tau``; a gated layer/block is removed
 when ``G < 0.5`` (its filters are not counted); a layer whose scores are all below ``tau`` is removed.
 """
 from __future__ import annotations
 
-import html
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +18,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from hookchains.core.io import read_json, read_tensors, write_json, write_tensors
+from hookchains.core.result import FORMAT_VERSION, Result
 from hookchains.core.sites import SiteMap
 
 __all__ = ["Subnetwork", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
 _SCORE, _GATE, _IMPORTANCE, _MEAN = "score/", "gate/", "importance/", "mean/"
 
 
 @dataclass
-class Subnetwork:
+class Subnetwork(Result):
     """A learned sub-network: scores, gates, threshold, counts and fidelity.
 
     Attributes:
@@ -62,6 +62,9 @@ class Subnetwork:
     means: Dict[str, torch.Tensor] = field(default_factory=dict)
     dead_filters: Optional[Dict[str, List[int]]] = None
 
+    files = ("subnetwork.json", "scores.safetensors")  # what save writes
+    tensor_format = "hookchains"
+
     # ------------------------------------------------------------------ thresholding
     def gate_open(self, name: str) -> bool:
         """Whether gate ``name`` keeps its layer/block (``G >= 0.5``, i.e. ``alpha >= 0``)."""
@@ -88,7 +91,7 @@ class Subnetwork:
                 kept[site.name] = idx
         return kept
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> Dict[str, Any]:
         """The counts of kept units: every scored unit, and the paper-comparable conv-only counts.
 
         ``filters_*`` / ``layers_*`` count every filter site, conv and fully-connected alike;
@@ -123,41 +126,21 @@ class Subnetwork:
                            f"{kind}_layers_total": len(sites)})
         return counts
 
-    def _repr_html_(self) -> str:
-        """Jupyter shows the summary line (the explorer: ``load_run(folder)`` after ``hookchains report``)."""
-        return f"<p><strong>Subnetwork</strong>: {html.escape(self.summary())}</p>"
-
     def summary(self) -> str:
         """One line like the paper's: 'retains 13/53 layers and 77/26560 filters; ...'."""
-        c, f = self.counts(), self.fidelity
+        c = self.counts()
         line = (f"retains {c['layers_kept']}/{c['layers_total']} layers and "
                 f"{c['filters_kept']}/{c['filters_total']} filters "
                 f"({100.0 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %{self._dead_note(c)})")
         if c["gates_total"]:
             line += f", {c['gates_kept']}/{c['gates_total']} gated blocks"
-        if f:
-            per_pixel = f.get("positions", f["images"]) != f["images"]
-            agree = f"{f['agree']}/{f['positions']} pixels" if per_pixel else f"{f['agree']}/{f['images']}"
-            line += (f"; top-1 agreement {agree}; KL {f['kl']:.3f}; "
-                     f"Q mean {f['quotient_mean']:.2f}")
-        return line + f"; {self.ablation} ablation" + self._ending()
+        return line + self.fidelity_text() + f"; {self.ablation} ablation" + self.ending_text()
 
     @staticmethod
-    def _dead_note(counts: Dict[str, int]) -> str:
+    def _dead_note(counts: Dict[str, Any]) -> str:
         """'; N of them dead (...)' when kept filters have no live input (:func:`hookchains.core.dataflow.find_dead_filters`)."""
         dead = counts["dead_filters"]
         return f"; {dead} of them dead: constant whatever the input, in no chain" if dead else ""
-
-    def _ending(self) -> str:
-        """'; stopped at the step limit, ...' when the step limit, not convergence, ended the fit."""
-        if self.config.get("ended") != "step_limit":
-            return ""
-        change = self.config.get("kept_change_per_10_steps", 0.0)
-        trend = (f"kept filters still {'falling' if change < 0 else 'rising'} {abs(change):.1f} % per 10 steps"
-                 if abs(change) >= 0.05 else "kept filters steady")
-        kl, target = self.fidelity.get("kl"), self.config.get("kl_tol")
-        missed = f", KL {kl:.3f} above kl_tol {target:g}" if kl is not None and target is not None and kl > target else ""
-        return f"; stopped at the step limit, {trend}{missed}"
 
     def materialize(self, model, images=None, **options):
         """Deprecated since 0.2: ``module, report = hookchains.materialize(sub, model, images)`` (this method
@@ -167,52 +150,32 @@ class Subnetwork:
         import hookchains  # the public facade, at call time: the result does not depend on materialize
         return hookchains.materialize(self, model, images, **options)[0]
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, directory) -> Path:
-        """Write ``scores.safetensors`` and ``subnetwork.json`` into ``directory`` (atomically).
-
-        Read it back with :meth:`load` (``hookchains.Subnetwork.load(directory)``); ``hookchains.load``
-        reads run folders (``hookchains extract``), which also hold the model reference and images.
-
-        Example: ``result.save("run/")``; ``result = hookchains.Subnetwork.load("run/")``."""
-        directory = Path(directory)
+    # ------------------------------------------------------------------ persistence (Result.save / load)
+    def tensors_to_save(self) -> Dict[str, torch.Tensor]:
+        """``scores.safetensors``: ``score/<site>``, ``gate/<site>`` (0-D), ``importance/<site>``, ``mean/<site>``."""
         tensors = {_SCORE + k: v for k, v in self.scores.items()}
         tensors.update({_GATE + k: v.reshape(()) for k, v in self.gate_logits.items()})
         tensors.update({_IMPORTANCE + k: v for k, v in self.importance.items()})
         tensors.update({_MEAN + k: v for k, v in self.means.items()})
-        write_tensors(directory / "scores.safetensors", tensors, metadata={"format": "hookchains"})
-        write_json(directory / "subnetwork.json", {
-            "format_version": FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
-            "tau": self.tau, "temperature": self.temperature, "fidelity": self.fidelity,
-            "removed_gates": self.removed_gates, "kept_filters": self.kept_filters(),
-            "config": self.config, "history": self.history, "model_ref": self.model_ref,
-            "task": self.task, "ablation": self.ablation, "dead_filters": self.dead_filters,
-            "sites": self.sites.to_json()})
-        return directory
+        return tensors
+
+    def meta_to_save(self) -> Dict[str, Any]:
+        """``subnetwork.json`` besides the shared fields (the kept filters and removed gates for readers of the JSON)."""
+        return {"temperature": self.temperature, "removed_gates": self.removed_gates, "kept_filters": self.kept_filters(),
+                "ablation": self.ablation, "dead_filters": self.dead_filters, "sites": self.sites.to_json()}
 
     @classmethod
-    def load(cls, directory) -> Subnetwork:
-        """Read what :meth:`save` wrote; a missing, truncated or mismatched file is a clear error."""
-        directory = Path(directory)
-        for name in ("subnetwork.json", "scores.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing: {directory} is not a hookchains "
-                                        "result folder (it needs subnetwork.json and scores.safetensors)")
-        meta, tensors = read_json(directory / "subnetwork.json"), read_tensors(directory / "scores.safetensors")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory} has format version {meta.get('format_version')}, this hookchains "
-                             f"reads version {FORMAT_VERSION}")
+    def from_saved(cls, directory: Path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Subnetwork:
         sites = SiteMap.from_json(meta["sites"])
-        scores = {k[len(_SCORE):]: v for k, v in tensors.items() if k.startswith(_SCORE)}
-        gates = {k[len(_GATE):]: v for k, v in tensors.items() if k.startswith(_GATE)}
-        importance = {k[len(_IMPORTANCE):]: v for k, v in tensors.items() if k.startswith(_IMPORTANCE)}
+        part = {prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                for prefix in (_SCORE, _GATE, _IMPORTANCE, _MEAN)}
+        scores, gates = part[_SCORE], part[_GATE]
         missing = [s.name for s in sites.filters if s.name not in scores] + \
                   [g.name for g in sites.gates if g.name not in gates]
         wrong = [s.name for s in sites.filters if s.name in scores and scores[s.name].numel() != s.channels]
         if missing or wrong:
-            raise ValueError(f"{directory}/scores.safetensors does not match its subnetwork.json "
+            raise ValueError(f"{directory}/{cls.files[1]} does not match its {cls.files[0]} "
                              f"(missing {missing[:3]}, wrong size {wrong[:3]}): the files were mixed up")
-        means = {k[len(_MEAN):]: v for k, v in tensors.items() if k.startswith(_MEAN)}
         return cls(sites, scores, gates, meta["tau"], meta["temperature"], meta["fidelity"], meta["config"],
-                   meta["history"], meta["model_ref"], meta.get("task", {}), importance,
-                   meta.get("ablation", "zero"), means, meta.get("dead_filters"))
+                   meta["history"], meta["model_ref"], meta.get("task", {}), part[_IMPORTANCE],
+                   meta.get("ablation", "zero"), part[_MEAN], meta.get("dead_filters"))

@@ -53,8 +53,9 @@ def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + SEED_OFFSET)
         for module in twin.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
             else:
                 for param in module.parameters(recurse=False):
                     order = torch.randperm(param.numel()).to(param.device)

@@ -68,7 +68,7 @@ class OutputSpec:
         return cls(select=data.get("select"), kind=data.get("kind", "logits"))
 
 
-def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], inputs):
+def map_tensors(fn: Callable[[torch.Tensor], Any], inputs):
     """``fn`` applied to every tensor of ``inputs`` (a tensor, a tuple/list or a dict of them)."""
     if isinstance(inputs, torch.Tensor):
         return fn(inputs)

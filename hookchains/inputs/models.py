@@ -246,7 +246,7 @@ def _factory_model(spec: str, module_name: str, attribute: str, pretrained: bool
     """Import ``module_name`` and call ``attribute`` (dots allowed, e.g. ``Net.small``)."""
     module = _import_user_module(spec, module_name)
     try:
-        factory = functools.reduce(getattr, attribute.split("."), module)
+        factory: Any = functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         close = difflib.get_close_matches(attribute, public, n=5)

@@ -149,7 +149,7 @@ def load_task(root: str | Path, task: SweepTask, per_class: int, held_out: int, 
     sides = [[(c, per_class, held_out)] for c in task.classes]
     if task.one_vs_rest:
         sides.append(_rest_draw(task.classes[0], all_classes, per_class, held_out, seed + task.index))
-    parts = {"fit": ([], [], []), "held": ([], [], [])}
+    parts: Dict[str, Tuple[List, List, List]] = {"fit": ([], [], []), "held": ([], [], [])}
     skipped: List[str] = []
     for label, side in enumerate(sides):
         for name, n_fit, n_held in side:

@@ -53,12 +53,12 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.layers import Attention
 from torch import Tensor, nn
 
-from hookchains.adapters.transformers import encoder_layers
+from hookchains.adapters.transformers import token_layers
 from hookchains.core.fit import chunks
 from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call
-from hookchains.tokens.encoder import check_text_token_model, eager_attention
+from hookchains.tokens.encoder import check_text_token_model, eager_attention, is_hf_objective
 from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence
 from hookchains.tokens.result import TokenSubnetwork
 
@@ -115,6 +115,9 @@ def rollout(attentions: Tensor, keep: Optional[Tensor] = None, *, normalize: boo
 
 
 def _check_attention(model: nn.Module) -> None:
+    if is_hf_objective(model):
+        raise ValueError(f"{type(model.model).__name__} is a Hugging Face model: its Eq. 10 attribution is "
+                         "text_token_attribution(model, inputs, result), which reads transformers' own attentions")
     for i, block in enumerate(model.blocks):
         if not isinstance(getattr(block, "attn", None), Attention):
             raise ValueError(f"blocks.{i}.attn is {type(getattr(block, 'attn', None)).__name__}, not timm's "
@@ -158,8 +161,8 @@ def attention_maps(model: nn.Module, images: Tensor, masks: Masks = None, *,
         tensor([1.0000, 1.0000, 1.0000])
     """
     validate_images(images)
-    check_token_model(model)
     _check_attention(model)
+    check_token_model(model)
     scores, tau, mode, sites = _network(masks, images.shape[0])
     images = images.to(next(model.parameters()).device)
     with eval_mode(model), torch.no_grad(), \
@@ -218,22 +221,24 @@ def token_attribution(model: nn.Module, images: Tensor, masks: Masks = None, *, 
 
 @torch.no_grad()
 def text_token_attribution(model: nn.Module, inputs, tsub: TokenSubnetwork, *, normalize: bool = True) -> Tensor:
-    """Eq. 10 on the ``hard`` network of a text token result: ``N x layers x T x T`` (on the CPU).
+    """Eq. 10 on the ``hard`` network of a token result of an HF model (a text objective, or an HF
+    ViT/DeiT classifier given its images): ``N x layers x T x T`` (on the CPU).
 
     The head-averaged probabilities are those transformers' eager attention returns (switched on for
     the pass, restored after) with the result's token bias added to the padding mask; rows and
     columns of tokens absent from a layer (pruned or padding) are 0, as in :func:`rollout`.
 
     Args:
-        model: the text objective the result was fitted on (:mod:`hookchains.tokens.encoder`).
-        inputs: its ``input_ids`` and ``attention_mask`` (``N x T``), in the order of the fit.
+        model: the HF objective the result was fitted on (:mod:`hookchains.tokens.encoder`).
+        inputs: its ``input_ids`` and ``attention_mask`` (``N x T``), or its images (``N x 3 x H x W``),
+            in the order of the fit.
         tsub: the :class:`~hookchains.tokens.TokenSubnetwork`.
 
     Example: ``text_token_attribution(task.model, task.inputs, tsub)[n, -1, 0]`` -- what sentence
     ``n``'s first token draws on, word by word, after the last layer.
     """
     check_text_token_model(model)
-    layers = encoder_layers(model)
+    layers = token_layers(model)
     captured: List[Tensor] = []
 
     def hook(module, args, output):

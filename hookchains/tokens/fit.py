@@ -1,43 +1,109 @@
 """Fit per-image token scores of a ViT (paper section 4.5, Eq. 8 with the L1 term on token scores), or
 per-sentence token scores of a text objective around a BERT-like encoder (:mod:`hookchains.tokens.encoder`).
 
-The optimisation reuses :mod:`hookchains.core.fit`'s pieces (chunks, KL weight, stop rule); the hooks
-are :class:`~hookchains.tokens.hooks.TokenChains`, the result a
-:class:`~hookchains.tokens.result.TokenSubnetwork`.
+The optimisation is :func:`hookchains.core.fit.optimise`, the filter fit's loop (one stop rule, one
+KL-weight rule, one progress bar): the hooks are :class:`TokenScores` (:class:`~hookchains.tokens.hooks.TokenChains`
+with the loop's view: one task, the mean kept token slots per image as its count), the recipes
+:class:`TokenSte` and :class:`TokenPaper` (the filter recipes with the L1 term on token scores), the
+result a :class:`~hookchains.tokens.result.TokenSubnetwork`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from hookchains.core.fit import FitConfig, chunks, next_kl_weight, stopped
+from hookchains.core.fit import FitConfig, KLTerm, chunks, kl_per_task, optimise
 from hookchains.core.metrics import fidelity
+from hookchains.core.recipes import Paper, Recipe, Ste, recipe_named
 from hookchains.core.state import eval_mode, frozen_weights, seeded
 from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call, count, map_tensors, validate_inputs
 from hookchains.tokens.hooks import TokenChains, check_token_model, is_text_model
 from hookchains.tokens.result import TokenSubnetwork
 
-__all__ = ["fit_tokens", "TOKEN_DEFAULTS", "STABLE_FLIPS"]
+__all__ = ["fit_tokens", "TOKEN_DEFAULTS", "TokenScores", "TokenSte", "TokenPaper", "token_recipe", "rows_of"]
 
 # Defaults of fit_tokens. lr 0.05: a score needs ~18 Adam steps to fall from 1 to tau = 0.1, so pruning
 # starts early (with the paper's 0.005 it would take ~180). lam: the paper's 0.005, on the per-image L1
 # so it does not depend on the number of images. lam_gate is unused for tokens. Checked only on random
-# weights (mechanics, timing) and on a toy ViT trained on scikit-learn digits (module doc); no real
-# ImageNet ViT weights were available, so these are not tuned for fidelity on DeiT.
+# weights (mechanics, timing) and on a toy ViT trained on scikit-learn digits (module doc,
+# benchmarks/token_stop.py); no real ImageNet ViT weights were available, so these are not tuned for
+# fidelity on DeiT. Stop rule (recipe ste): the core's, on the mean kept slots per image.
 TOKEN_DEFAULTS = FitConfig(steps=150, lr=0.05, lam=0.005, lam_gate=0.0, kl_target=0.1, kl_rate=0.05,
                            patience=20, min_steps=30, kl_tol=0.1, loss_tol=0.05)
-# Recipe "hookchains" stops once the kept set is stable for `patience` steps (and loss and KL settled,
-# as in hookchains.core.fit). With tens of thousands of per-image slots, a few slots always flicker at the
-# threshold, so "stable" means at most this fraction of slots changed since the previous step.
-STABLE_FLIPS = 0.01
 
+
+class TokenScores(TokenChains):
+    """:class:`~hookchains.tokens.hooks.TokenChains` as :func:`hookchains.core.fit.optimise` sees them:
+    one task, whose kept count is ``slots``, the mean kept token slots per image.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", img_size=32).eval()      # 6 blocks x 5 tokens
+        >>> with TokenScores(model, 2, example=torch.randn(1, 3, 32, 32)) as scores:
+        ...     scores.kept_counts()
+        {'slots': 30.0}
+    """
+
+    task_count = 1
+
+    def per_task(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` with a leading task axis (one task)."""
+        return values.unsqueeze(0)
+
+    def kept_counts(self, task: int = 0) -> Dict[str, float]:
+        """``{"slots": mean kept token slots per image}`` right now (what the progress bar shows)."""
+        return {"slots": float(self.kept().sum((1, 2)).float().mean())}
+
+
+class TokenRecipe(Recipe):
+    """What a token fit changes in a filter recipe: the scores are one ``N x blocks x T`` tensor in
+    ``[0, 1]`` (no gates), the cost ``lam * mean_n ||s_n||_1``, the stop rule's count ``slots``."""
+
+    counted = "slots"
+
+    def reset(self, chains, cfg) -> List[Dict[str, Any]]:
+        with torch.no_grad():
+            chains.scores.fill_(1.0)
+        return [{"params": [chains.scores]}]
+
+    def penalty(self, chains, cfg) -> torch.Tensor:
+        return (cfg.lam * chains.l1()).reshape(1)
+
+    def project(self, chains, cfg) -> None:
+        chains.clamp_()
+
+
+@dataclasses.dataclass
+class TokenSte(TokenRecipe, Ste):
+    """Recipe ``ste`` for tokens: the ``hard`` forward with straight-through gradients (pruned tokens get
+    the gradient of re-admitting them), the adaptive KL weight and the core's stop rule."""
+
+
+@dataclasses.dataclass
+class TokenPaper(TokenRecipe, Paper):
+    """Recipe ``paper`` for tokens: the ``soft`` network, a fixed KL weight, stop when the loss changes by
+    less than ``loss_tol`` between steps."""
+
+
+def token_recipe(recipe) -> Recipe:
+    """The token recipe for a :class:`~hookchains.core.fit.FitConfig` ``recipe`` (``None``/``"ste"``:
+    :class:`TokenSte`; ``"paper"``: :class:`TokenPaper`). Raises ``ValueError`` for the filter-only recipes.
+
+    Example:
+        >>> type(token_recipe("paper")).__name__
+        'TokenPaper'
+    """
+    chosen = recipe_named(recipe)
+    if type(chosen) not in (Ste, Paper):
+        raise ValueError(f"token scores are fitted with recipe 'ste' (default) or 'paper', not {chosen.name!r}: "
+                         "the mask and l0 recipes are for filters")
+    return TokenPaper() if isinstance(chosen, Paper) else TokenSte()
 
 
 def rows_of(inputs, part):
@@ -68,35 +134,10 @@ def _logits(chains: TokenChains, images, mode: str, batch_size: Optional[int]) -
     return torch.cat(outs)
 
 
-def _optimise(chains: TokenChains, images, teacher_logp: torch.Tensor,
-              cfg: FitConfig) -> Dict[str, List[float]]:
-    """Adam on the token scores; recipe ``hookchains``: mode ``ste``, adaptive KL weight, stable stop."""
-    parts = chunks(count(images), cfg.batch_size)
-    optimiser = torch.optim.Adam([chains.scores], lr=cfg.lr)
-    history: Dict[str, List[float]] = {"loss": [], "kl": [], "slots": [], "kl_weight": []}
-    weight, stable_for, last = 1.0, 0, None
-    bar = tqdm(range(cfg.steps), desc="fit tokens", disable=not cfg.progress, leave=False)
-    with chains.using("soft" if cfg.recipe == "paper" else "ste"):  # recipe None: ste
-        for _ in bar:
-            optimiser.zero_grad(set_to_none=True)
-            kl = _kl_backward(chains, images, teacher_logp, parts, weight)
-            penalty = cfg.lam * chains.l1()
-            penalty.backward()
-            optimiser.step()
-            chains.clamp_()
-            kept = chains.kept()
-            slots = float(kept.sum((1, 2)).float().mean())
-            figures = {"loss": kl + float(penalty.detach()), "kl": kl, "slots": slots, "kl_weight": weight}
-            for key, value in figures.items():
-                history[key].append(value)
-            weight = next_kl_weight(weight, kl, cfg)
-            settled = last is not None and int((kept != last).sum()) <= STABLE_FLIPS * kept.numel()
-            stable_for, last = (stable_for + 1 if settled else 0), kept
-            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", kl=f"{kl:.3f}", slots=f"{slots:.0f}")
-            if stopped(cfg, history, stable_for):
-                break
-    bar.close()
-    return history
+def _kl_term(chains: TokenChains, images, teacher_logp: torch.Tensor, batch_size: Optional[int]) -> KLTerm:
+    parts = chunks(count(images), batch_size)
+    return KLTerm(lambda weights: [_kl_backward(chains, images, teacher_logp, parts, float(weights[0]))],
+                  lambda: kl_per_task(_logits(chains, images, "hard", batch_size)[None], teacher_logp[None]))
 
 
 def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Optional[float] = None,
@@ -117,11 +158,12 @@ def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Opt
         tau: keep threshold on the presence ``min_{j<=i} s``.
         config: a :class:`~hookchains.core.fit.FitConfig` to start from instead of :data:`TOKEN_DEFAULTS`.
         **options: any other ``FitConfig`` field (``recipe``, ``kl_target``, ``patience``, ``batch_size``...).
-            Recipe ``hookchains`` (default) trains in mode ``ste`` (the ``hard`` forward; pruned tokens
-            get the gradient of re-admitting them) with the adaptive KL weight of :mod:`hookchains.core.fit`
-            and stops once at most 1 % of the slots change per step for ``patience`` steps, the loss
-            has settled and the KL is within ``kl_tol``; ``paper`` trains the ``soft`` network with a
-            fixed weight and stops when the loss changes by < ``loss_tol`` between steps.
+            Recipe ``ste`` (default) trains in mode ``ste`` (the ``hard`` forward; pruned tokens
+            get the gradient of re-admitting them) in :func:`hookchains.core.fit.optimise`, the filter
+            fit's loop: adaptive KL weight, and a stop once the mean kept slots per image moved by at
+            most ``size_tol`` over ``patience`` steps with the ``hard`` network's KL within ``kl_tol``;
+            ``paper`` trains the ``soft`` network with a fixed weight and stops when the loss changes
+            by < ``loss_tol`` between steps.
 
     Returns:
         a :class:`TokenSubnetwork` whose fidelity is measured on the ``hard`` network.
@@ -142,23 +184,23 @@ def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Opt
     check_token_model(model)
     given = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
     cfg = dataclasses.replace(config or TOKEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **options)
-    if cfg.recipe not in (None, "ste", "hookchains", "paper"):
-        raise ValueError(f"token scores are fitted with recipe 'ste' (default) or 'paper', not {cfg.recipe!r}: "
-                         "the mask and l0 recipes are for filters")
+    recipe = token_recipe(cfg.recipe)
     device = next(model.parameters()).device
     images = map_tensors(lambda t: t.to(device), images)
     valid = images["attention_mask"].bool() if text else None
     with seeded(cfg.seed, device), eval_mode(model), frozen_weights(model), \
-            TokenChains(model, count(images), tau=tau, example=rows_of(images, slice(0, 1)), valid=valid) as chains:
+            TokenScores(model, count(images), tau=tau, example=rows_of(images, slice(0, 1)), valid=valid) as chains:
         teacher = _logits(chains, images, "off", cfg.batch_size)
-        history = _optimise(chains, images, F.log_softmax(teacher, -1), cfg)
+        track = optimise(chains, recipe, _kl_term(chains, images, F.log_softmax(teacher, -1), cfg.batch_size), cfg,
+                         desc="fit tokens")[0]
         student = _logits(chains, images, "hard", cfg.batch_size)
     scores = chains.scores.detach().cpu().clone()
     scores[..., :chains.prefix] = 1.0  # prefix scores never change; stored as 1 for readability
     if valid is not None:
         scores *= valid.cpu()[:, None, :]  # padded positions: 0, never kept
-    if any(math.isnan(v) for v in history["loss"]):
+    if any(math.isnan(v) for v in track.history["loss"]):
         raise FloatingPointError("the loss became NaN while fitting token scores; lower lr or check the images")
-    config_out = {**dataclasses.asdict(cfg), "tau": tau, "steps_run": len(history["loss"])}
-    return TokenSubnetwork(scores, chains.sites, tau, fidelity(teacher, student), config_out, history,
+    config_out = {**dataclasses.asdict(cfg), "tau": tau, "steps_run": len(track.history["loss"]),
+                  **track.ending(cfg, recipe.counted)}
+    return TokenSubnetwork(scores, chains.sites, tau, fidelity(teacher, student), config_out, track.history,
                            valid=None if valid is None else valid.cpu())

@@ -1,5 +1,5 @@
-"""``TokenChains``: per-image token scores on a timm ViT (or per-sentence scores on a BERT-like text
-encoder, :mod:`hookchains.tokens.encoder`) applied through forward pre-hooks, and the checks that the
+"""``TokenChains``: per-image token scores on a timm ViT or an HF ViT/DeiT (or per-sentence scores on a
+BERT-like text encoder; the HF specifics in :mod:`hookchains.tokens.encoder`) applied through forward pre-hooks, and the checks that the
 model can drop tokens exactly (paper section 4.5; the design is in :mod:`hookchains.tokens`)."""
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ from torch import nn
 from hookchains.adapters import discover
 from hookchains.adapters.families import ViTAdapter
 from hookchains.core.attach import MODES, HookOwner
-from hookchains.core.objectives import OutputLogits, ZeroShotClassifier
+from hookchains.core.objectives import ZeroShotClassifier
 from hookchains.core.sites import TokenSite
-from hookchains.tokens.encoder import check_text_token_model, eager_attention, ste_context_hooks, with_key_bias
+from hookchains.tokens.encoder import (
+    check_text_token_model,
+    eager_attention,
+    is_hf_objective,
+    is_image_objective,
+    ste_context_hooks,
+    with_key_bias,
+)
 
 __all__ = ["TokenChains", "check_token_model", "is_token_model", "is_text_model", "token_presence",
            "vit_parameter_counts", "mark_hook", "token_hooks_on", "TINY"]
@@ -43,7 +50,7 @@ def check_token_model(model: nn.Module) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"token pruning needs a torch.nn.Module, got {type(model).__name__}")
-    if is_text_model(model):
+    if is_hf_objective(model):
         check_text_token_model(model)
         return
     name = type(model).__name__
@@ -65,13 +72,14 @@ def check_token_model(model: nn.Module) -> None:
 
 def is_text_model(model: nn.Module) -> bool:
     """Whether ``model`` is a text objective (:mod:`hookchains.core.objectives`): its token sites are those
-    of :mod:`hookchains.tokens.encoder`, its inputs token ids."""
-    return isinstance(model, (ZeroShotClassifier, OutputLogits))
+    of :mod:`hookchains.tokens.encoder`, its inputs token ids (an HF image classifier in ``OutputLogits``
+    takes images: ``False``)."""
+    return is_hf_objective(model) and not is_image_objective(model)
 
 
 def is_token_model(model: nn.Module) -> bool:
-    """Whether :func:`check_token_model` accepts ``model`` (a timm ViT/DeiT with class-token pooling, or a
-    text objective around a BERT-like encoder).
+    """Whether :func:`check_token_model` accepts ``model`` (a timm ViT/DeiT with class-token pooling, an
+    HF ViT/DeiT classifier in ``OutputLogits``, or a text objective around a BERT-like encoder).
 
     Example:
         >>> import timm
@@ -130,8 +138,9 @@ def token_hooks_on(model: nn.Module) -> bool:
 
 
 def _token_sites(model: nn.Module, example) -> List[TokenSite]:
-    sites = discover(model, "transformers" if is_text_model(model) else "vit", example=example).tokens
-    expected = len(sites) if is_text_model(model) else len(model.blocks)
+    hf = is_hf_objective(model)
+    sites = discover(model, "transformers" if hf else "vit", example=example).tokens
+    expected = len(sites) if hf else len(model.blocks)
     if not sites or len(sites) != expected or len({s.tokens for s in sites}) != 1:
         raise ValueError(f"{type(model).__name__}: expected one token site of equal length per block, "
                          f"found {[(s.name, s.tokens) for s in sites]}")
@@ -146,7 +155,8 @@ class TokenChains(HookOwner):
     (:meth:`select`; default: all ``N``, in order), because every image has its own scores. Set the
     mode with :meth:`using`: for mode ``ste`` it also switches timm to its manual attention path.
 
-    A text objective around a BERT-like encoder works the same way, one row per sentence
+    An HF ViT/DeiT classifier in ``OutputLogits`` works the same way (its layers take the bias as their
+    attention mask), and so does a text objective around a BERT-like encoder, one row per sentence
     (:mod:`hookchains.tokens.encoder`); ``valid`` (``N x T`` bool, the attention mask) marks its real
     tokens: a padded position has presence 0 (never kept, never a key, not in the L1 term).
 
@@ -177,11 +187,11 @@ class TokenChains(HookOwner):
         self.valid = (torch.ones(num_images, self.tokens, dtype=torch.bool) if valid is None else valid.bool()).to(device)
         if tuple(self.valid.shape) != (num_images, self.tokens):
             raise ValueError(f"valid must be {num_images} x {self.tokens} (the attention mask), got {tuple(self.valid.shape)}")
-        self.mode, self._rows, self.text = "soft", None, is_text_model(model)
+        self.mode, self._rows, self.hf = "soft", None, is_hf_objective(model)
         blocks = [model.get_submodule(site.name) for site in self.sites]
         self._handles = [b.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
         self._attentions = [b.attn for b in blocks if isinstance(getattr(b, "attn", None), Attention)]
-        if self.text:  # "ste" recomputes the context from eager attention's probabilities
+        if self.hf:  # "ste" recomputes the context from eager attention's probabilities
             self._handles += [module.register_forward_hook(mark_hook(hook))
                               for module, hook in ste_context_hooks(model, self._reweight)]
             if isinstance(model, ZeroShotClassifier):  # a pruned token leaves the mean pooling too
@@ -278,7 +288,7 @@ class TokenChains(HookOwner):
                                  f"{block} got a sequence of shape {tuple(x.shape)}: feed the images the scores "
                                  "belong to (see TokenChains.select), at the size used to create them")
             bias = self.key_bias(block)
-            if self.text:  # combined with the model's own (padding) mask
+            if self.hf:  # combined with the model's own (padding) mask
                 return None if bias is None else with_key_bias(args, kwargs, bias)
             if kwargs.get("attn_mask") is not None:
                 raise ValueError("the model was called with its own attn_mask; token pruning cannot combine masks")
@@ -293,7 +303,7 @@ class TokenChains(HookOwner):
         Example: ``with chains.using("mask"): logits = model(images)``."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "ste" and not self.text and len(self._attentions) != len(self.sites):
+        if mode == "ste" and not self.hf and len(self._attentions) != len(self.sites):
             raise ValueError("mode 'ste' reweights timm Attention probabilities; this model's blocks use another "
                              "attention class: use mode 'hard' (fit_tokens(..., recipe='paper') trains 'soft')")
         previous, self.mode = self.mode, mode
@@ -302,7 +312,7 @@ class TokenChains(HookOwner):
             for a in self._attentions:
                 a.fused_attn = False
         try:
-            if mode == "ste" and self.text:  # and on transformers' eager one
+            if mode == "ste" and self.hf:  # and on transformers' eager one
                 with eager_attention(self.model):
                     yield self
             else:

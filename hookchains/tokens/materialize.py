@@ -7,12 +7,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from hookchains.core.materialize import TOLERANCE, MaterializeError
 from hookchains.core.objectives import ZeroShotClassifier
+from hookchains.core.result import TOLERANCE, check_exact
 from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call, count, map_tensors, validate_inputs
-from hookchains.tokens.encoder import with_key_bias
+from hookchains.tokens.encoder import is_hf_objective, with_key_bias
 from hookchains.tokens.fit import rows_of
 from hookchains.tokens.hooks import TINY, TokenChains, check_token_model, is_text_model, mark_hook, token_hooks_on
 from hookchains.tokens.result import TokenSubnetwork
@@ -38,7 +38,8 @@ class TokenDroppedViT(nn.Module):
     keys. The class token stays first, so the head's class-token pooling is unchanged. The hooks exist
     only during :meth:`forward`; the wrapped model is borrowed, not copied.
 
-    A text objective (:mod:`hookchains.tokens.encoder`) runs sentence by sentence the same way: its
+    An HF ViT/DeiT classifier runs the same way, its layers given the gathered keys' bias as their
+    attention mask. A text objective (:mod:`hookchains.tokens.encoder`) runs sentence by sentence: its
     padded positions are never kept, so the layers see no padding and get the token weights alone as
     their attention mask; an embedding's mean pooling reads the tokens left after the last layer with
     their weights (``pool_weights``).
@@ -61,7 +62,7 @@ class TokenDroppedViT(nn.Module):
         super().__init__()
         if mode not in ("hard", "mask"):
             raise ValueError(f"mode must be 'hard' (kept tokens weighted by their scores) or 'mask', got {mode!r}")
-        self.model, self.mode, self.tsub, self.text = model, mode, tsub, is_text_model(model)
+        self.model, self.mode, self.tsub, self.hf = model, mode, tsub, is_hf_objective(model)
         self.block_names = [site.name for site in tsub.sites]
         self.gather: List[List[torch.Tensor]] = []
         self.bias: List[List[Optional[torch.Tensor]]] = []
@@ -91,7 +92,7 @@ class TokenDroppedViT(nn.Module):
             x, n = args[0], current["n"]
             x = x.index_select(1, self.gather[n][block].to(x.device))
             bias = self.bias[n][block]
-            if self.text:  # no padding is left: the token weights are the whole mask
+            if self.hf:  # no padding is left: the token weights are the whole mask
                 return with_key_bias((x, *args[1:]), kwargs, bias, replace=True)
             kwargs = {**kwargs, "attn_mask": None if bias is None else bias.to(device=x.device, dtype=x.dtype)}
             return (x, *args[1:]), kwargs
@@ -139,12 +140,8 @@ class TokenDroppedViT(nn.Module):
                 reference = call(self.model, images).float()
         with eval_mode(self.model):
             got = self(images, rows_t.tolist()).float()
-        diff, scale = float((got - reference).abs().max()), max(float(reference.abs().max()), 1e-12)
-        self.max_abs_diff = diff
-        if diff > tolerance * scale:
-            raise MaterializeError(f"token-dropping module differs from the masked network by {diff:.3g} "
-                                   f"(> {tolerance:g} x max|logit| = {tolerance * scale:.3g})")
-        return diff
+        self.max_abs_diff = check_exact(got, reference, tolerance, what="token-dropping module", against="the masked network")
+        return self.max_abs_diff
 
 
 def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
@@ -171,8 +168,8 @@ def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
         6
     """
     check_token_model(model)
-    text = is_text_model(model)
-    blocks = len(tsub.sites) if text else len(model.blocks)
+    text, hf = is_text_model(model), is_hf_objective(model)
+    blocks = len(tsub.sites) if hf else len(model.blocks)
     if len(tsub.sites) != blocks or not all(_has_module(model, site.name) for site in tsub.sites):
         raise ValueError(f"the result has {len(tsub.sites)} blocks, {type(model).__name__} has {blocks}")
     module = TokenDroppedViT(model, tsub, mode)

@@ -1,28 +1,27 @@
 """``TokenSubnetwork``: per-image token scores of a ViT and what they keep (paper section 4.5), as plain
-data that saves as safetensors + JSON. The token twin of :class:`hookchains.core.subnetwork.Subnetwork`."""
+data that saves as safetensors + JSON. The token twin of :class:`hookchains.core.subnetwork.Subnetwork`;
+both are :class:`hookchains.core.result.Result` (save/load, format version, summary parts)."""
 from __future__ import annotations
 
 import dataclasses
-import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from hookchains.core.io import read_json, read_tensors, write_json, write_tensors
+from hookchains.core.result import FORMAT_VERSION, Result
 from hookchains.core.sites import TokenSite
 from hookchains.tokens.hooks import token_presence
 
 __all__ = ["TokenSubnetwork", "TOKEN_FORMAT_VERSION", "TOKEN_FILES"]
 
-TOKEN_FORMAT_VERSION = 1
-_SCORES_FILE, _META_FILE = "token_scores.safetensors", "tokens.json"
-TOKEN_FILES = (_META_FILE, _SCORES_FILE)  # what TokenSubnetwork.save writes (run folders list them)
+TOKEN_FORMAT_VERSION = FORMAT_VERSION  # one version for both results (hookchains.core.result)
+TOKEN_FILES = ("tokens.json", "token_scores.safetensors")  # what TokenSubnetwork.save writes (run folders list them)
 
 
 @dataclass
-class TokenSubnetwork:
+class TokenSubnetwork(Result):
     """Learned per-image token scores and what they keep (section 4.5), as plain data.
 
     Attributes:
@@ -44,6 +43,10 @@ class TokenSubnetwork:
     model_ref: Optional[Dict[str, Any]] = None
     task: Dict[str, Any] = field(default_factory=dict)
     valid: Optional[torch.Tensor] = None
+
+    files = TOKEN_FILES
+    tensor_format = "hookchains-tokens"
+    unit = "token slots"
 
     @classmethod
     def from_masks(cls, masks: torch.Tensor, sites: Sequence[TokenSite]) -> TokenSubnetwork:
@@ -90,57 +93,34 @@ class TokenSubnetwork:
             "images": int(masks.shape[0]),
         }
 
-    def _repr_html_(self) -> str:
-        """Jupyter shows the summary line."""
-        return f"<p><strong>TokenSubnetwork</strong>: {html.escape(self.summary())}</p>"
-
     def summary(self) -> str:
         """One line: 'keeps K/2364 token slots per image (P %, mean of N); last block keeps ...; KL ...'.
 
         Example: ``print(result.summary())``."""
-        c, f = self.counts(), self.fidelity
+        c = self.counts()
         unit, rest = ("image", "patch") if self.valid is None else ("sentence", "word-piece")
-        line = (f"keeps {c['slots_kept_mean']:.0f}/{c['slots_total']:.0f} token slots per {unit} "
+        return (f"keeps {c['slots_kept_mean']:.0f}/{c['slots_total']:.0f} token slots per {unit} "
                 f"({100.0 * c['slots_kept_mean'] / c['slots_total']:.1f} %, mean of {c['images']}); "
-                f"last block keeps {sum(c['patches_in_last_block']) / c['images']:.1f} {rest} tokens per {unit}")
-        if f:
-            line += f"; top-1 agreement {f['agree']}/{f['images']}; KL {f['kl']:.3f}; Q mean {f['quotient_mean']:.2f}"
-        return line
+                f"last block keeps {sum(c['patches_in_last_block']) / c['images']:.1f} {rest} tokens per {unit}"
+                + self.fidelity_text() + self.ending_text())
 
-    # ------------------------------------------------------------------ persistence
-    def save(self, directory) -> Path:
-        """Write ``token_scores.safetensors`` and ``tokens.json`` into ``directory`` (each atomically).
-
-        Example: ``result.save("runs/deit-cat")``; ``TokenSubnetwork.load("runs/deit-cat")``."""
-        directory = Path(directory)
+    # ------------------------------------------------------------------ persistence (Result.save / load)
+    def tensors_to_save(self) -> Dict[str, torch.Tensor]:
+        """``token_scores.safetensors``: ``scores``, ``kept`` (the masks, checked on load), ``valid`` (text)."""
         extra = {} if self.valid is None else {"valid": self.valid.to(torch.uint8)}
-        write_tensors(directory / _SCORES_FILE, {"scores": self.scores, "kept": self.masks, **extra},
-                      metadata={"format": "hookchains-tokens"})
-        write_json(directory / _META_FILE, {
-            "format_version": TOKEN_FORMAT_VERSION, "summary": self.summary(), "counts": self.counts(),
-            "tau": self.tau, "fidelity": self.fidelity, "config": self.config, "history": self.history,
-            "model_ref": self.model_ref, "task": self.task, "sites": [dataclasses.asdict(s) for s in self.sites]})
-        return directory
+        return {"scores": self.scores, "kept": self.masks, **extra}
+
+    def meta_to_save(self) -> Dict[str, Any]:
+        """``tokens.json`` besides the shared fields: the token sites."""
+        return {"sites": [dataclasses.asdict(s) for s in self.sites]}
 
     @classmethod
-    def load(cls, directory) -> TokenSubnetwork:
-        """Read what :meth:`save` wrote; missing, truncated or mismatched files are clear errors.
-
-        Example: ``result = TokenSubnetwork.load("runs/deit-cat")``."""
-        directory = Path(directory)
-        for name in TOKEN_FILES:
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing: {directory} holds no token result "
-                                        f"(it needs {_META_FILE} and {_SCORES_FILE})")
-        meta, tensors = read_json(directory / _META_FILE), read_tensors(directory / _SCORES_FILE)
-        if meta.get("format_version") != TOKEN_FORMAT_VERSION:
-            raise ValueError(f"{directory} has token format version {meta.get('format_version')}, this "
-                             f"hookchains reads version {TOKEN_FORMAT_VERSION}")
+    def from_saved(cls, directory: Path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> TokenSubnetwork:
         result = cls(tensors["scores"], [TokenSite(**s) for s in meta["sites"]], meta["tau"], meta["fidelity"],
                      meta["config"], meta["history"], meta["model_ref"], meta.get("task", {}),
                      tensors["valid"].bool() if "valid" in tensors else None)
         shape = (len(result.sites), result.sites[0].tokens)
         if (tuple(result.scores.shape[1:]) != shape or not torch.equal(result.masks, tensors["kept"])
                 or meta.get("counts", {}).get("slots_kept") != result.counts()["slots_kept"]):
-            raise ValueError(f"{directory}/{_SCORES_FILE} does not match its {_META_FILE}: the files were mixed up")
+            raise ValueError(f"{directory}/{cls.files[1]} does not match its {cls.files[0]}: the files were mixed up")
         return result

@@ -1,7 +1,7 @@
 """One extraction from model to run folder: fit, threshold, materialise, save, draw.
 
 This is what ``hookchains extract`` and ``hookchains demo`` run; it is public so a notebook can run
-the same pipeline. Two methods, picked by ``mode``:
+the same pipeline. Two methods, picked by ``sites`` (called ``mode`` before 0.3):
 
 * ``filters`` -- Eq. 8 on filter scores and layer gates (sections 3-4.4): the pruned module is saved
   and, when asked, the sub-network graph is drawn;
@@ -15,6 +15,7 @@ everything else (an average-pooled ViT included: a pruned token would still reac
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from hookchains.adapters import get_adapter
 from hookchains.core.attach import attach
+from hookchains.core.deprecation import renamed_keyword
 from hookchains.core.fit import FitConfig, fit, preset_for
 from hookchains.core.materialize import materialize
 from hookchains.core.progress import Progress
@@ -41,9 +43,11 @@ from hookchains.viz.report import write_report
 from hookchains.viz.token_report import write_token_report
 from hookchains.workflow.runs import Result, discard_staging, finish_run_dir, prepare_run_dir, save_run
 
-__all__ = ["extract", "extraction_mode", "fit_config", "resolve_device", "write_run_report", "EXTRACT_MODES"]
+__all__ = ["extract", "resolve_sites", "extraction_mode", "fit_config", "resolve_device", "write_run_report",
+           "EXTRACT_SITES", "EXTRACT_MODES"]
 
-EXTRACT_MODES = ("auto", "filters", "tokens")
+EXTRACT_SITES = ("auto", "filters", "tokens")  # what a run scores
+EXTRACT_MODES = EXTRACT_SITES  # the name before 0.3
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -60,7 +64,14 @@ def resolve_device(device: Optional[str]) -> torch.device:
 
 
 def extraction_mode(model: nn.Module, mode: str = "auto") -> str:
-    """Resolve ``mode`` (one of :data:`EXTRACT_MODES`) to ``"filters"`` or ``"tokens"`` for ``model``.
+    """Deprecated since 0.3: :func:`resolve_sites`."""
+    warnings.warn("extraction_mode(model, mode) is deprecated: use resolve_sites(model, sites)", DeprecationWarning,
+                  stacklevel=2)
+    return resolve_sites(model, mode)
+
+
+def resolve_sites(model: nn.Module, sites: str = "auto") -> str:
+    """Resolve ``sites`` (one of :data:`EXTRACT_SITES`) to ``"filters"`` or ``"tokens"`` for ``model``.
 
     ``tokens`` on a model that cannot drop tokens raises :func:`~hookchains.tokens.check_token_model`'s
     error, so the user learns why (e.g. average pooling) instead of silently getting filters.
@@ -68,21 +79,22 @@ def extraction_mode(model: nn.Module, mode: str = "auto") -> str:
     Example:
         >>> import timm
         >>> resnet18 = timm.create_model("resnet18")
-        >>> extraction_mode(timm.create_model("deit_tiny_patch16_224")), extraction_mode(resnet18)
+        >>> resolve_sites(timm.create_model("deit_tiny_patch16_224")), resolve_sites(resnet18)
         ('tokens', 'filters')
     """
-    if mode not in EXTRACT_MODES:
-        raise ValueError(f"unknown extraction mode {mode!r}; choose one of {EXTRACT_MODES}")
-    if mode == "tokens":
+    if sites not in EXTRACT_SITES:
+        raise ValueError(f"unknown sites {sites!r}; choose one of {EXTRACT_SITES}")
+    if sites == "tokens":
         check_token_model(model)
-        return mode
-    if mode == "filters":
-        return mode
+        return sites
+    if sites == "filters":
+        return sites
     return "tokens" if is_token_model(model) else "filters"
 
 
-def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
-    """Default fit options of ``mode`` for ``model`` with the ``overrides`` that are not ``None``.
+@renamed_keyword(mode="sites")
+def fit_config(model: nn.Module, sites: str, **overrides) -> FitConfig:
+    """Default fit options of ``sites`` for ``model`` with the ``overrides`` that are not ``None``.
 
     ``filters``: the adapter family's preset (:func:`hookchains.core.fit.preset_for`); ``tokens``:
     :data:`hookchains.tokens.TOKEN_DEFAULTS`.
@@ -93,7 +105,7 @@ def fit_config(model: nn.Module, mode: str, **overrides) -> FitConfig:
         >>> fit_config(deit, "tokens", steps=20).steps
         20
     """
-    if extraction_mode(model, mode) == "tokens":
+    if resolve_sites(model, sites) == "tokens":
         return dataclasses.replace(TOKEN_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None})
     return preset_for(get_adapter(model).name, **overrides)
 
@@ -186,6 +198,7 @@ def _extract_into(staging: Path, model: nn.Module, model_ref: ModelRef, task: Im
                   report: bool, progress: Progress, output: Selector) -> Result:
     """The run's files, written into ``staging`` (the model is on the images' device, in eval mode)."""
     checked = _check_task(model, model_ref, task, images, progress, output)
+    sub: Result
     if resolved == "tokens":
         sub = _token_run(model, model_ref, task, images, staging, config, tau, checked, progress)
     else:
@@ -196,9 +209,10 @@ def _extract_into(staging: Path, model: nn.Module, model_ref: ModelRef, task: Im
     return sub
 
 
+@renamed_keyword(mode="sites")
 def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, config: Optional[FitConfig] = None,
             tau: float = 0.1, temperature: float = 0.2, device: Optional[str] = None, overwrite: bool = False,
-            graph_format: Optional[str] = "pdf", report: bool = True, mode: str = "auto", output: Selector = None,
+            graph_format: Optional[str] = "pdf", report: bool = True, sites: str = "auto", output: Selector = None,
             progress: Optional[Progress] = None) -> Result:
     """Fit a sub-network of ``model`` on ``task`` and write the run folder ``out``.
 
@@ -215,9 +229,9 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
     report).
 
     Args:
-        config: fit options (default: :func:`fit_config` for the resolved mode).
+        config: fit options (default: :func:`fit_config` for the resolved sites).
         tau: score threshold; temperature: gate temperature (filters only).
-        mode: ``auto``, ``filters`` or ``tokens`` (see the module docstring).
+        sites: ``auto``, ``filters`` or ``tokens`` (see the module docstring; keyword ``mode`` before 0.3).
         output: where the class scores are in a dict/tuple/list output (a key, an index or a callable;
             :class:`~hookchains.inputs.forward.OutputSpec`); recorded in the result, so loading and
             exporting the run need it no more. Filter runs only.
@@ -242,10 +256,10 @@ def extract(model: nn.Module, model_ref: ModelRef, task: ImageSet, out, *, confi
         >>> tsub = extract(deit, ref, task, "runs/deit")          # doctest: +SKIP
     """
     progress = progress or Progress(enabled=False)
-    resolved = extraction_mode(model, mode)
+    resolved = resolve_sites(model, sites)
     if resolved == "tokens" and output is not None:
         raise ValueError(f"output={output!r} selects class scores for filter runs only; a token run needs a ViT "
-                         "returning one logits tensor (use mode='filters' to score this model's filters)")
+                         "returning one logits tensor (use sites='filters' to score this model's filters)")
     config = config or fit_config(model, resolved)
     dev = resolve_device(device)
     staging = prepare_run_dir(Path(out), overwrite)

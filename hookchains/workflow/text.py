@@ -11,13 +11,19 @@ A text run folder holds ``subnetwork.json`` + ``scores.safetensors`` (the result
 (model, classes, sentences, labels, objective), ``pruned.safetensors`` (the sliced module's weights),
 ``materialize.json`` (the :class:`~hookchains.core.slicing.SlicedReport`), ``summary.txt``, ``report.html``
 and ``manifest.json``; it is written atomically (:mod:`hookchains.workflow.runs`).
+
+With ``curve`` (``extract --curve``) it also holds ``curve.json``: the size-fidelity trade-off, one real
+fit per value of one fit option (``kl_target`` or ``lam``), and beside it the random-weights control --
+the same fits on a re-initialised copy of the model (:func:`random_twin`) -- with both models' output
+spreads (:func:`text_curve`, :func:`curve_table`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,7 +43,13 @@ from hookchains.viz.text_report import text_report_html, text_token_report_html
 from hookchains.workflow.runs import RUN_KIND, discard_staging, finish_run_dir, prepare_run_dir
 
 __all__ = ["TextTask", "text_task", "zero_shot", "demo_text_data", "fit_text", "text_summary", "extract_text",
-           "random_weights_text_control", "extract_text_tokens", "token_summary"]
+           "random_weights_text_control", "extract_text_tokens", "token_summary", "random_twin", "filter_point",
+           "token_point", "text_curve", "curve_table", "CURVE_DEFAULTS"]
+
+CURVE_DEFAULTS = {"filters": ("kl_target", (0.01, 0.1, 0.3)), "tokens": ("lam", (0.005, 0.08, 1.0))}
+"""What ``extract --curve`` varies without a list (one fit per value, on the real model and on its
+random-weights copy). Tokens vary ``lam``: on MiniLM and the demo task a token fit stops on a stable kept
+set with KL ~0 whatever ``kl_target`` (0.01, 0.1, 0.3: 45.1, 44.8, 43.8 of 68.8 slots, KL <= 0.001)."""
 
 
 @dataclass
@@ -121,19 +133,97 @@ def text_summary(sub: Subnetwork, report: Optional[SlicedReport] = None, accurac
     return lines
 
 
-def random_weights_text_control(task: TextTask, sub: Subnetwork, seed: int = 0, **options) -> Dict[str, Any]:
-    """The same fit on a re-initialised copy (:func:`hookchains.evaluation.controls.randomized_copy`); an
-    embedding model's prototypes are recomputed with the random weights, so the task stays a task of
-    that model. Returns its summary lines, counts, fidelity, kept overlap and output spreads."""
+def random_twin(task: TextTask, seed: int = 0) -> TextTask:
+    """The task on a re-initialised copy of its model (:func:`hookchains.evaluation.controls.randomized_copy`);
+    an embedding model's prototypes are recomputed with the random weights, so the task stays a task of
+    that model."""
     inner = randomized_copy(task.model.model, seed)
-    twin = (zero_shot(inner, task.inputs, task.data.labels, len(task.data.classes), task.temperature)
-            if task.kind == "embedding" else OutputLogits(inner, getattr(task.model, "position", None)).eval())
-    with attach(twin, sites=sub.sites, tau=sub.tau, temperature=sub.temperature, score_max=None) as hooks:
+    model = (zero_shot(inner, task.inputs, task.data.labels, len(task.data.classes), task.temperature)
+             if task.kind == "embedding" else OutputLogits(inner, getattr(task.model, "position", None)).eval())
+    return dataclasses.replace(task, model=model)
+
+
+def random_weights_text_control(task: TextTask, sub: Subnetwork, seed: int = 0, **options) -> Dict[str, Any]:
+    """The same fit on :func:`random_twin`. Returns its summary lines, counts, fidelity, kept overlap and
+    output spreads."""
+    twin = random_twin(task, seed)
+    with attach(twin.model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature, score_max=None) as hooks:
         control = fit(hooks, task.inputs, **options)
     with torch.no_grad():
-        spread = {"real": output_spread(task.model(**task.inputs)), "random": output_spread(twin(**task.inputs))}
+        spread = {"real": output_spread(task.model(**task.inputs)), "random": output_spread(twin.model(**task.inputs))}
     return {"summary": text_summary(control), "counts": control.counts(), "fidelity": dict(control.fidelity),
             "overlap": kept_overlap(sub, control), "output_spread": spread}
+
+
+def filter_point(sub: Subnetwork) -> Dict[str, Any]:
+    """One point of a filter curve: kept/total heads, MLP neurons and layers, KL, top-1 agreement, steps."""
+    kept = sub.kept_filters()
+    point: Dict[str, Any] = {}
+    for kind, name in (("head", "heads"), ("neuron", "neurons")):
+        sites = [s for s in sub.sites.filters if s.kind == kind]
+        point[name] = [sum(len(kept.get(s.name, ())) for s in sites), sum(s.channels for s in sites)]
+    point["layers"] = [len(sub.sites.gates) - len(sub.removed_gates), len(sub.sites.gates)]
+    return {**point, **_fidelity_point(sub.fidelity, sub.config)}
+
+
+def token_point(tsub: TokenSubnetwork) -> Dict[str, Any]:
+    """One point of a token curve: kept token slots per sentence (mean) of the total, tokens left after the
+    last layer (mean), KL, top-1 agreement, steps."""
+    counts = tsub.counts()
+    last = sum(counts["patches_in_last_block"]) / counts["images"]
+    return {"slots": [counts["slots_kept_mean"], counts["slots_total"]], "last_layer_tokens": last,
+            **_fidelity_point(tsub.fidelity, tsub.config)}
+
+
+def _fidelity_point(fid: Dict[str, Any], config: Dict[str, Any]) -> Dict[str, Any]:
+    return {"kl": fid.get("kl"), "agree": [fid.get("agree"), fid.get("images", fid.get("positions"))],
+            "steps": config.get("steps_run")}
+
+
+def text_curve(task: TextTask, parameter: str, values: Sequence[float],
+               fit_point: Callable[[TextTask, Dict[str, float]], Dict[str, Any]], *,
+               seed: int = 0, known: Optional[Dict[float, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The size-fidelity trade-off by refitting at each value of the fit option ``parameter``
+    (``"kl_target"`` or ``"lam"``), on the real model and on :func:`random_twin` (the random-weights
+    control, same fits).
+
+    Args:
+        fit_point: fits a task with one option override (``{parameter: value}``) and returns its point
+            (:func:`filter_point` or :func:`token_point` of the result).
+        known: points of the real model already fitted, by value (not refitted).
+
+    Returns:
+        ``{"parameter", "values", "seed", "real": [points], "random_weights": [points],
+        "output_spread": {"real", "random_weights"}}`` -- each point also holds its ``parameter`` value;
+        the output spread (:func:`hookchains.evaluation.controls.output_spread`) says how much each
+        model's outputs vary over the sentences (a control that barely varies is trivially matched).
+    """
+    twin = random_twin(task, seed)
+    known = known or {}
+    curves = {name: [{parameter: v, **(known[v] if name == "real" and v in known else fit_point(t, {parameter: v}))}
+                     for v in values] for name, t in (("real", task), ("random_weights", twin))}
+    with torch.no_grad():
+        spread = {name: output_spread(t.model(**t.inputs)) for name, t in (("real", task), ("random_weights", twin))}
+    return {"parameter": parameter, "values": list(values), "seed": seed, **curves, "output_spread": spread}
+
+
+def _cell(point: Dict[str, Any]) -> str:
+    if "slots" in point:
+        kept, total = point["slots"]
+        size = f"slots {kept:.1f}/{total:.1f}, last layer {point['last_layer_tokens']:.1f}"
+    else:
+        size = ", ".join(f"{name} {point[name][0]}/{point[name][1]}" for name in ("heads", "neurons", "layers"))
+    return f"{size}; KL {point['kl']:.3f}, agree {point['agree'][0]}/{point['agree'][1]}"
+
+
+def curve_table(curve: Dict[str, Any]) -> List[str]:
+    """The printed lines of a :func:`text_curve`: one per value, the real fit beside the control."""
+    spread, name = curve["output_spread"], curve["parameter"]
+    lines = [f"size-fidelity trade-off (one fit per {name}) | random-weights control (same fits; output spread "
+             f"real {spread['real']:.3f}, random {spread['random_weights']:.3f})"]
+    for real, random in zip(curve["real"], curve["random_weights"]):
+        lines.append(f"  {name} {real[name]:g}: {_cell(real)} | {_cell(random)}")
+    return lines
 
 
 def _write_task(folder: Path, task: TextTask, result, lines: List[str]) -> None:
@@ -164,23 +254,45 @@ def _write_manifest(folder: Path, html: Optional[str]) -> None:
                                                     for n in files}})
 
 
-def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool = True, **options):
+def _with_curve(folder: Path, task: TextTask, lines: List[str], curve_spec: Optional[Tuple[str, Sequence[float]]],
+                fit_point: Callable[[TextTask, Dict[str, float]], Dict[str, Any]], fitted, point,
+                seed: int) -> Optional[Dict[str, Any]]:
+    """With ``curve_spec`` (parameter, values): :func:`text_curve` (the main result ``fitted`` reused at its
+    own value) written to ``curve.json`` and its table appended to ``lines``."""
+    if not curve_spec:
+        return None
+    parameter, values = curve_spec
+    known = {fitted.config[parameter]: point(fitted)}
+    curve = text_curve(task, parameter, values, fit_point, seed=seed, known=known)
+    write_json(folder / "curve.json", curve)
+    lines += curve_table(curve)
+    return curve
+
+
+def extract_text(task: TextTask, out, *, overwrite: bool = False, report: bool = True,
+                 curve: Optional[Tuple[str, Sequence[float]]] = None, **options):
     """Fit, slice, check and write a text run folder atomically (module doc).
 
     Args:
         task: from :func:`text_task`.
         out: the run folder (must not exist unless ``overwrite`` and it is an earlier run).
         report: write ``report.html`` (:func:`hookchains.viz.text_report.text_report_html`).
+        curve: ``(parameter, values)``: the fit option (``"kl_target"`` or ``"lam"``) and values of the
+            trade-off and its random-weights control (``curve.json``, :func:`text_curve`; the main fit's
+            point is reused); ``None``: no curve.
         **options: :class:`~hookchains.core.fit.FitConfig` fields.
 
     Returns:
-        ``(sub, sliced module, SlicedReport, summary lines, run folder)``.
+        ``(sub, sliced module, SlicedReport, summary lines, run folder)``; with ``curve`` the lines end
+        with :func:`curve_table`.
     """
     staging = prepare_run_dir(Path(out), overwrite)
     try:
         sub = fit_text(task, **options)
         small, sliced = materialize_transformer(sub, task.model, task.inputs)
         lines = text_summary(sub, sliced, task.accuracy())
+        _with_curve(staging, task, lines, curve, lambda t, o: filter_point(fit_text(t, **{**options, **o})),
+                    sub, filter_point, options.get("seed", 0))
         html = text_report_html(sub, task.model, task.inputs, task.tokenizer, lines, [
             ("Parameters (sliced / original)", f"{sliced.params_after:,} / {sliced.params_before:,}"),
             ("Parameters of the transformer layers (sliced / original)",
@@ -207,23 +319,30 @@ def token_summary(tsub: TokenSubnetwork, max_abs_diff: float, accuracy: Optional
 
 
 def extract_text_tokens(task: TextTask, out, *, overwrite: bool = False, report: bool = True,
-                        tau: float = 0.1, **options):
+                        tau: float = 0.1, curve: Optional[Tuple[str, Sequence[float]]] = None, **options):
     """Per-sentence token scores (:func:`hookchains.tokens.fit.fit_tokens` on the task's objective), the
     token-dropping module checked exact, and a run folder written atomically: ``tokens.json`` +
-    ``token_scores.safetensors``, ``text_task.json``, ``summary.txt``, ``report.html``, ``manifest.json``.
+    ``token_scores.safetensors``, ``text_task.json``, ``summary.txt``, ``report.html``, ``manifest.json``
+    (and ``curve.json`` with ``curve``, as in :func:`extract_text`).
 
     Args:
         task: from :func:`text_task` (an encoder: a causal LM is refused in one line).
+        curve: ``(parameter, values)`` of the trade-off and its random-weights control (:func:`text_curve`).
         **options: :class:`~hookchains.core.fit.FitConfig` fields over :data:`~hookchains.tokens.fit.TOKEN_DEFAULTS`.
 
     Returns:
         ``(token result, summary lines, run folder)``.
     """
     staging = prepare_run_dir(Path(out), overwrite)
+
+    def fit_at(t: TextTask, extra: Optional[Dict[str, float]] = None) -> TokenSubnetwork:
+        return fit_tokens(t.model, t.inputs, tau=tau, config=TOKEN_DEFAULTS, **{**options, **(extra or {})})
     try:
-        tsub = fit_tokens(task.model, task.inputs, tau=tau, config=TOKEN_DEFAULTS, **options)
+        tsub = fit_at(task)
         dropped = materialize_tokens(tsub, task.model, task.inputs, check=True)
         lines = token_summary(tsub, float(dropped.max_abs_diff or 0.0), task.accuracy())
+        _with_curve(staging, task, lines, curve, lambda t, o: token_point(fit_at(t, o)), tsub, token_point,
+                    options.get("seed", 0))
         _write_task(staging, task, tsub, lines)
         html = text_token_report_html(tsub, task.model, task.inputs, task.tokenizer, lines) if report else None
         _write_manifest(staging, html)

@@ -51,3 +51,23 @@ def test_text_demo_end_to_end(text_demo_run):
     assert fid["agree"] >= 27 and fid["kl"] <= 0.1
     assert physical["heads_kept"] < 72 and physical["neurons_kept"] < 9216
     assert (folder / "report.html").is_file()
+
+
+def test_tokens_dropped_from_real_minilm_equal_the_thresholded_network():
+    from hookchains.tokens.hooks import TokenChains
+    from hookchains.tokens.materialize import materialize_tokens
+    from hookchains.tokens.result import TokenSubnetwork
+    from hookchains.workflow.text import demo_text_data, text_task
+    task = text_task("hf:all-MiniLM-L6-v2", demo_text_data())
+    valid = task.inputs["attention_mask"].bool()
+    n, length = valid.shape
+    with TokenChains(task.model, n, example=task.example(), valid=valid) as chains:
+        sites = chains.sites
+    scores = torch.rand(n, len(sites), length, generator=torch.Generator().manual_seed(0)) * 1.2
+    scores[..., 0] = 1.0
+    tsub = TokenSubnetwork(scores * valid[:, None], sites, tau=0.3, valid=valid)
+    assert 0 < int(tsub.masks.sum()) < int(valid.sum()) * len(sites)
+    for mode in ("hard", "mask"):
+        small = materialize_tokens(tsub, task.model, task.inputs, mode=mode)  # MaterializeError unless exact
+        assert small.max_abs_diff <= 1e-4 * 20  # logits are cosines / 0.05: |logit| <= 20
+        assert small.tokens_per_block().tolist() == tsub.masks.sum(2).tolist()

@@ -146,3 +146,22 @@ def test_token_fit_refuses_the_filter_recipes():
     images = torch.zeros(2, *model.pretrained_cfg["input_size"])
     with pytest.raises(ValueError, match="mask and l0 recipes are for filters"):
         hookchains.fit_tokens(model, images, steps=1, progress=False, recipe="mask")
+
+
+def test_step_limit_returns_the_sparsest_network_within_kl_tol(digits_net, digits_task):
+    """Short fits end with KL far above kl_tol; the fit returns the sparsest earlier network within it.
+    Expected step computed from the history: the network after s steps has ``history["filters"][s - 1]``
+    kept filters and the KL ``history["kl"][s]`` (measured by the step that starts from it)."""
+    images, _ = digits_task
+    with hookchains.attach(copy.deepcopy(digits_net), example=images[:1]) as chains:
+        result = hookchains.fit(chains, images, steps=40, **{**FAST, "lr": 0.05})
+        kl_again = measure(chains, images, result)["kl"]
+    h, tol = result.history, result.config["kl_tol"]
+    assert h["kl"][-1] > tol  # the last network missed the target: the case this is about
+    feasible = [(h["filters"][s - 1], s) for s in range(1, len(h["kl"])) if h["kl"][s] <= tol]
+    kept, step = min(feasible, key=lambda f: (f[0], -f[1]))
+    assert result.config["returned_step"] == step
+    assert result.counts()["filters_kept"] == kept
+    assert result.fidelity["kl"] == pytest.approx(h["kl"][step], abs=1e-5) and result.fidelity["kl"] <= tol
+    assert kl_again == pytest.approx(result.fidelity["kl"], abs=1e-6)  # the returned network, measured anew
+    assert f"returned the network of step {step}, the sparsest with KL within kl_tol {tol:g}" in result.summary()

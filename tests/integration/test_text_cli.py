@@ -101,6 +101,8 @@ def test_inspect_reads_an_hf_image_model_and_extract_refuses_it_text(tmp_path, t
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["kind"] == "image-classifier" and data["text_totals"]["heads"] == 8 and data["text_totals"]["neurons"] == 80
+    assert data["text_totals"]["token_slots"] == 2 * (1 + 4 * 4)  # class token + 4 x 4 patches, per layer
+    assert "the class token never pruned" in CliRunner().invoke(main, ["inspect", f"hf:{tmp_path / 'vit'}"]).output
     refused = CliRunner().invoke(main, ["extract", "--model", f"hf:{tmp_path / 'vit'}", "--text-data", str(text_data),
                                         "--out", str(tmp_path / "r")])
     assert refused.exit_code == 1 and "is an image model" in refused.output
@@ -127,3 +129,78 @@ def test_a_classification_head_keeps_its_logits(bert_dir, text_data, tmp_path):
     data = json.loads(result.output.strip().splitlines()[-1])
     assert json.loads((out / "text_task.json").read_text())["kind"] == "classifier"
     assert data["physical"]["max_abs_diff"] <= data["physical"]["tolerance"] and data["fidelity"]["images"] == 9
+
+
+@pytest.mark.parametrize("mode, curve, parameter, values", [("filters", "kl_target=0.1,0.5", "kl_target", [0.1, 0.5]),
+                                                         ("tokens", "lam=0.005,0.05", "lam", [0.005, 0.05])])
+def test_curve_refits_per_value_beside_the_random_weights_control(bert_dir, text_data, tmp_path, mode, curve,
+                                                                   parameter, values):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                       "--out", str(out), "--steps", "3", "--mode", mode, "--kl-target", "0.1",
+                                       "--curve", curve, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    curve_data = json.loads((out / "curve.json").read_text())
+    assert curve_data["parameter"] == parameter and curve_data["values"] == values
+    assert [p[parameter] for p in curve_data["random_weights"]] == values
+    real = curve_data["real"][0]  # the main fit's point (lam 0.005 is the token default), reused
+    assert real["kl"] == pytest.approx(data["fidelity"]["kl"]) and real["agree"] == [data["fidelity"]["agree"], 9]
+    if mode == "filters":
+        assert real["heads"][1] == 8 and real["neurons"][1] == 96 and real["layers"][1] == 2
+        assert sum(real[k][0] for k in ("heads", "neurons")) == data["counts"]["filters_kept"]
+    else:
+        assert real["slots"][0] == pytest.approx(data["counts"]["slots_kept_mean"])
+    assert curve_data["output_spread"]["real"] != curve_data["output_spread"]["random_weights"]
+    assert data["summary"][-3].startswith("size-fidelity trade-off (one fit per " + parameter)
+    assert data["summary"][-1].startswith(f"  {parameter} {values[1]:g}:")
+    assert "curve.json" in json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_a_bad_curve_list_is_one_line(bert_dir, text_data, tmp_path):
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                       "--out", str(tmp_path / "r"), "--curve", "tau=0.1,0.2"])
+    assert result.exit_code == 1 and "is not [kl_target=|lam=] and a list of positive values" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_a_classification_head_drops_tokens_end_to_end(bert_dir, text_data, tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "clf"
+    transformers.BertForSequenceClassification(transformers.BertConfig.from_pretrained(bert_dir, num_labels=3)
+                                               ).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bert_dir).save_pretrained(folder)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{folder}", "--text-data", str(text_data),
+                                       "--out", str(out), "--mode", "tokens", "--steps", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert json.loads((out / "text_task.json").read_text())["kind"] == "classifier"
+    assert data["fidelity"]["images"] == 9 and "max abs diff" in data["summary"][-1]
+    assert (out / "report.html").is_file()
+
+
+def test_the_text_defaults_are_the_cores_preset_for_transformers(bert_dir, text_data, tmp_path):
+    from hookchains.core.fit import preset_for
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--text-data", str(text_data),
+                                     "--out", str(out), "--steps", "1", "--quiet"]).exit_code == 0
+    config = json.loads((out / "subnetwork.json").read_text())["config"]
+    preset = preset_for("transformers")
+    assert (config["lr"], config["lam_gate"], config["lam"]) == (preset.lr, preset.lam_gate, preset.lam) == (0.02, 0.05, 0.005)
+
+
+def test_text_commands_run_one_thread_unless_omp_is_set_and_restore_the_count(monkeypatch):
+    from hookchains.cli.text import text_threads
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        with text_threads() as used:
+            assert used == torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        with text_threads() as used:
+            assert used == 2
+    finally:
+        torch.set_num_threads(caller)

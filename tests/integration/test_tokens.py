@@ -4,6 +4,7 @@ Random weights throughout: these tests check mechanics and exactness, never fide
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,7 +22,7 @@ from hookchains.tokens.attribution import (
     rollout,
     token_attribution,
 )
-from hookchains.tokens.fit import fit_tokens
+from hookchains.tokens.fit import TOKEN_DEFAULTS, fit_tokens
 from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence
 from hookchains.tokens.materialize import materialize_tokens
 from hookchains.tokens.result import TokenSubnetwork
@@ -302,6 +303,25 @@ def test_fit_tokens_mechanics_and_save_load_round_trip(tmp_path):
     assert (loaded.fidelity, loaded.config, loaded.history, loaded.sites, loaded.tau) == \
         (result.fidelity, result.config, result.history, result.sites, result.tau)
     materialize_tokens(loaded, model, images)
+
+
+def test_token_fit_runs_the_filter_fits_loop_stop_rule_and_kl_weight():
+    """The stop step and the KL weights, recomputed from the history with the core's rules (module doc
+    of hookchains.core.fit): kept slots within size_tol over patience steps and KL within kl_tol,
+    not before travel / lr + patience steps; dual ascent of the KL weight toward kl_target."""
+    model, images = _vit("test_vit", img_size=32, num_classes=10), _images(4, seed=3)[:, :, :32, :32]
+    result, cfg = fit_tokens(model, images, progress=False), TOKEN_DEFAULTS
+    slots, kl, weight = result.history["slots"], result.history["kl"], result.history["kl_weight"]
+    earliest = max(cfg.min_steps, math.ceil((1 - result.tau) / cfg.lr) + cfg.patience)
+    first = next(t for t in range(earliest, len(slots) + 1) if kl[t - 1] <= cfg.kl_tol and
+                 abs(slots[t - 1] - slots[t - 1 - cfg.patience]) <= cfg.size_tol * slots[t - 1 - cfg.patience])
+    assert (result.config["ended"], result.config["steps_run"]) == ("converged", first) and first < cfg.steps
+    expected = [1.0]
+    for value in kl[:-1]:
+        step = max(-1.0, min(1.0, value / cfg.kl_target - 1.0))
+        expected.append(min(1e4, max(1.0, expected[-1] * math.exp(cfg.kl_rate * step))))
+    assert weight == pytest.approx(expected, rel=1e-12)
+    assert slots[-1] == result.counts()["slots_kept_mean"]
 
 
 # ---------------------------------------------------------------------- bad input
