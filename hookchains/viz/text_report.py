@@ -7,7 +7,7 @@ as an image run, with a text run's own spine and panels).
   head shows its layer and score; on a neuron, also the words of the task's sentences that activate it
   most (the text analogue of feature visualisation: dataset examples, as in Olah et al. 2017's
   "dataset examples" and neuron-view tools, :func:`top_words`).
-* A token run (``--mode tokens``, :func:`text_token_report_html`): the token-by-layer view of
+* A token run (``--sites tokens``, :func:`text_token_report_html`): the token-by-layer view of
   :func:`hookchains.viz.token_report.token_explorer_data`, a cell per sentence and layer; picking a
   sentence shows its word grid (the word pieces each layer keeps, pruned ones struck through) and the
   first token's Eq. 10 attribution over the words
