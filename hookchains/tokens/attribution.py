@@ -135,7 +135,7 @@ def _probabilities(attn: Attention, qkv: Tensor, bias: Optional[Tensor]) -> Tens
 
 
 def _network(masks: Masks, n: int) -> Tuple[Optional[Tensor], float, str, Optional[list]]:
-    """(scores, tau, mode, sites) of the network whose attention is read."""
+    """(scores, tau, masking, sites) of the network whose attention is read."""
     if masks is None:
         return None, 0.1, "off", None
     if isinstance(masks, TokenSubnetwork):
@@ -163,7 +163,7 @@ def attention_maps(model: nn.Module, images: Tensor, masks: Masks = None, *,
     validate_images(images)
     _check_attention(model)
     check_token_model(model)
-    scores, tau, mode, sites = _network(masks, images.shape[0])
+    scores, tau, masking, sites = _network(masks, images.shape[0])
     images = images.to(next(model.parameters()).device)
     with eval_mode(model), torch.no_grad(), \
             TokenChains(model, images.shape[0], tau=tau, example=images[:1], sites=sites) as chains:
@@ -173,7 +173,7 @@ def attention_maps(model: nn.Module, images: Tensor, masks: Masks = None, *,
         handles = [model.get_submodule(site.name).attn.qkv.register_forward_hook(_capture(chains, i, captured[i]))
                    for i, site in enumerate(chains.sites)]
         try:
-            with chains.using(mode):
+            with chains.using(masking):
                 for part in chunks(images.shape[0], batch_size):
                     with chains.select(part):
                         model(images[part])
@@ -188,7 +188,7 @@ def _capture(chains: TokenChains, block: int, sink: List[Tensor]):
 
     def hook(module, args, out):
         probs = _probabilities(attn, out, chains.key_bias(block))
-        if chains.mode != "off":
+        if chains.masking != "off":
             probs = probs * chains.kept()[:, block, :, None].to(probs.dtype)
         sink.append(probs.float().cpu())
     return hook

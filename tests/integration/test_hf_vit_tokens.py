@@ -81,12 +81,12 @@ def test_sites_and_round_trip_are_exact():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("mode", ["hard", "mask"])
-def test_dropped_tokens_equal_the_thresholded_network(mode):
+@pytest.mark.parametrize("masking", ["hard", "mask"])
+def test_dropped_tokens_equal_the_thresholded_network(masking):
     model, x = _vit(), _images()
     tsub = _random_result(model, x)
     assert 0 < int(tsub.masks[:, :, 1:].sum()) < IMAGES * LAYERS * (TOKENS - 1)  # some pruned, some kept
-    small = materialize_tokens(tsub, model, x, mode=mode)  # raises MaterializeError unless exact
+    small = materialize_tokens(tsub, model, x, masking=masking)  # raises MaterializeError unless exact
     assert small.max_abs_diff <= 1e-4
     assert small.tokens_per_block().tolist() == tsub.masks.sum(2).tolist()  # the layers really see fewer tokens
 
@@ -95,7 +95,7 @@ def test_the_binary_sub_network_equals_the_model_run_by_hand_on_the_kept_tokens(
     model, x = _vit(), _images()
     tsub = _random_result(model, x, seed=2)
     with torch.no_grad():
-        dropped = materialize_tokens(tsub, model, x, mode="mask")(x)
+        dropped = materialize_tokens(tsub, model, x, masking="mask")(x)
     assert torch.allclose(dropped, _by_hand(model.model, x, tsub.masks), atol=1e-5)
 
 
@@ -111,9 +111,9 @@ def test_fit_keeps_the_class_token_prunes_cumulatively_and_ste_is_the_hard_netwo
         chains.load_scores(result.scores)
         with torch.no_grad():
             outs = {}
-            for mode in ("hard", "ste"):
-                with chains.using(mode):
-                    outs[mode] = model(x)
+            for masking in ("hard", "ste"):
+                with chains.using(masking):
+                    outs[masking] = model(x)
     assert torch.allclose(outs["ste"], outs["hard"], atol=1e-5)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert model.model.config._attn_implementation == "sdpa"
