@@ -138,8 +138,9 @@ def transformer_layers(model: nn.Module) -> List[LayerLayout]:
             continue
         for reader in (_encoder_layout, _projection_layout, _gpt2_layout):
             layouts = [reader(f"{path}.{i}", i, layer) for i, layer in enumerate(stack)]
-            if all(layouts):
-                return layouts
+            found = [layout for layout in layouts if layout is not None]
+            if len(found) == len(layouts):
+                return found
     return []
 
 

@@ -170,7 +170,7 @@ def attention_maps(model: nn.Module, images: Tensor, masks: Masks = None, *,
         if scores is not None:
             chains.load_scores(scores.to(chains.scores.device))
         captured: List[List[Tensor]] = [[] for _ in chains.sites]
-        handles = [model.get_submodule(site.name).attn.qkv.register_forward_hook(_capture(chains, i, captured[i]))
+        handles = [model.get_submodule(f"{site.name}.attn.qkv").register_forward_hook(_capture(chains, i, captured[i]))
                    for i, site in enumerate(chains.sites)]
         try:
             with chains.using(masking):

@@ -41,7 +41,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ from hookchains.adapters.transformers import IMAGE_TOKEN_MODELS, encoder_layers,
 from hookchains.core.objectives import OutputLogits, ZeroShotClassifier
 
 __all__ = ["check_text_token_model", "is_text_token_model", "is_hf_objective", "is_image_objective",
-           "with_key_bias", "eager_attention", "ste_context_hooks"]
+           "with_key_bias", "eager_attention", "ste_context_hooks", "hf_config"]
 
 ATTENTION_PATHS = ("sdpa", "eager")
 
@@ -67,8 +67,14 @@ def is_image_objective(model: nn.Module) -> bool:
     return is_hf_objective(model) and getattr(model.model, "main_input_name", None) == "pixel_values"
 
 
+def hf_config(model: nn.Module) -> Any:
+    """The wrapped transformers model's ``PretrainedConfig`` (``None`` without one): a plain attribute,
+    not a submodule, so ``nn.Module``'s typing cannot name it."""
+    return getattr(model.get_submodule("model"), "config", None) if is_hf_objective(model) else None
+
+
 def _check_image_model(model: nn.Module, name: str) -> None:
-    kind = getattr(getattr(model.model, "config", None), "model_type", None)
+    kind = getattr(hf_config(model), "model_type", None)
     if not isinstance(model, OutputLogits) or not name.endswith("ForImageClassification") or kind not in IMAGE_TOKEN_MODELS:
         raise ValueError(f"{name} (model_type {kind!r}) is not an HF image classifier whose head reads the class "
                          f"token only: token pruning of HF image models supports model_type {IMAGE_TOKEN_MODELS} "
@@ -104,7 +110,7 @@ def check_text_token_model(model: nn.Module) -> None:
     elif not encoder_layers(model):
         raise ValueError(f"{name} has no BERT-like encoder layers (attention.self.query/key/value): token pruning "
                          "of text models needs one; use --sites filters")
-    attention = getattr(getattr(model.model, "config", None), "_attn_implementation", None)
+    attention = getattr(hf_config(model), "_attn_implementation", None)
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"{name} uses attention {attention!r}: token pruning passes an additive mask, which "
                          f"needs one of {ATTENTION_PATHS} (load it with attn_implementation='sdpa')")
@@ -140,7 +146,7 @@ def with_key_bias(args: tuple, kwargs: dict, bias: Optional[torch.Tensor], *, re
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """``config._attn_implementation = "eager"`` on the wrapped model while inside; restored after."""
-    config = model.model.config
+    config = hf_config(model)
     previous, config._attn_implementation = config._attn_implementation, "eager"
     try:
         yield

@@ -106,10 +106,11 @@ def vit_parameter_counts(model: nn.Module) -> Dict[str, int]:
         >>> vit_parameter_counts(timm.create_model("deit_small_patch16_224"))
         {'mha_params': 7096320, 'ffn_params': 14178816}
     """
-    if not ViTAdapter.matches(model) or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in model.blocks):
+    blocks = list(model.get_submodule("blocks").children()) if ViTAdapter.matches(model) else []
+    if not blocks or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in blocks):
         raise ValueError(f"{type(model).__name__} is not a timm ViT/DeiT with attn and mlp in every block")
     parts = {"mha_params": "attn", "ffn_params": "mlp"}
-    return {key: sum(p.numel() for block in model.blocks for p in getattr(block, part).parameters())
+    return {key: sum(p.numel() for block in blocks for p in block.get_submodule(part).parameters())
             for key, part in parts.items()}
 
 
@@ -136,6 +137,13 @@ def mark_hook(hook):
 def token_hooks_on(model: nn.Module) -> bool:
     """Whether :class:`TokenChains` hooks are attached to any of ``model``'s modules."""
     return any(getattr(h, "hookchains_tokens", False) for m in model.modules() for h in m._forward_pre_hooks.values())
+
+
+def _set_fused(attentions: Sequence[Attention], flags: Sequence[bool]) -> None:
+    """Set each timm ``Attention.fused_attn``: timm marks it ``Final`` (a TorchScript constant), but the
+    eager forward reads it on every call, and masking ``ste`` needs the manual path while in use."""
+    for attention, flag in zip(attentions, flags):
+        attention.fused_attn = flag  # type: ignore[misc]  # Final for TorchScript only; read per call
 
 
 def _token_sites(model: nn.Module, example) -> List[TokenSite]:
@@ -189,10 +197,11 @@ class TokenChains(HookOwner):
         self.valid = (torch.ones(num_images, self.tokens, dtype=torch.bool) if valid is None else valid.bool()).to(device)
         if tuple(self.valid.shape) != (num_images, self.tokens):
             raise ValueError(f"valid must be {num_images} x {self.tokens} (the attention mask), got {tuple(self.valid.shape)}")
-        self.masking, self._rows, self.hf = "soft", None, is_hf_objective(model)
+        self.masking, self.hf = "soft", is_hf_objective(model)
+        self._rows: Rows = None
         blocks = [model.get_submodule(site.name) for site in self.sites]
         self._handles = [b.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        self._attentions = [b.attn for b in blocks if isinstance(getattr(b, "attn", None), Attention)]
+        self._attentions = [a for a in (getattr(b, "attn", None) for b in blocks) if isinstance(a, Attention)]
         if self.hf:  # "ste" recomputes the context from eager attention's probabilities
             self._handles += [module.register_forward_hook(mark_hook(hook))
                               for module, hook in ste_context_hooks(model, self._reweight)]
@@ -317,8 +326,7 @@ class TokenChains(HookOwner):
         previous, self.masking = self.masking, masking
         fused = [a.fused_attn for a in self._attentions]
         if masking == "ste":  # the probabilities exist only on timm's manual attention path
-            for a in self._attentions:
-                a.fused_attn = False
+            _set_fused(self._attentions, [False] * len(fused))
         try:
             if masking == "ste" and self.hf:  # and on transformers' eager one
                 with eager_attention(self.model):
@@ -327,8 +335,7 @@ class TokenChains(HookOwner):
                 yield self
         finally:
             self.masking = previous
-            for a, flag in zip(self._attentions, fused):
-                a.fused_attn = flag
+            _set_fused(self._attentions, fused)
 
     @contextmanager
     def select(self, rows: Rows) -> Iterator[TokenChains]:
