@@ -59,7 +59,7 @@ from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call
 from hookchains.tokens.encoder import check_text_token_model, eager_attention, is_hf_objective
-from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence
+from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence, vit_blocks, vit_prefix_tokens
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["Heatmaps", "rollout", "attention_maps", "token_attribution", "class_token_heatmaps",
@@ -118,7 +118,7 @@ def _check_attention(model: nn.Module) -> None:
     if is_hf_objective(model):
         raise ValueError(f"{type(model.model).__name__} is a Hugging Face model: its attention maps are not "
                          "recomputed from attn.qkv; token_attribution(model, inputs, result) reads transformers' own")
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(vit_blocks(model)):
         if not isinstance(getattr(block, "attn", None), Attention):
             raise ValueError(f"blocks.{i}.attn is {type(getattr(block, 'attn', None)).__name__}, not timm's "
                              "Attention: its probabilities cannot be recomputed from attn.qkv")
@@ -227,7 +227,7 @@ def token_attribution(model: nn.Module, images: Tensor, masks: Masks = None, *, 
 
 def _prefix(model: nn.Module) -> int:
     """Prefix tokens of a timm ViT/DeiT or of an HF one in its objective wrapper."""
-    return prefix_tokens(model) if is_hf_objective(model) else int(model.num_prefix_tokens)
+    return prefix_tokens(model) if is_hf_objective(model) else vit_prefix_tokens(model)
 
 
 @torch.no_grad()

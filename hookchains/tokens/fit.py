@@ -182,7 +182,7 @@ def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Opt
     check_inputs = validate_inputs if text else validate_images
     check_inputs(images)
     check_token_model(model)
-    given = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
+    given: Dict[str, Any] = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
     cfg = dataclasses.replace(config or TOKEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **options)
     recipe = token_recipe(cfg.recipe)
     device = next(model.parameters()).device

@@ -27,7 +27,7 @@ from hookchains.tokens.encoder import (
 )
 
 __all__ = ["TokenChains", "check_token_model", "is_token_model", "is_text_model", "token_presence",
-           "vit_parameter_counts", "mark_hook", "token_hooks_on", "TINY"]
+           "vit_parameter_counts", "vit_blocks", "vit_prefix_tokens", "mark_hook", "token_hooks_on", "TINY"]
 
 TINY = 1e-12  # log(TINY) stands for log(0) where a finite, differentiable value is needed
 FLOOR = 1e-4  # masking ste: pruned keys enter the softmax at this weight, then the hook zeroes them
@@ -58,17 +58,27 @@ def check_token_model(model: nn.Module) -> None:
     if not ViTAdapter.matches(model):
         raise ValueError(f"{name} is not a timm ViT/DeiT: token pruning (paper section 4.5) needs `blocks`, "
                          "`patch_embed` and `num_prefix_tokens`, e.g. timm.create_model('deit_small_patch16_224')")
-    if int(model.num_prefix_tokens) < 1:
+    if vit_prefix_tokens(model) < 1:
         raise ValueError(f"{name} has no class token: the class token is what token pruning keeps")
     pool = getattr(model, "global_pool", "token")
     if pool != "token" or getattr(model, "attn_pool", None) is not None:
         raise ValueError(f"{name} pools its output with global_pool={pool!r}, so a pruned token would still "
                          "reach the output; token pruning needs class-token pooling "
                          "(timm.create_model(name, global_pool='token'))")
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(vit_blocks(model)):
         if "attn_mask" not in inspect.signature(block.forward).parameters:
             raise ValueError(f"blocks.{i} ({type(block).__name__}) does not take attn_mask, so pruned tokens "
                              "cannot be excluded from its attention")
+
+
+def vit_blocks(model: nn.Module) -> List[nn.Module]:
+    """The blocks of a timm ViT/DeiT (``model.blocks``), in order."""
+    return list(model.get_submodule("blocks").children())
+
+
+def vit_prefix_tokens(model: nn.Module) -> int:
+    """The class (and distillation or register) tokens of a timm ViT/DeiT (``num_prefix_tokens``; 0 without)."""
+    return int(getattr(model, "num_prefix_tokens", 0))
 
 
 def is_text_model(model: nn.Module) -> bool:
@@ -106,7 +116,7 @@ def vit_parameter_counts(model: nn.Module) -> Dict[str, int]:
         >>> vit_parameter_counts(timm.create_model("deit_small_patch16_224"))
         {'mha_params': 7096320, 'ffn_params': 14178816}
     """
-    blocks = list(model.get_submodule("blocks").children()) if ViTAdapter.matches(model) else []
+    blocks = vit_blocks(model) if ViTAdapter.matches(model) else []
     if not blocks or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in blocks):
         raise ValueError(f"{type(model).__name__} is not a timm ViT/DeiT with attn and mlp in every block")
     parts = {"mha_params": "attn", "ffn_params": "mlp"}
@@ -149,7 +159,7 @@ def _set_fused(attentions: Sequence[Attention], flags: Sequence[bool]) -> None:
 def _token_sites(model: nn.Module, example) -> List[TokenSite]:
     hf = is_hf_objective(model)
     sites = discover(model, "transformers" if hf else "vit", example=example).tokens
-    expected = len(sites) if hf else len(model.blocks)
+    expected = len(sites) if hf else len(vit_blocks(model))
     if not sites or len(sites) != expected or len({s.tokens for s in sites}) != 1:
         raise ValueError(f"{type(model).__name__}: expected one token site of equal length per block, "
                          f"found {[(s.name, s.tokens) for s in sites]}")

@@ -15,7 +15,15 @@ from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call, count, map_tensors, validate_inputs
 from hookchains.tokens.encoder import is_hf_objective, with_key_bias
 from hookchains.tokens.fit import rows_of
-from hookchains.tokens.hooks import TINY, TokenChains, check_token_model, is_text_model, mark_hook, token_hooks_on
+from hookchains.tokens.hooks import (
+    TINY,
+    TokenChains,
+    check_token_model,
+    is_text_model,
+    mark_hook,
+    token_hooks_on,
+    vit_blocks,
+)
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["TokenDroppedViT", "materialize_tokens"]
@@ -175,7 +183,7 @@ def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
     """
     check_token_model(model)
     text, hf = is_text_model(model), is_hf_objective(model)
-    blocks = len(tsub.sites) if hf else len(model.blocks)
+    blocks = len(tsub.sites) if hf else len(vit_blocks(model))
     if len(tsub.sites) != blocks or not all(_has_module(model, site.name) for site in tsub.sites):
         raise ValueError(f"the result has {len(tsub.sites)} blocks, {type(model).__name__} has {blocks}")
     module = TokenDroppedViT(model, tsub, masking)
