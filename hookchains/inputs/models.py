@@ -185,8 +185,8 @@ def _build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
     if prefix == "hookchains":
         return _embedded_model(spec, name, num_classes)
     if prefix == "hf":
-        raise ValueError(f"{spec}: a Hugging Face model is loaded by the hookchains CLI (inspect/extract hf:PATH), "
-                         "not rebuilt here; in Python load it with transformers and wrap it in "
+        raise ValueError(f"{spec}: a Hugging Face model cannot be rebuilt from its run folder yet (report, load); "
+                         "extract writes its report, and in Python load it with transformers and wrap it in "
                          "hookchains.core.objectives.OutputLogits")
     return _factory_model(spec, prefix, name, pretrained, num_classes)
 
