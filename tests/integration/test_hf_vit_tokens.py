@@ -198,6 +198,8 @@ def test_extract_from_the_cli_on_an_image_folder(tmp_path):
             masked = model(images)
     saved = load_file(str(out / "token_logits.safetensors"))["logits"]
     assert (saved - masked).abs().max() <= 1e-4 * masked.abs().max()  # the saved run is the thresholded network
+    refused = CliRunner().invoke(main, ["report", str(out)])  # no silent rebuild of another model
+    assert refused.exit_code == 1 and "cannot be rebuilt from its run folder yet" in refused.output.splitlines()[-1]
     assert hf_preprocessing_note(model) is None
     (folder / "preprocessor_config.json").unlink()
     assert "mean = std = 0.5" in hf_preprocessing_note(model)
