@@ -113,12 +113,13 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
 
     For a ViT/DeiT (--sites tokens) every image gets its own token scores; the run folder holds them,
     the token-dropping module's logits and a report with Fig. 7 (no graph). For a text model
-    (--model hf:PATH --text-data DIR) heads, MLP neurons and layers are scored (pip install hookchains[text]).
+    (--model hf:PATH --text-data DIR) heads, MLP neurons and layers are scored (pip install hookchains[text]);
+    an HF ViT/DeiT image classifier (--model hf:PATH --data DIR) takes the ViT token path.
     """
     if opts["mode"] is not None:
         click.echo("note: --mode is deprecated; it is now called --sites", err=True)
         opts["sites"] = opts["mode"]
-    if text_data is not None or model_spec.startswith("hf:"):
+    if text_data is not None or (model_spec.startswith("hf:") and data_dir is None):
         from hookchains.cli.text import extract_text_run
         if text_data is None:
             raise ValueError(f"--model {model_spec} needs --text-data (a folder of CLASS.txt files or a JSONL file)")
@@ -133,17 +134,24 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
         raise ValueError("--curve is for text runs (--text-data); for images, hookchains sweep fits several settings")
     from hookchains.core.progress import Progress
     from hookchains.inputs.data import load_image_folder
-    from hookchains.inputs.models import create_model, preprocessing
+    from hookchains.inputs.models import create_model, hf_preprocessing_note, preprocessing
     start, progress = time.perf_counter(), Progress(enabled=not opts["quiet"])
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if len(names) < 2:
         raise ValueError(f"--classes {classes!r} names {count(len(names), 'class')}; a task needs at least 2 "
                          "(e.g. --classes cat,dog): the sub-network explains how the model tells them apart")
     with progress.stage("load", f"model {model_spec} and {count(per_class, 'image')} per class"):
-        net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
+        if model_spec.startswith("hf:"):  # an HF image classifier (its text models take --text-data)
+            from hookchains.cli.text import hf_image_model
+            net, ref = hf_image_model(model_spec, dict(opts, pretrained=pretrained, checkpoint=checkpoint))
+        else:
+            net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
         check_image_size(net, opts["image_size"])
         task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
                                  seed=opts["seed"], skip_bad_images=skip_bad_images)
+    note = hf_preprocessing_note(net)
+    if note and not opts["quiet"]:
+        click.echo(note, err=True)
     for entry in task.skipped:
         click.echo(f"skipped unreadable image {entry}", err=True)
     if task.skipped:

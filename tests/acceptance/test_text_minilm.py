@@ -67,7 +67,7 @@ def test_tokens_dropped_from_real_minilm_equal_the_thresholded_network():
     scores[..., 0] = 1.0
     tsub = TokenSubnetwork(scores * valid[:, None], sites, tau=0.3, valid=valid)
     assert 0 < int(tsub.masks.sum()) < int(valid.sum()) * len(sites)
-    for mode in ("hard", "mask"):
-        small = materialize_tokens(tsub, task.model, task.inputs, mode=mode)  # MaterializeError unless exact
+    for masking in ("hard", "mask"):
+        small = materialize_tokens(tsub, task.model, task.inputs, masking=masking)  # MaterializeError unless exact
         assert small.max_abs_diff <= 1e-4 * 20  # logits are cosines / 0.05: |logit| <= 20
         assert small.tokens_per_block().tolist() == tsub.masks.sum(2).tolist()

@@ -204,3 +204,11 @@ def test_text_commands_run_one_thread_unless_omp_is_set_and_restore_the_count(mo
             assert used == 2
     finally:
         torch.set_num_threads(caller)
+
+
+def test_extract_with_data_refuses_an_hf_text_model(tmp_path, bert_dir, text_data):
+    refused = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--data", str(text_data),
+                                        "--classes", "sport,food"])
+    last = refused.output.splitlines()[-1]
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert last.startswith("Error:") and "is a text model (embedding), not an image classifier: give text with" in last
