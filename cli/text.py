@@ -43,7 +43,7 @@ def text_threads() -> Iterator[int]:
 def _fit_options(opts: Dict) -> Dict:
     """The fit options the user gave; the rest is the core's preset for transformers
     (``hookchains.core.fit.preset_for("transformers")``: lr 0.02, lam_gate 0.05) or the token defaults."""
-    keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed")
+    keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "kl_tol", "seed")
     return {**{k: opts[k] for k in keys if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
 
 
