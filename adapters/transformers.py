@@ -43,7 +43,7 @@ from hookchains.inputs.forward import OutputSpec, primary
 from .base import Adapter
 
 __all__ = ["LayerLayout", "TransformersAdapter", "transformer_layers", "encoder_layers", "patch_embeddings",
-           "token_layers", "IMAGE_TOKEN_MODELS"]
+           "prefix_tokens", "token_layers", "IMAGE_TOKEN_MODELS"]
 
 IMAGE_TOKEN_MODELS = ("vit", "deit")
 """``config.model_type`` of the HF image classifiers whose head reads only the class (and distillation)
@@ -138,8 +138,9 @@ def transformer_layers(model: nn.Module) -> List[LayerLayout]:
             continue
         for reader in (_encoder_layout, _projection_layout, _gpt2_layout):
             layouts = [reader(f"{path}.{i}", i, layer) for i, layer in enumerate(stack)]
-            if all(layouts):
-                return layouts
+            found = [layout for layout in layouts if layout is not None]
+            if len(found) == len(layouts):
+                return found
     return []
 
 
@@ -167,8 +168,12 @@ def patch_embeddings(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def _prefix_tokens(embeddings: nn.Module) -> int:
-    """Class token, plus DeiT's distillation token."""
+def prefix_tokens(model: nn.Module) -> int:
+    """Prefix tokens of an HF ViT-style image model (:func:`patch_embeddings`): the class token, plus
+    DeiT's distillation token; 0 for a model without patch embeddings."""
+    embeddings = patch_embeddings(model)
+    if embeddings is None:
+        return 0
     return 1 + isinstance(getattr(embeddings, "distillation_token", None), nn.Parameter)
 
 
@@ -192,7 +197,7 @@ def _token_sites(model: nn.Module, example) -> List[TokenSite]:
     ph, pw = (size, size) if isinstance(size, int) else tuple(size or (0, 0))
     if not ph or not pw:
         return []
-    prefix = _prefix_tokens(embeddings)
+    prefix = prefix_tokens(model)
     tokens = prefix + (int(x.shape[2]) // ph) * (int(x.shape[3]) // pw)
     return [TokenSite(layer.path, f"L{layer.index + 1}", tokens, prefix) for layer in token_layers(model)]
 

@@ -113,12 +113,13 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
 
     For a ViT/DeiT (--sites tokens) every image gets its own token scores; the run folder holds them,
     the token-dropping module's logits and a report with Fig. 7 (no graph). For a text model
-    (--model hf:PATH --text-data DIR) heads, MLP neurons and layers are scored (pip install hookchains[text]).
+    (--model hf:PATH --text-data DIR) heads, MLP neurons and layers are scored (pip install hookchains[text]);
+    an HF ViT/DeiT image classifier (--model hf:PATH --data DIR) takes the ViT token path.
     """
     if opts["mode"] is not None:
         click.echo("note: --mode is deprecated; it is now called --sites", err=True)
         opts["sites"] = opts["mode"]
-    if text_data is not None or model_spec.startswith("hf:"):
+    if text_data is not None or (model_spec.startswith("hf:") and data_dir is None):
         from hookchains.cli.text import extract_text_run
         if text_data is None:
             raise ValueError(f"--model {model_spec} needs --text-data (a folder of CLASS.txt files or a JSONL file)")
@@ -133,17 +134,24 @@ def extract(model_spec, pretrained, checkpoint, data_dir, output, text_data, cla
         raise ValueError("--curve is for text runs (--text-data); for images, hookchains sweep fits several settings")
     from hookchains.core.progress import Progress
     from hookchains.inputs.data import load_image_folder
-    from hookchains.inputs.models import create_model, preprocessing
+    from hookchains.inputs.models import create_model, hf_preprocessing_note, preprocessing
     start, progress = time.perf_counter(), Progress(enabled=not opts["quiet"])
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if len(names) < 2:
         raise ValueError(f"--classes {classes!r} names {count(len(names), 'class')}; a task needs at least 2 "
                          "(e.g. --classes cat,dog): the sub-network explains how the model tells them apart")
     with progress.stage("load", f"model {model_spec} and {count(per_class, 'image')} per class"):
-        net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
+        if model_spec.startswith("hf:"):  # an HF image classifier (its text models take --text-data)
+            from hookchains.cli.text import hf_image_model
+            net, ref = hf_image_model(model_spec, dict(opts, pretrained=pretrained, checkpoint=checkpoint))
+        else:
+            net, ref = create_model(model_spec, pretrained=pretrained, checkpoint=checkpoint)
         check_image_size(net, opts["image_size"])
         task = load_image_folder(data_dir, names, per_class, preprocessing(net, opts["image_size"]),
                                  seed=opts["seed"], skip_bad_images=skip_bad_images)
+    note = hf_preprocessing_note(net)
+    if note and not opts["quiet"]:
+        click.echo(note, err=True)
     for entry in task.skipped:
         click.echo(f"skipped unreadable image {entry}", err=True)
     if task.skipped:
@@ -231,22 +239,25 @@ def _run_extraction(net, ref, task, out: Path, opts, progress, start: float) -> 
 @click.option("--random-control", is_flag=True,
               help="also fit the model with re-initialised weights, reported beside the real fit (Adebayo et al.)")
 @click.option("--skip-bad-images", is_flag=True, help="skip unreadable images instead of stopping")
+@click.option("--no-explorers", is_flag=True, help="skip each task's explorer page (tasks/<id>/report.html: chains, "
+                                                   "feature visualisations, heatmaps; the scatter then links to the table)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="sweep folder: results.jsonl, tasks/, plots/, report.html (a rerun resumes it)")
+              help="sweep folder: results.jsonl, tasks/ (a run folder per task), plots/, report.html (a rerun resumes it)")
 @fit_options(outputs=False)
 @run_error
 def sweep(model_spec, pretrained, checkpoint, data_dir, output, n_tasks, classes_per_task, one_vs_rest, classes, per_class,
           held_out, batch_tasks, no_faithfulness, no_baselines, baseline_steps, baseline_budget, allocation, robustness,
-          eps, pgd_steps, random_control, skip_bad_images, out_dir, **opts) -> None:
+          eps, pgd_steps, random_control, skip_bad_images, no_explorers, out_dir, **opts) -> None:
     """Extract and evaluate a sub-network for each of many tasks (the paper's case studies).
 
     One JSON line per task goes to OUT/results.jsonl as soon as the task is done; rerunning the
     same command resumes. Under `torchrun --nproc-per-node=K` the tasks are shared across the
-    processes (GPUs when present). Ends with OUT/report.html and the plots in OUT/plots/.
+    processes (GPUs when present). Each task's run folder (OUT/tasks/ID) holds its explorer page. Ends
+    with OUT/report.html (a click on a task's point opens its explorer) and the plots in OUT/plots/.
     """
     from hookchains.evaluation.evaluate import EvalOptions
     from hookchains.workflow.sweep import SweepConfig, run_sweep
-    fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed") if opts[k] is not None}
+    fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "kl_tol", "seed") if opts[k] is not None}
     evaluation = EvalOptions(faithfulness=not no_faithfulness, baselines=not no_baselines, baseline_steps=baseline_steps,
                              allocation=allocation, baseline_budget=baseline_budget, robustness=robustness, eps=eps,
                              pgd_steps=pgd_steps, random_control=random_control, seed=opts["seed"])
@@ -255,7 +266,8 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, output, n_tasks, classes
                          one_vs_rest=one_vs_rest, classes=names, per_class=per_class, held_out=held_out,
                          image_size=opts["image_size"], seed=opts["seed"], pretrained=pretrained,
                          checkpoint=checkpoint, output=output_choice(output), fit=fit, tau=opts["tau"], temperature=opts["temperature"],
-                         evaluation=evaluation, batch_tasks=batch_tasks, skip_bad_images=skip_bad_images)
+                         evaluation=evaluation, batch_tasks=batch_tasks, skip_bad_images=skip_bad_images,
+                         explorers=not no_explorers)
     records = run_sweep(config, out_dir, device=opts["device"], progress=not opts["quiet"],
                         log=None if opts["quiet"] else click.echo)
     if records and not opts["quiet"]:
@@ -315,8 +327,8 @@ def render(run_dir, fmt, checkpoint) -> None:
 def report(run_dir, checkpoint, figure, overwrite, quiet) -> None:
     """Write RUN_DIR/report.html: one self-contained, interactive page (the explorer: the graph; click a
     filter for its feature visualisation and heatmaps, pick an image or a class for its chains; open it
-    with `hookchains view RUN_DIR`); for a ViT token run: kept patches and attribution heatmaps per
-    block, as in the paper's Fig. 7.
+    with `hookchains view RUN_DIR`); for a ViT token run the graph is a cell per image and block (the
+    tokens it keeps), a click shows kept patches and attribution heatmaps, as in the paper's Fig. 7.
     Each stage prints a status line and the end where the time went (on stderr; stdout: the files)."""
     from hookchains.core.io import check_new_file
     from hookchains.core.progress import Progress

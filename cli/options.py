@@ -24,7 +24,8 @@ def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs:
     d = DEMO_DEFAULTS if demo else {}
     method = [
         click.option("--steps", type=int, default=d.get("steps"), help="max optimisation steps [paper: 300]"),
-        click.option("--lr", type=float, default=d.get("lr"), help="Adam learning rate [paper: 0.005]"),
+        click.option("--lr", type=float, default=d.get("lr"),
+                     help="Adam learning rate [family preset: 0.02; recipe paper: 0.005, the paper's]"),
         click.option("--lam", type=float, help="L1 weight on filter/token scores [family preset; paper: 0.005]"),
         click.option("--lam-gate", type=float, help="gate penalty weight [family preset; paper: 1 ResNet, 2 VGG]"),
         click.option("--recipe", type=click.Choice(["mask", "l0", "ste", "paper", "hookchains"]),
@@ -32,6 +33,8 @@ def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs:
                           "scale <= 1; mask: binary mask x scale <= 1, cost on the mask; l0: hard-concrete "
                           "gates; paper: Eq. 8 as written; hookchains: old name of ste"),
         click.option("--kl-target", type=float, help="KL the sub-network should stay within [0.1]"),
+        click.option("--kl-tol", type=float, help="KL the returned sub-network must be within: a fit at the step "
+                                                  "limit returns its sparsest network within it [0.1]"),
         click.option("--tau", type=float, default=0.1, show_default=True, help="filter/token score threshold"),
         click.option("--temperature", type=float, default=0.2, show_default=True, help="gate sigmoid temperature T"),
         click.option("--image-size", type=int, default=d.get("image_size"), help="input resolution [model default]"),
@@ -87,7 +90,7 @@ def config_from_options(model, opts: Dict) -> FitConfig:
     from hookchains.workflow.extract import fit_config
     return fit_config(model, opts.get("sites", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
                       lam_gate=opts["lam_gate"], recipe=opts["recipe"], kl_target=opts["kl_target"],
-                      seed=opts["seed"], progress=not opts["quiet"])
+                      kl_tol=opts.get("kl_tol"), seed=opts["seed"], progress=not opts["quiet"])
 
 
 def output_choice(value: Optional[str]):

@@ -1,4 +1,5 @@
-"""The text side of the CLI: ``inspect hf:PATH``, ``extract --text-data``, ``demo --text``.
+"""The Hugging Face side of the CLI: ``inspect hf:PATH``, ``extract --text-data``, ``demo --text``, and the
+model of ``extract --model hf:PATH --data DIR`` (an HF image classifier on the image path).
 
 Kept apart from ``main.py`` so the image commands stay as they are; each function is called by the
 matching command when its model is ``hf:...`` or ``--text-data``/``--text`` is given. Without the
@@ -42,7 +43,7 @@ def text_threads() -> Iterator[int]:
 def _fit_options(opts: Dict) -> Dict:
     """The fit options the user gave; the rest is the core's preset for transformers
     (``hookchains.core.fit.preset_for("transformers")``: lr 0.02, lam_gate 0.05) or the token defaults."""
-    keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "seed")
+    keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "kl_tol", "seed")
     return {**{k: opts[k] for k in keys if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
 
 
@@ -82,6 +83,27 @@ def _probe(spec: str):
     return task.model, task.example(), kind, where
 
 
+def hf_image_model(spec: str, opts: Dict):
+    """``(OutputLogits(model), ModelRef)`` of an ``hf:PATH`` image classifier for ``extract --data DIR``
+    (the image path: per-image token scores of an HF ViT/DeiT); its weights are those saved at PATH, its
+    images of its config's size. A text model, ``--pretrained``/``--checkpoint`` or another
+    ``--image-size`` is a one-line error."""
+    from hookchains.core.objectives import OutputLogits
+    from hookchains.inputs.models import ModelRef
+    from hookchains.inputs.text import load_hf
+    hf, kind, where = load_hf(spec)
+    if kind != "image-classifier":
+        raise ValueError(f"--model {spec} is a text model ({kind}), not an image classifier: give text with --text-data "
+                         "DIR (a folder of CLASS.txt files or a JSONL file) instead of --data")
+    if opts.get("pretrained") or opts.get("checkpoint"):
+        raise ValueError(f"--model {spec}: the weights are those saved at {where}; leave --pretrained/--checkpoint out")
+    size = int(getattr(hf.config, "image_size", 224))
+    if opts.get("image_size") not in (None, size):
+        raise ValueError(f"--model {spec} takes {size}-px images (its config's image_size; its position embeddings "
+                         f"are fixed): leave --image-size out")
+    return OutputLogits(hf).eval(), ModelRef(f"hf:{where}")
+
+
 def inspect_text(spec: str, as_json: bool, check: bool = True) -> str:
     """What ``hookchains inspect hf:PATH`` prints: per layer heads and MLP neurons, totals and parameters."""
     from hookchains.core.attach import attach
@@ -112,8 +134,8 @@ def _token_note(kind: str, tokens: bool) -> str:
     if not tokens:
         return "token sites: none (not a BERT-like encoder nor a ViT image classifier)"
     if kind == "image-classifier":
-        return ("token sites: one per layer, the class token never pruned (Python: hookchains.tokens.fit_tokens("
-                "OutputLogits(model), images); extract's hf: path takes --text-data)")
+        return ("token sites: one per layer, the class token never pruned (extract --model hf:PATH --data DIR "
+                "--classes a,b)")
     return "token sites: one per layer, the first token never pruned (--mode tokens)"
 
 

@@ -345,7 +345,7 @@ class _Probe:
     totals: Dict[str, Tensor] = field(default_factory=dict)    # consumer -> sum of its input (in the graph)
     widths: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # consumer -> (channels, positions)
     flat: Dict[str, Tensor] = field(default_factory=dict)      # linear consumer -> its (N, F) input
-    logits: Optional[Tensor] = None
+    logits: Tensor = field(default_factory=lambda: torch.empty(0, 0))  # N x classes, set by the forward
 
 
 def _cut_forward(model: nn.Module, sites: List[FilterSite], consumers: Dict[str, int], image: Tensor,

@@ -5,7 +5,7 @@ import functools
 import warnings
 from typing import Any, Callable, TypeVar, cast
 
-__all__ = ["renamed_keyword"]
+__all__ = ["renamed_keyword", "RenamedAttribute"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,3 +37,40 @@ def renamed_keyword(**renames: str) -> Callable[[F], F]:
             return fn(*args, **kwargs)
         return cast(F, call)
     return wrap
+
+
+class RenamedAttribute:
+    """Class attribute standing for a renamed one: reading or setting ``obj.old`` reads or sets
+    ``obj.new`` with a ``DeprecationWarning`` (the old name is the one this is assigned to).
+
+    Example:
+        >>> class Hooks:
+        ...     mode = RenamedAttribute("masking")
+        ...     def __init__(self):
+        ...         self.masking = "soft"
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     Hooks().mode, str(caught[0].message)
+        ('soft', 'Hooks.mode is deprecated: use Hooks.masking')
+    """
+
+    def __init__(self, new: str) -> None:
+        self.new, self.old, self.owner = new, "", ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.old, self.owner = name, owner.__name__
+
+    def _warn(self) -> None:
+        warnings.warn(f"{self.owner}.{self.old} is deprecated: use {self.owner}.{self.new}", DeprecationWarning,
+                      stacklevel=3)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        self._warn()
+        return getattr(obj, self.new)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        self._warn()
+        setattr(obj, self.new, value)

@@ -55,7 +55,8 @@ from torchvision import transforms
 
 from hookchains.assets import asset_path, sha256_file
 
-__all__ = ["EMBEDDED_MODELS", "ModelRef", "Preprocess", "create_model", "load_checkpoint", "preprocessing"]
+__all__ = ["EMBEDDED_MODELS", "ModelRef", "Preprocess", "create_model", "load_checkpoint", "preprocessing",
+           "hf_preprocessing_note"]
 
 EMBEDDED_MODELS: Mapping[str, tuple[str, str]] = {"mobilenet_v2": ("mobilenet_v2", "mobilenet_v2-b0353104.pth")}
 """``hookchains:NAME`` -> (torchvision architecture, shipped weight file)."""
@@ -183,6 +184,10 @@ def _build(spec: str, pretrained: bool, num_classes: int | None) -> nn.Module:
         return _torchvision_model(spec, name, pretrained, num_classes)
     if prefix == "hookchains":
         return _embedded_model(spec, name, num_classes)
+    if prefix == "hf":
+        raise ValueError(f"{spec}: a Hugging Face model cannot be rebuilt from its run folder yet (report, load); "
+                         "extract writes its report, and in Python load it with transformers and wrap it in "
+                         "hookchains.core.objectives.OutputLogits")
     return _factory_model(spec, prefix, name, pretrained, num_classes)
 
 
@@ -474,12 +479,64 @@ class Preprocess:
         return int(self.config["input_size"][1]), int(self.config["input_size"][2])
 
 
+_HF_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+"""``resample`` of a saved Hugging Face image processor (PIL's codes) -> timm's interpolation name."""
+
+
+def _hf_image_model(model: nn.Module) -> Any:
+    """The transformers image model ``model`` wraps as ``model.model`` (an objective of
+    :mod:`hookchains.core.objectives`), or ``None``."""
+    inner = getattr(model, "model", None)
+    return inner if getattr(inner, "main_input_name", None) == "pixel_values" else None
+
+
+def _hf_processor_file(model: nn.Module) -> Path | None:
+    inner = _hf_image_model(model)
+    folder = str(getattr(getattr(inner, "config", None), "_name_or_path", "") or "")
+    path = Path(folder) / "preprocessor_config.json"
+    return path if folder and path.is_file() else None
+
+
+def _hf_data_config(model: nn.Module) -> dict[str, Any]:
+    """timm data config of a Hugging Face image classifier: its config's ``image_size``, resized to it
+    without keeping the aspect ratio (as ``ViTImageProcessor``); mean/std and resampling from the
+    ``preprocessor_config.json`` saved beside the weights, else ``ViTImageProcessor``'s defaults
+    (mean = std = 0.5, bilinear). A processor that crops (DeiT) is followed as timm crops: the shorter
+    side resized to ``size / crop_pct``, then the centre ``crop_size``."""
+    size = int(getattr(_hf_image_model(model).config, "image_size", 224))
+    config: dict[str, Any] = {"input_size": (3, size, size), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
+                              "std": (0.5, 0.5, 0.5), "crop_pct": 1.0, "crop_mode": "squash"}
+    path = _hf_processor_file(model)
+    saved = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    if saved.get("do_normalize", True):
+        config.update(mean=tuple(saved.get("image_mean", config["mean"])), std=tuple(saved.get("image_std", config["std"])))
+    else:
+        config.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    config["interpolation"] = _HF_PIL_RESAMPLE.get(saved.get("resample", 2), "bilinear")
+    crop, resize = saved.get("crop_size") or {}, saved.get("size") or {}
+    if saved.get("do_center_crop") and crop.get("height") and (resize.get("height") or resize.get("shortest_edge")):
+        config.update(crop_mode="center", crop_pct=crop["height"] / (resize.get("height") or resize["shortest_edge"]))
+    return config
+
+
+def hf_preprocessing_note(model: nn.Module) -> str | None:
+    """One line for the user when ``model`` is a Hugging Face image classifier saved without its image
+    processor (so :func:`preprocessing` normalises with ``ViTImageProcessor``'s defaults), else ``None``."""
+    if _hf_image_model(model) is None or _hf_processor_file(model) is not None:
+        return None
+    return ("note: no preprocessor_config.json beside the model: images are normalised with mean = std = 0.5 "
+            "(ViTImageProcessor's defaults); save the model's processor there (processor.save_pretrained(PATH)) "
+            "to use its own")
+
+
 def preprocessing(model: nn.Module, image_size: int | None = None) -> Preprocess:
     """Return the evaluation preprocessing for ``model``: PIL image -> normalised float tensor (C, H, W).
 
-    timm models use their own data config (``timm.data.resolve_data_config``); other models get
-    torchvision's ImageNet recipe (mean/std, 224 px, crop 0.875, bilinear). ``image_size``
-    replaces the resolution (the crop fraction is kept), e.g. 160 for faster fits on CPU.
+    timm models use their own data config (``timm.data.resolve_data_config``); a Hugging Face image
+    classifier in an objective wrapper (``model.model``, e.g. ``OutputLogits``) its config's image size
+    and its saved image processor's mean/std (:func:`hf_preprocessing_note` says when there is none);
+    other models get torchvision's ImageNet recipe (mean/std, 224 px, crop 0.875, bilinear).
+    ``image_size`` replaces the resolution (the crop fraction is kept), e.g. 160 for faster fits on CPU.
 
     Example:
         >>> model, _ = create_model("resnet18")
@@ -488,6 +545,8 @@ def preprocessing(model: nn.Module, image_size: int | None = None) -> Preprocess
     """
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         config = dict(resolve_data_config({}, model=model))
+    elif _hf_image_model(model) is not None:
+        config = _hf_data_config(model)
     else:
         config = dict(_TORCHVISION_DATA_CONFIG)
     if image_size is not None:

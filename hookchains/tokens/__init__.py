@@ -42,7 +42,7 @@ Why ``ste`` needs more than an ``attn_mask``: a key at ``-inf`` has probability 
 (6 blocks, 17 tokens, 20 images): training ``hard`` collapsed (every score falls at the same rate
 while the network still equals the teacher, the KL gradient being exactly 0 there; they all crossed
 ``tau`` in one step and none returned: KL 3.1, 11/20 agreement); training ``soft`` and thresholding
-afterwards left a soft/hard gap (KL 0.005 soft, 0.46 hard). So mode ``ste`` runs timm's manual
+afterwards left a soft/hard gap (KL 0.005 soft, 0.46 hard). So masking ``ste`` runs timm's manual
 attention path (``attn.fused_attn`` switched off while in ``ste``, restored after) and a forward hook
 on ``attn.attn_drop`` -- whose input is the softmax -- reweights the probabilities to
 ``w_j p_ij / sum_k w_k p_ik``: the value of ``w`` is the hard weight (``m`` kept, 0 pruned), its

@@ -53,13 +53,13 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.layers import Attention
 from torch import Tensor, nn
 
-from hookchains.adapters.transformers import token_layers
+from hookchains.adapters.transformers import prefix_tokens, token_layers
 from hookchains.core.fit import chunks
 from hookchains.core.state import eval_mode
 from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call
 from hookchains.tokens.encoder import check_text_token_model, eager_attention, is_hf_objective
-from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence
+from hookchains.tokens.hooks import TokenChains, check_token_model, token_presence, vit_blocks, vit_prefix_tokens
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["Heatmaps", "rollout", "attention_maps", "token_attribution", "class_token_heatmaps",
@@ -116,9 +116,9 @@ def rollout(attentions: Tensor, keep: Optional[Tensor] = None, *, normalize: boo
 
 def _check_attention(model: nn.Module) -> None:
     if is_hf_objective(model):
-        raise ValueError(f"{type(model.model).__name__} is a Hugging Face model: its Eq. 10 attribution is "
-                         "text_token_attribution(model, inputs, result), which reads transformers' own attentions")
-    for i, block in enumerate(model.blocks):
+        raise ValueError(f"{type(model.model).__name__} is a Hugging Face model: its attention maps are not "
+                         "recomputed from attn.qkv; token_attribution(model, inputs, result) reads transformers' own")
+    for i, block in enumerate(vit_blocks(model)):
         if not isinstance(getattr(block, "attn", None), Attention):
             raise ValueError(f"blocks.{i}.attn is {type(getattr(block, 'attn', None)).__name__}, not timm's "
                              "Attention: its probabilities cannot be recomputed from attn.qkv")
@@ -135,7 +135,7 @@ def _probabilities(attn: Attention, qkv: Tensor, bias: Optional[Tensor]) -> Tens
 
 
 def _network(masks: Masks, n: int) -> Tuple[Optional[Tensor], float, str, Optional[list]]:
-    """(scores, tau, mode, sites) of the network whose attention is read."""
+    """(scores, tau, masking, sites) of the network whose attention is read."""
     if masks is None:
         return None, 0.1, "off", None
     if isinstance(masks, TokenSubnetwork):
@@ -163,17 +163,17 @@ def attention_maps(model: nn.Module, images: Tensor, masks: Masks = None, *,
     validate_images(images)
     _check_attention(model)
     check_token_model(model)
-    scores, tau, mode, sites = _network(masks, images.shape[0])
+    scores, tau, masking, sites = _network(masks, images.shape[0])
     images = images.to(next(model.parameters()).device)
     with eval_mode(model), torch.no_grad(), \
             TokenChains(model, images.shape[0], tau=tau, example=images[:1], sites=sites) as chains:
         if scores is not None:
             chains.load_scores(scores.to(chains.scores.device))
         captured: List[List[Tensor]] = [[] for _ in chains.sites]
-        handles = [model.get_submodule(site.name).attn.qkv.register_forward_hook(_capture(chains, i, captured[i]))
+        handles = [model.get_submodule(f"{site.name}.attn.qkv").register_forward_hook(_capture(chains, i, captured[i]))
                    for i, site in enumerate(chains.sites)]
         try:
-            with chains.using(mode):
+            with chains.using(masking):
                 for part in chunks(images.shape[0], batch_size):
                     with chains.select(part):
                         model(images[part])
@@ -188,7 +188,7 @@ def _capture(chains: TokenChains, block: int, sink: List[Tensor]):
 
     def hook(module, args, out):
         probs = _probabilities(attn, out, chains.key_bias(block))
-        if chains.mode != "off":
+        if chains.masking != "off":
             probs = probs * chains.kept()[:, block, :, None].to(probs.dtype)
         sink.append(probs.float().cpu())
     return hook
@@ -199,7 +199,8 @@ def token_attribution(model: nn.Module, images: Tensor, masks: Masks = None, *, 
     """Eq. 10 on ``model`` for ``images``: ``N x blocks x T x T`` (block ``l`` at index ``l - 1``).
 
     Args:
-        model: a timm ViT/DeiT (see :func:`hookchains.tokens.check_token_model`).
+        model: a timm ViT/DeiT (see :func:`hookchains.tokens.check_token_model`), or an HF ViT/DeiT
+            classifier in ``OutputLogits`` (then ``masks`` must be its result: :func:`text_token_attribution`).
         images: ``N x 3 x H x W``; with masks, in the order of the fitting images.
         masks: ``None`` (the full model), a :class:`~hookchains.tokens.TokenSubnetwork` (its ``hard``
             network), or bool masks ``N x blocks x T`` (made cumulative; prefix tokens always kept).
@@ -215,8 +216,18 @@ def token_attribution(model: nn.Module, images: Tensor, masks: Masks = None, *, 
         >>> attr[0, -1, 0, 1:].reshape(4, 4).shape      # what the class token draws on, last block
         torch.Size([4, 4])
     """
+    if is_hf_objective(model):  # an HF ViT/DeiT: transformers' own attentions
+        if not isinstance(masks, TokenSubnetwork):
+            raise ValueError(f"{type(model.model).__name__} is a Hugging Face model: its Eq. 10 attribution is "
+                             "read on a token result's network; pass the TokenSubnetwork fitted on these images")
+        return text_token_attribution(model, images, masks, normalize=normalize)
     attentions = attention_maps(model, images, masks, batch_size=batch_size)
-    return rollout(attentions, _presence(masks, int(model.num_prefix_tokens)), normalize=normalize)
+    return rollout(attentions, _presence(masks, _prefix(model)), normalize=normalize)
+
+
+def _prefix(model: nn.Module) -> int:
+    """Prefix tokens of a timm ViT/DeiT or of an HF one in its objective wrapper."""
+    return prefix_tokens(model) if is_hf_objective(model) else vit_prefix_tokens(model)
 
 
 @torch.no_grad()
@@ -268,7 +279,7 @@ def _presence(masks: Masks, prefix: int) -> Optional[Tensor]:
 def patch_grid(model: nn.Module, patches: int) -> Tuple[int, int]:
     """(rows, columns) of the patch grid of ``model`` holding ``patches`` patch tokens (timm's
     ``patch_embed.grid_size`` when it fits, else the nearest square)."""
-    grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
+    grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()) or ())
     if len(grid) == 2 and grid[0] * grid[1] == patches:
         return int(grid[0]), int(grid[1])
     side = int(round(patches ** 0.5))
@@ -278,7 +289,7 @@ def patch_grid(model: nn.Module, patches: int) -> Tuple[int, int]:
 
 
 def _rows_as_maps(model: nn.Module, attribution: Tensor, tokens: Tensor) -> Heatmaps:
-    prefix = int(model.num_prefix_tokens)
+    prefix = _prefix(model)
     rows = torch.stack([attribution[n, :, t, prefix:] for n, t in enumerate(tokens.tolist())])
     gh, gw = patch_grid(model, rows.shape[-1])
     return Heatmaps(rows.reshape(*rows.shape[:2], gh, gw), tokens)
@@ -325,9 +336,9 @@ def patch_token_heatmaps(model: nn.Module, images: Tensor, masks: Masks = None, 
     """
     attribution = token_attribution(model, images, masks) if attribution is None else attribution
     if tokens is None:
-        keep = _presence(masks, int(model.num_prefix_tokens))
+        keep = _presence(masks, _prefix(model))
         keep = torch.ones(attribution.shape[:3], dtype=torch.bool) if keep is None else keep
-        chosen = _longest_kept_patch(keep, attribution, int(model.num_prefix_tokens))
+        chosen = _longest_kept_patch(keep, attribution, _prefix(model))
     else:
         chosen = torch.as_tensor(list(tokens), dtype=torch.long)
     if chosen.shape != (attribution.shape[0],) or not bool(((chosen >= 0) & (chosen < attribution.shape[2])).all()):

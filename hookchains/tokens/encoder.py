@@ -14,7 +14,7 @@ values); only the plumbing differs:
   pooling: its ``pool_weights`` are the last layer's token weights (0 for a pruned token) times the
   attention mask. A classification head reads the first token only, as a ViT's does.
 * **Padding.** A padded position has presence 0: never kept, never counted, never a key.
-* **Mode ste.** The attention probabilities exist only on transformers' eager path, so mode ``ste``
+* **Masking ste.** The attention probabilities exist only on transformers' eager path, so masking ``ste``
   switches ``config._attn_implementation`` to ``"eager"`` (restored after), keeps each layer's values
   (a forward hook on ``value``/``v_proj``) and recomputes the context from the reweighted probabilities
   (a forward hook on the self-attention module; where that module also holds the output projection,
@@ -41,7 +41,7 @@ Example:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ from hookchains.adapters.transformers import IMAGE_TOKEN_MODELS, encoder_layers,
 from hookchains.core.objectives import OutputLogits, ZeroShotClassifier
 
 __all__ = ["check_text_token_model", "is_text_token_model", "is_hf_objective", "is_image_objective",
-           "with_key_bias", "eager_attention", "ste_context_hooks"]
+           "with_key_bias", "eager_attention", "ste_context_hooks", "hf_config"]
 
 ATTENTION_PATHS = ("sdpa", "eager")
 
@@ -67,15 +67,21 @@ def is_image_objective(model: nn.Module) -> bool:
     return is_hf_objective(model) and getattr(model.model, "main_input_name", None) == "pixel_values"
 
 
+def hf_config(model: nn.Module) -> Any:
+    """The wrapped transformers model's ``PretrainedConfig`` (``None`` without one): a plain attribute,
+    not a submodule, so ``nn.Module``'s typing cannot name it."""
+    return getattr(model.get_submodule("model"), "config", None) if is_hf_objective(model) else None
+
+
 def _check_image_model(model: nn.Module, name: str) -> None:
-    kind = getattr(getattr(model.model, "config", None), "model_type", None)
+    kind = getattr(hf_config(model), "model_type", None)
     if not isinstance(model, OutputLogits) or not name.endswith("ForImageClassification") or kind not in IMAGE_TOKEN_MODELS:
         raise ValueError(f"{name} (model_type {kind!r}) is not an HF image classifier whose head reads the class "
                          f"token only: token pruning of HF image models supports model_type {IMAGE_TOKEN_MODELS} "
-                         "wrapped in OutputLogits; use --mode filters")
+                         "wrapped in OutputLogits; use --sites filters")
     if patch_embeddings(model) is None or not token_layers(model):
         raise ValueError(f"{name} has no ViT patch embeddings with a class token or no recognised layers: "
-                         "token pruning needs both; use --mode filters")
+                         "token pruning needs both; use --sites filters")
 
 
 def check_text_token_model(model: nn.Module) -> None:
@@ -95,7 +101,7 @@ def check_text_token_model(model: nn.Module) -> None:
                          "ZeroShotClassifier or OutputLogits (hookchains.workflow.text.text_task does)")
     if getattr(model, "position", None) is not None:
         raise ValueError(f"{name} is a causal LM: its last position reads every earlier token, so token "
-                         "pruning is for encoders (BERT, MiniLM); use --mode filters")
+                         "pruning is for encoders (BERT, MiniLM); use --sites filters")
     if is_image_objective(model):
         _check_image_model(model, name)
     elif isinstance(model, OutputLogits) and not name.endswith("ForSequenceClassification"):
@@ -103,8 +109,8 @@ def check_text_token_model(model: nn.Module) -> None:
                          "embedding (ZeroShotClassifier) or a head that reads the first token (...ForSequenceClassification)")
     elif not encoder_layers(model):
         raise ValueError(f"{name} has no BERT-like encoder layers (attention.self.query/key/value): token pruning "
-                         "of text models needs one; use --mode filters")
-    attention = getattr(getattr(model.model, "config", None), "_attn_implementation", None)
+                         "of text models needs one; use --sites filters")
+    attention = getattr(hf_config(model), "_attn_implementation", None)
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"{name} uses attention {attention!r}: token pruning passes an additive mask, which "
                          f"needs one of {ATTENTION_PATHS} (load it with attn_implementation='sdpa')")
@@ -140,7 +146,7 @@ def with_key_bias(args: tuple, kwargs: dict, bias: Optional[torch.Tensor], *, re
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """``config._attn_implementation = "eager"`` on the wrapped model while inside; restored after."""
-    config = model.model.config
+    config = hf_config(model)
     previous, config._attn_implementation = config._attn_implementation, "eager"
     try:
         yield
@@ -149,9 +155,9 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 def ste_context_hooks(model: nn.Module, reweight: Callable[[int, torch.Tensor], Optional[torch.Tensor]]) -> list:
-    """Forward hooks for mode ``ste``: per layer, one on ``value`` keeping its output and one on the
+    """Forward hooks for masking ``ste``: per layer, one on ``value`` keeping its output and one on the
     self-attention replacing its context by ``reweight(layer, probabilities) @ values`` (eager
-    attention returns its probabilities). ``reweight`` returns ``None`` outside mode ``ste``.
+    attention returns its probabilities). ``reweight`` returns ``None`` outside masking ``ste``.
     Returns the hook functions as ``(module, hook)`` pairs, for the caller to register and mark."""
     pairs, values = [], {}
     for i, layer in enumerate(token_layers(model)):

@@ -125,9 +125,9 @@ def _kl_backward(chains: TokenChains, images, teacher_logp: torch.Tensor,
 
 
 @torch.no_grad()
-def _logits(chains: TokenChains, images, mode: str, batch_size: Optional[int]) -> torch.Tensor:
+def _logits(chains: TokenChains, images, masking: str, batch_size: Optional[int]) -> torch.Tensor:
     outs = []
-    with chains.using(mode):
+    with chains.using(masking):
         for part in chunks(count(images), batch_size):
             with chains.select(part):
                 outs.append(call(chains.model, rows_of(images, part)).float())
@@ -158,7 +158,7 @@ def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Opt
         tau: keep threshold on the presence ``min_{j<=i} s``.
         config: a :class:`~hookchains.core.fit.FitConfig` to start from instead of :data:`TOKEN_DEFAULTS`.
         **options: any other ``FitConfig`` field (``recipe``, ``kl_target``, ``patience``, ``batch_size``...).
-            Recipe ``ste`` (default) trains in mode ``ste`` (the ``hard`` forward; pruned tokens
+            Recipe ``ste`` (default) trains in masking ``ste`` (the ``hard`` forward; pruned tokens
             get the gradient of re-admitting them) in :func:`hookchains.core.fit.optimise`, the filter
             fit's loop: adaptive KL weight, and a stop once the mean kept slots per image moved by at
             most ``size_tol`` over ``patience`` steps with the ``hard`` network's KL within ``kl_tol``;
@@ -182,7 +182,7 @@ def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Opt
     check_inputs = validate_inputs if text else validate_images
     check_inputs(images)
     check_token_model(model)
-    given = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
+    given: Dict[str, Any] = {"steps": steps, "lr": lr, "lam": lam, "seed": seed, "progress": progress}
     cfg = dataclasses.replace(config or TOKEN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, **options)
     recipe = token_recipe(cfg.recipe)
     device = next(model.parameters()).device

@@ -13,7 +13,8 @@ from torch import nn
 
 from hookchains.adapters import discover
 from hookchains.adapters.families import ViTAdapter
-from hookchains.core.attach import MODES, HookOwner
+from hookchains.core.attach import MASKINGS, HookOwner
+from hookchains.core.deprecation import RenamedAttribute, renamed_keyword
 from hookchains.core.objectives import ZeroShotClassifier
 from hookchains.core.sites import TokenSite
 from hookchains.tokens.encoder import (
@@ -26,11 +27,11 @@ from hookchains.tokens.encoder import (
 )
 
 __all__ = ["TokenChains", "check_token_model", "is_token_model", "is_text_model", "token_presence",
-           "vit_parameter_counts", "mark_hook", "token_hooks_on", "TINY"]
+           "vit_parameter_counts", "vit_blocks", "vit_prefix_tokens", "mark_hook", "token_hooks_on", "TINY"]
 
 TINY = 1e-12  # log(TINY) stands for log(0) where a finite, differentiable value is needed
-FLOOR = 1e-4  # mode ste: pruned keys enter the softmax at this weight, then the hook zeroes them
-EPS = 1e-6  # soft mode: log(m + EPS) keeps a finite "re-admission" gradient at m = 0
+FLOOR = 1e-4  # masking ste: pruned keys enter the softmax at this weight, then the hook zeroes them
+EPS = 1e-6  # masking soft: log(m + EPS) keeps a finite "re-admission" gradient at m = 0
 Rows = Union[None, slice, Sequence[int], torch.Tensor]
 
 
@@ -57,17 +58,27 @@ def check_token_model(model: nn.Module) -> None:
     if not ViTAdapter.matches(model):
         raise ValueError(f"{name} is not a timm ViT/DeiT: token pruning (paper section 4.5) needs `blocks`, "
                          "`patch_embed` and `num_prefix_tokens`, e.g. timm.create_model('deit_small_patch16_224')")
-    if int(model.num_prefix_tokens) < 1:
+    if vit_prefix_tokens(model) < 1:
         raise ValueError(f"{name} has no class token: the class token is what token pruning keeps")
     pool = getattr(model, "global_pool", "token")
     if pool != "token" or getattr(model, "attn_pool", None) is not None:
         raise ValueError(f"{name} pools its output with global_pool={pool!r}, so a pruned token would still "
                          "reach the output; token pruning needs class-token pooling "
                          "(timm.create_model(name, global_pool='token'))")
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(vit_blocks(model)):
         if "attn_mask" not in inspect.signature(block.forward).parameters:
             raise ValueError(f"blocks.{i} ({type(block).__name__}) does not take attn_mask, so pruned tokens "
                              "cannot be excluded from its attention")
+
+
+def vit_blocks(model: nn.Module) -> List[nn.Module]:
+    """The blocks of a timm ViT/DeiT (``model.blocks``), in order."""
+    return list(model.get_submodule("blocks").children())
+
+
+def vit_prefix_tokens(model: nn.Module) -> int:
+    """The class (and distillation or register) tokens of a timm ViT/DeiT (``num_prefix_tokens``; 0 without)."""
+    return int(getattr(model, "num_prefix_tokens", 0))
 
 
 def is_text_model(model: nn.Module) -> bool:
@@ -105,10 +116,11 @@ def vit_parameter_counts(model: nn.Module) -> Dict[str, int]:
         >>> vit_parameter_counts(timm.create_model("deit_small_patch16_224"))
         {'mha_params': 7096320, 'ffn_params': 14178816}
     """
-    if not ViTAdapter.matches(model) or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in model.blocks):
+    blocks = vit_blocks(model) if ViTAdapter.matches(model) else []
+    if not blocks or not all(hasattr(b, "attn") and hasattr(b, "mlp") for b in blocks):
         raise ValueError(f"{type(model).__name__} is not a timm ViT/DeiT with attn and mlp in every block")
     parts = {"mha_params": "attn", "ffn_params": "mlp"}
-    return {key: sum(p.numel() for block in model.blocks for p in getattr(block, part).parameters())
+    return {key: sum(p.numel() for block in blocks for p in block.get_submodule(part).parameters())
             for key, part in parts.items()}
 
 
@@ -137,10 +149,17 @@ def token_hooks_on(model: nn.Module) -> bool:
     return any(getattr(h, "hookchains_tokens", False) for m in model.modules() for h in m._forward_pre_hooks.values())
 
 
+def _set_fused(attentions: Sequence[Attention], flags: Sequence[bool]) -> None:
+    """Set each timm ``Attention.fused_attn``: timm marks it ``Final`` (a TorchScript constant), but the
+    eager forward reads it on every call, and masking ``ste`` needs the manual path while in use."""
+    for attention, flag in zip(attentions, flags):
+        attention.fused_attn = flag  # type: ignore[misc]  # Final for TorchScript only; read per call
+
+
 def _token_sites(model: nn.Module, example) -> List[TokenSite]:
     hf = is_hf_objective(model)
     sites = discover(model, "transformers" if hf else "vit", example=example).tokens
-    expected = len(sites) if hf else len(model.blocks)
+    expected = len(sites) if hf else len(vit_blocks(model))
     if not sites or len(sites) != expected or len({s.tokens for s in sites}) != 1:
         raise ValueError(f"{type(model).__name__}: expected one token site of equal length per block, "
                          f"found {[(s.name, s.tokens) for s in sites]}")
@@ -153,7 +172,8 @@ class TokenChains(HookOwner):
     ``scores`` is one ``nn.Parameter`` of shape ``N x blocks x T`` (prefix columns are ignored: prefix
     tokens always have presence 1). A forward pass must carry the images of the current row selection
     (:meth:`select`; default: all ``N``, in order), because every image has its own scores. Set the
-    mode with :meth:`using`: for mode ``ste`` it also switches timm to its manual attention path.
+    masking with :meth:`using` (the attribute ``masking``; ``mode`` before 0.3): for masking ``ste`` it
+    also switches timm to its manual attention path.
 
     An HF ViT/DeiT classifier in ``OutputLogits`` works the same way (its layers take the bias as their
     attention mask), and so does a text objective around a BERT-like encoder, one row per sentence
@@ -187,10 +207,11 @@ class TokenChains(HookOwner):
         self.valid = (torch.ones(num_images, self.tokens, dtype=torch.bool) if valid is None else valid.bool()).to(device)
         if tuple(self.valid.shape) != (num_images, self.tokens):
             raise ValueError(f"valid must be {num_images} x {self.tokens} (the attention mask), got {tuple(self.valid.shape)}")
-        self.mode, self._rows, self.hf = "soft", None, is_hf_objective(model)
+        self.masking, self.hf = "soft", is_hf_objective(model)
+        self._rows: Rows = None
         blocks = [model.get_submodule(site.name) for site in self.sites]
         self._handles = [b.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        self._attentions = [b.attn for b in blocks if isinstance(getattr(b, "attn", None), Attention)]
+        self._attentions = [a for a in (getattr(b, "attn", None) for b in blocks) if isinstance(a, Attention)]
         if self.hf:  # "ste" recomputes the context from eager attention's probabilities
             self._handles += [module.register_forward_hook(mark_hook(hook))
                               for module, hook in ste_context_hooks(model, self._reweight)]
@@ -215,46 +236,48 @@ class TokenChains(HookOwner):
         with torch.no_grad():
             return self.presence() >= self.tau
 
-    def key_bias(self, block: int, mode: Optional[str] = None) -> Optional[torch.Tensor]:
+    @renamed_keyword(mode="masking")
+    def key_bias(self, block: int, masking: Optional[str] = None) -> Optional[torch.Tensor]:
         """Additive attention bias ``n x 1 x 1 x T`` for the keys of ``block`` (``None`` when off).
 
         Example: ``chains.key_bias(0, "mask")`` -- 0 for kept keys, ``-inf`` for pruned ones."""
-        mode = mode or self.mode
-        if mode == "off":
+        masking = masking or self.masking
+        if masking == "off":
             return None
         m = self.presence()[:, block]
-        if mode == "soft":
+        if masking == "soft":
             return torch.log(m + EPS)[:, None, None, :]
-        if mode == "ste":  # the hard weights floored at FLOOR; _ste_hook swaps the floor for exact zeros
+        if masking == "ste":  # the hard weights floored at FLOOR; _ste_hook swaps the floor for exact zeros
             return torch.log(self._hard_weight(m).clamp_min(FLOOR).detach())[:, None, None, :]
-        kept_value = torch.zeros_like(m) if mode == "mask" else torch.log(m.clamp_min(TINY))
+        kept_value = torch.zeros_like(m) if masking == "mask" else torch.log(m.clamp_min(TINY))
         return torch.where(m >= self.tau, kept_value, torch.full_like(m, float("-inf")))[:, None, None, :]
 
-    def token_weight(self, block: int, mode: Optional[str] = None) -> torch.Tensor:
+    @renamed_keyword(mode="masking")
+    def token_weight(self, block: int, masking: Optional[str] = None) -> torch.Tensor:
         """Weight ``n x T`` of each token leaving ``block`` where an output reads every token (the mean
         pooling of a text embedding): ``m`` (soft), ``m`` if kept else 0 (hard; ste with the gradient of
         ``m``), kept as 0/1 (mask).
 
         Example: ``chains.token_weight(-1, "mask")`` -- the tokens kept in the last block."""
-        mode = mode or self.mode
+        masking = masking or self.masking
         m = self.presence()[:, block]
-        if mode == "soft":
+        if masking == "soft":
             return m
-        if mode == "mask":
+        if masking == "mask":
             return (m >= self.tau).to(m.dtype)
         hard = self._hard_weight(m)
-        return hard + (m - m.detach()) if mode == "ste" else hard
+        return hard + (m - m.detach()) if masking == "ste" else hard
 
     def _hard_weight(self, m: torch.Tensor) -> torch.Tensor:
         return torch.where(m >= self.tau, m, torch.zeros_like(m))
 
     def _reweight(self, block: int, probs: torch.Tensor) -> Optional[torch.Tensor]:
-        """Mode ``ste``: the softmax ran with weights ``u = max(hard, FLOOR)``; multiplying by ``w / u``,
+        """Masking ``ste``: the softmax ran with weights ``u = max(hard, FLOOR)``; multiplying by ``w / u``,
         where ``w`` has the hard value (``m`` if kept, else 0) and the gradient of ``m``, and renormalising
         gives exactly the ``hard`` probabilities, plus a gradient for pruned keys too: that of
         re-admitting them (``d/dw_j`` of ``sum_j w_j e^(z_ij) v_j / sum_j w_j e^(z_ij)`` at ``w_j = 0``).
-        ``None`` in the other modes."""
-        if self.mode != "ste":
+        ``None`` in the other maskings."""
+        if self.masking != "ste":
             return None
         m = self.presence()[:, block]
         hard = self._hard_weight(m)
@@ -271,7 +294,7 @@ class TokenChains(HookOwner):
     def _pool_hook(self):
         """Text embedding: the pooling reads the last layer's token weights times the attention mask."""
         def hook(module, args, kwargs):
-            if self.mode == "off":
+            if self.masking == "off":
                 return None
             mask = kwargs["attention_mask"] if "attention_mask" in kwargs else args[1]
             weights = self.token_weight(len(self.sites) - 1)
@@ -280,7 +303,7 @@ class TokenChains(HookOwner):
 
     def _hook(self, block: int):
         def hook(module, args, kwargs):
-            if self.mode == "off":
+            if self.masking == "off":
                 return None
             x, rows = args[0], self.presence().shape[0]
             if x.ndim != 3 or x.shape[:2] != (rows, self.tokens):
@@ -296,31 +319,33 @@ class TokenChains(HookOwner):
         return mark_hook(hook)
 
     # ------------------------------------------------------------------ state
+    mode = RenamedAttribute("masking")
+
+    @renamed_keyword(mode="masking")
     @contextmanager
-    def using(self, mode: str) -> Iterator[TokenChains]:
-        """Temporarily evaluate the hooks in ``mode`` (one of :data:`hookchains.core.attach.MODES`).
+    def using(self, masking: str) -> Iterator[TokenChains]:
+        """Temporarily evaluate the hooks in ``masking`` (one of :data:`hookchains.core.attach.MASKINGS`;
+        keyword ``mode`` before 0.3).
 
         Example: ``with chains.using("mask"): logits = model(images)``."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if mode == "ste" and not self.hf and len(self._attentions) != len(self.sites):
-            raise ValueError("mode 'ste' reweights timm Attention probabilities; this model's blocks use another "
-                             "attention class: use mode 'hard' (fit_tokens(..., recipe='paper') trains 'soft')")
-        previous, self.mode = self.mode, mode
+        if masking not in MASKINGS:
+            raise ValueError(f"unknown masking {masking!r}; choose one of {MASKINGS}")
+        if masking == "ste" and not self.hf and len(self._attentions) != len(self.sites):
+            raise ValueError("masking 'ste' reweights timm Attention probabilities; this model's blocks use another "
+                             "attention class: use masking 'hard' (fit_tokens(..., recipe='paper') trains 'soft')")
+        previous, self.masking = self.masking, masking
         fused = [a.fused_attn for a in self._attentions]
-        if mode == "ste":  # the probabilities exist only on timm's manual attention path
-            for a in self._attentions:
-                a.fused_attn = False
+        if masking == "ste":  # the probabilities exist only on timm's manual attention path
+            _set_fused(self._attentions, [False] * len(fused))
         try:
-            if mode == "ste" and self.hf:  # and on transformers' eager one
+            if masking == "ste" and self.hf:  # and on transformers' eager one
                 with eager_attention(self.model):
                     yield self
             else:
                 yield self
         finally:
-            self.mode = previous
-            for a, flag in zip(self._attentions, fused):
-                a.fused_attn = flag
+            self.masking = previous
+            _set_fused(self._attentions, fused)
 
     @contextmanager
     def select(self, rows: Rows) -> Iterator[TokenChains]:

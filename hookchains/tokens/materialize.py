@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from hookchains.core.deprecation import RenamedAttribute, renamed_keyword
 from hookchains.core.objectives import ZeroShotClassifier
 from hookchains.core.result import TOLERANCE, check_exact
 from hookchains.core.state import eval_mode
@@ -14,7 +15,15 @@ from hookchains.inputs.data import validate_images
 from hookchains.inputs.forward import call, count, map_tensors, validate_inputs
 from hookchains.tokens.encoder import is_hf_objective, with_key_bias
 from hookchains.tokens.fit import rows_of
-from hookchains.tokens.hooks import TINY, TokenChains, check_token_model, is_text_model, mark_hook, token_hooks_on
+from hookchains.tokens.hooks import (
+    TINY,
+    TokenChains,
+    check_token_model,
+    is_text_model,
+    mark_hook,
+    token_hooks_on,
+    vit_blocks,
+)
 from hookchains.tokens.result import TokenSubnetwork
 
 __all__ = ["TokenDroppedViT", "materialize_tokens"]
@@ -34,7 +43,7 @@ class TokenDroppedViT(nn.Module):
     Every image has its own kept set, so a batch is run image by image: for image ``n`` a forward
     pre-hook on block ``i`` gathers the tokens kept in block ``i`` (a subset of those of block
     ``i-1``, so the sequence only shrinks) and the model's own, unmodified blocks run on that shorter
-    sequence; in ``hard`` mode the kept tokens' weights ``log m`` go in as ``attn_mask`` on the gathered
+    sequence; in masking ``hard`` the kept tokens' weights ``log m`` go in as ``attn_mask`` on the gathered
     keys. The class token stays first, so the head's class-token pooling is unchanged. The hooks exist
     only during :meth:`forward`; the wrapped model is borrowed, not copied.
 
@@ -58,11 +67,14 @@ class TokenDroppedViT(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, model: nn.Module, tsub: TokenSubnetwork, mode: str = "hard") -> None:
+    mode = RenamedAttribute("masking")
+
+    @renamed_keyword(mode="masking")
+    def __init__(self, model: nn.Module, tsub: TokenSubnetwork, masking: str = "hard") -> None:
         super().__init__()
-        if mode not in ("hard", "mask"):
-            raise ValueError(f"mode must be 'hard' (kept tokens weighted by their scores) or 'mask', got {mode!r}")
-        self.model, self.mode, self.tsub, self.hf = model, mode, tsub, is_hf_objective(model)
+        if masking not in ("hard", "mask"):
+            raise ValueError(f"masking must be 'hard' (kept tokens weighted by their scores) or 'mask', got {masking!r}")
+        self.model, self.masking, self.tsub, self.hf = model, masking, tsub, is_hf_objective(model)
         self.block_names = [site.name for site in tsub.sites]
         self.gather: List[List[torch.Tensor]] = []
         self.bias: List[List[Optional[torch.Tensor]]] = []
@@ -73,8 +85,8 @@ class TokenDroppedViT(nn.Module):
             for i in range(masks.shape[1]):
                 kept = torch.nonzero(masks[n, i]).flatten()
                 gathers.append(torch.searchsorted(previous, kept))
-                weights = presence[n, i, kept] if mode == "hard" else torch.ones(len(kept))
-                biases.append(torch.log(weights.clamp_min(TINY))[None, None, None] if mode == "hard" else None)
+                weights = presence[n, i, kept] if masking == "hard" else torch.ones(len(kept))
+                biases.append(torch.log(weights.clamp_min(TINY))[None, None, None] if masking == "hard" else None)
                 previous = kept
             self.gather.append(gathers)
             self.bias.append(biases)
@@ -136,7 +148,7 @@ class TokenDroppedViT(nn.Module):
         with eval_mode(self.model), TokenChains(self.model, len(self.gather), tau=self.tsub.tau,
                                                 sites=self.tsub.sites, valid=self.tsub.valid) as chains:
             chains.load_scores(self.tsub.scores.to(chains.scores.device))
-            with chains.using(self.mode), chains.select(rows_t):
+            with chains.using(self.masking), chains.select(rows_t):
                 reference = call(self.model, images).float()
         with eval_mode(self.model):
             got = self(images, rows_t.tolist()).float()
@@ -144,8 +156,9 @@ class TokenDroppedViT(nn.Module):
         return self.max_abs_diff
 
 
+@renamed_keyword(mode="masking")
 def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
-                       mode: str = "hard", check: bool = True) -> TokenDroppedViT:
+                       masking: str = "hard", check: bool = True) -> TokenDroppedViT:
     """Build the module that physically drops each fitting image's pruned tokens before every block.
 
     Args:
@@ -154,8 +167,9 @@ def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
         images: the fitting images (``N x 3 x H x W``, same order; for a text model the dict of
             ``input_ids`` and ``attention_mask``); with ``check`` the module's logits are compared with
             the hooked masked network's (:meth:`TokenDroppedViT.check`).
-        mode: ``"hard"`` (default; kept tokens weighted by their scores: the network ``fit_tokens``
-            measured) or ``"mask"`` (kept tokens at weight 1: the binary sub-network).
+        masking: ``"hard"`` (default; kept tokens weighted by their scores: the network ``fit_tokens``
+            measured) or ``"mask"`` (kept tokens at weight 1: the binary sub-network). Keyword ``mode``
+            before 0.3 (still accepted, with a ``DeprecationWarning``).
 
     Example:
         >>> import timm, torch
@@ -169,10 +183,10 @@ def materialize_tokens(tsub: TokenSubnetwork, model: nn.Module, images=None, *,
     """
     check_token_model(model)
     text, hf = is_text_model(model), is_hf_objective(model)
-    blocks = len(tsub.sites) if hf else len(model.blocks)
+    blocks = len(tsub.sites) if hf else len(vit_blocks(model))
     if len(tsub.sites) != blocks or not all(_has_module(model, site.name) for site in tsub.sites):
         raise ValueError(f"the result has {len(tsub.sites)} blocks, {type(model).__name__} has {blocks}")
-    module = TokenDroppedViT(model, tsub, mode)
+    module = TokenDroppedViT(model, tsub, masking)
     if images is not None and check:
         check_inputs = validate_inputs if text else validate_images
         check_inputs(images)

@@ -10,19 +10,29 @@ class or a pair of classes can be picked to light up their chains. The script is
 ``sha256`` hash in the page's Content-Security-Policy, which forbids every request (``default-src
 'none'``; pictures are ``data:`` URIs), so the page works from ``file://`` and offline.
 
-The data model is generic (filter runs fill it in :mod:`hookchains.viz.report`; other kinds of run
-may add their own nodes and facts):
+The data model is generic; each kind of run fills it in with its own nodes and panels: filter runs
+(:mod:`hookchains.viz.report`: filters, chains, feature visualisations, heatmaps), token runs of a ViT
+or a text encoder (:mod:`hookchains.viz.token_report`: a cell per image and block, the image's row is
+its "chain") and text filter runs (:mod:`hookchains.viz.text_report`: kept heads and neurons):
 
 * ``title``: the graph's title; ``note`` (optional): a warning shown under it; ``colour``: ``{"by": what the colour encodes, "low": ..., "high": ...}``;
+* ``views``: which controls the run has: ``{"chains": what an image's highlighted path is called in
+  its panel ("" for none), "highlight": the legend's word for it, "unit": what an item of the task is
+  ("Image", "Sentence"), "compare", "compact", "classes" (bools)}``;
 * ``columns``: ``[{"label", "kind" ("layer", "skipped" or "output"), "kept" (units the column keeps),
-  "more" (kept units not drawn), "nodes" (node ids, top to bottom), optional "detail" (a second
-  line under the label)}]`` in network order;
-* ``nodes``: ``[{"id", "label", "kind" ("unit" or "output"), "column", "value" (colour in [0, 1] or
+  "more" (kept units not drawn), "nodes" (node ids, top to bottom), optional "detail" (the line under
+  the label, instead of "K kept")}]`` in network order;
+* ``nodes``: ``[{"id", "label", "kind" ("unit", "cell" or "output"), "column", "value" (colour in [0, 1] or
   null), "aria" (the screen-reader label), "facts" ([[name, value text], ...], shown in the panel),
   "featvis" (picture id or null), "featvisFailed" (why the feature visualisation is not shown, or
-  null), "maps" ([[image, picture id or null, peak activation], ...])}]``;
+  null), "maps" ([[image, picture id or null, peak activation], ...])}]``; optional: "pictures"
+  ([[title, picture id or null, alt text or why there is none]]), "words" ([[word, activation]]),
+  "image" (the image a cell belongs to), "title" (the panel's title, default "label");
 * ``edges``: ``[[from node id, to node id, width in [0, 1]]]``;
-* ``images``: ``[{"label", "caption", "pic", "wrong" (misclassified by the original model)}]``;
+* ``images``: ``[{"label", "caption", "pic" (or null: a sentence), "wrong" (misclassified by the
+  original model)}]``, optional "rows" (``[{"title", "pics": [[label, picture id or null, alt]]}]``:
+  Fig. 7's rows) and "grid" (``{"title", "words", "layers", "kept" (layers x words bools),
+  "attribution" (per word), "attributionLabel"}``: a sentence's token-by-layer grid);
   ``groups``: ``[{"name", "images": [image indices]}]`` (the task's classes);
 * ``chains``: ``[{"image", "nodes" (node ids from input side to output), "strength", "title"}]``;
 * ``pics``: picture id -> ``data:image/png;base64,...``: every picture stored once and referenced by id.
@@ -33,8 +43,8 @@ When the script has drawn the graph it sets ``document.body.dataset.ready`` to
 
 Example:
     >>> pics = Pictures()
-    >>> data = {"title": "t", "colour": {"by": "score", "low": "0", "high": "1"}, "columns": [], "nodes": [],
-    ...         "edges": [], "images": [], "groups": [], "chains": []}
+    >>> data = {"title": "t", "colour": {"by": "score", "low": "0", "high": "1"}, "views": FILTER_VIEWS,
+    ...         "columns": [], "nodes": [], "edges": [], "images": [], "groups": [], "chains": []}
     >>> page = explorer_page(data, pics, [("summary", "Summary", "<p>text</p>")])
     >>> "script-src 'sha256-" in page and page.count("<script") == 2
     True
@@ -54,9 +64,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
-from hookchains.viz.html import CSS
+from hookchains.viz.html import CSS, IMAGE_PX
 
-__all__ = ["Pictures", "explorer_page", "open_in_browser", "script_hash", "serve_page"]
+__all__ = ["Pictures", "explorer_page", "image_buttons", "open_in_browser", "script_hash", "serve_page", "FILTER_VIEWS"]
+
+FILTER_VIEWS = {"chains": "chains", "highlight": "highlighted chains", "unit": "Image", "compare": True,
+                "compact": True, "classes": True}
+"""The controls of a run with chains (a filter run): image, class, compare, chain filters only."""
 
 
 class Pictures:
@@ -125,7 +139,10 @@ background:#ffffffe6;padding:.25rem;border-radius:4px}
 .cmp-a li{border-left:4px solid #0057d9;padding-left:.2rem}.cmp-b li{border-left:4px solid #e07000;padding-left:.2rem}
 .cmp-both li{border-left:4px solid #7a00c2;padding-left:.2rem}
 .grid button{background:none;border:1px solid transparent;padding:0;cursor:pointer}
-.grid button:focus{border-color:#000}.grid img{display:block}
+.grid button:focus{border-color:#000}.grid img{display:block}.grid .sentence{max-width:22rem;text-align:left;font:inherit}
+.wide{max-width:100%}.words{padding-left:1.4rem;font-size:.85rem;margin:0}
+.wordgrid{font-size:.72rem;display:block;overflow-x:auto;max-width:100%}.wordgrid th,.wordgrid td{padding:.1rem .25rem}
+.wordgrid .pruned{color:#aaa;background:#f3f3f3}
 @media (max-width:900px){.explorer{grid-template-columns:1fr;height:auto}.stage{height:70vh}}
 """
 
@@ -133,7 +150,7 @@ _CONTROLS = """<div class="tools" role="toolbar" aria-label="Graph controls">
 <button type="button" id="zoom-in" aria-label="Zoom in">+</button><button type="button" id="zoom-out"
 aria-label="Zoom out">−</button><button type="button" id="zoom-fit">Fit</button><button type="button"
 id="compact" aria-pressed="false" title="Draw only the filters the chains use">Chain filters only</button>
-<label>Image <select id="pick-image"><option value="">–</option></select></label>
+<label><span id="pick-unit">Image</span> <select id="pick-image"><option value="">–</option></select></label>
 <label>Class <select id="pick-class"><option value="">–</option></select></label>
 <label>Compare <select id="cmp-a" aria-label="First class"></select></label><select id="cmp-b"
 aria-label="Second class"></select><button type="button" id="cmp-go">Compare</button>
@@ -159,13 +176,14 @@ def explorer_page(data: Mapping[str, Any], pictures: Pictures, sections: Sequenc
     colour = data["colour"]
     legend = (f'<div class="legend"><strong id="graph-title">{html.escape(data["title"])}</strong>'
               f'colour: {html.escape(colour["by"])} {html.escape(colour["low"])}<span class="bar"></span>'
-              f'{html.escape(colour["high"])} · <span style="color:#d4008f">magenta</span>: highlighted chains · '
+              f'{html.escape(colour["high"])} · <span style="color:#d4008f">magenta</span>: '
+              f'{html.escape(data["views"]["highlight"])} · '
               "click or Tab + Enter a node; arrows move; drag to pan, wheel or +/− to zoom"
               + (f'<br><span class="bad">{html.escape(data["note"])}</span>' if data.get("note") else "") + "</div>")
     explorer = (f'<div class="explorer"><div class="stage">{legend}<svg id="graph" role="group" '
                 f'aria-labelledby="graph-title" preserveAspectRatio="xMidYMid meet"></svg>{_CONTROLS}</div>'
-                '<aside id="panel" aria-live="polite" aria-label="Details"><h2>Details</h2><p>Click a filter, or '
-                "pick an image or a class below the graph.</p></aside></div>")
+                '<aside id="panel" aria-live="polite" aria-label="Details"><h2>Details</h2><p>Click a node of the '
+                "graph, or pick an image below it.</p></aside></div>")
     body = "".join(f'<section aria-labelledby="{key}"><h2 id="{key}">{title}</h2>{content}</section>'
                    for key, title, content in sections)
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {script_hash()}"
@@ -176,6 +194,22 @@ def explorer_page(data: Mapping[str, Any], pictures: Pictures, sections: Sequenc
             f'<h1>{html.escape(heading)}</h1>{explorer}{body}</main>'
             f'<script type="application/json" id="explorer-data">{payload}</script>'
             f"<script>{_script()}</script></body></html>")
+
+
+def image_buttons(data: Mapping[str, Any], note: str = "") -> str:
+    """The task's images (or sentences) as buttons that open their panel (pictures filled in from the
+    table by the script), with ``note`` above them when given."""
+    figures = []
+    for i, image in enumerate(data["images"]):
+        bad = ' class="bad"' if image["wrong"] else ""
+        caption = html.escape(image["caption"])
+        if image["pic"] is None:
+            figures.append(f'<button type="button" class="sentence" data-image="{i}">{caption}</button>')
+            continue
+        figures.append(f'<figure><button type="button" data-image="{i}" aria-label="Show {caption}">'
+                       f'<img data-pic="{image["pic"]}" alt="{caption}" width="{IMAGE_PX}"></button>'
+                       f"<figcaption{bad}>{caption}</figcaption></figure>")
+    return (f"<p>{html.escape(note)}</p>" if note else "") + f'<div class="grid">{"".join(figures)}</div>'
 
 
 def serve_page(page: Path, port: int = 0) -> ThreadingHTTPServer:

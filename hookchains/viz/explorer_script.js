@@ -89,7 +89,8 @@
       let x = 0;
       for (const {col, ids, w} of row) {
         const cx = x + (col.kind === 'skipped' ? SKIPW / 2 : NODEW / 2);
-        const sub = col.kind !== 'layer' ? (col.detail || '') : compact ? `${ids.length} of ${col.kept} kept` : col.kept + ' kept';
+        const sub = col.kind !== 'layer' || col.detail ? (col.detail || '') : compact ? `${ids.length} of ${col.kept} kept`
+          : col.kept + ' kept';
         make('text', {x: cx, y: top + 14, class: 'colhead'}, nodeLayer, col.label);
         make('text', {x: cx, y: top + 28, class: 'colsub'}, nodeLayer, sub);
         ids.forEach((id, k) => { pos.set(id, [x, top + TOP + k * ROWH]); colOf.set(id, visible.length); });
@@ -179,7 +180,7 @@
     }
     if (selected && shapes.has(selected)) shapes.get(selected).classList.add('sel');
     document.getElementById('graph-status').textContent =
-      chains.length ? chains.length + ' chain(s) highlighted' : 'no chain highlighted';
+      chains.length ? `${chains.length} ${D.views.chains || 'row(s)'} highlighted` : 'nothing highlighted';
   }
 
   // ------------------------------------------------------------------ panels
@@ -203,9 +204,49 @@
     if (!chains.length) html('p', {class: 'muted'}, parent, 'No chain.');
   }
   function imageCaption(i) { return D.images[i].caption; }
+  function words(rows, parent) {  // [[word, value], ...]: the words that activate a unit most
+    html('h3', {}, parent, 'Words of the task that activate it most');
+    const ol = html('ol', {class: 'words'}, parent);
+    for (const [w, a] of rows) html('li', {}, ol, `${w} (${a.toFixed(2)})`);
+  }
+  function strip(row, parent) {  // {title, pics: [[label, picture id or null, alt]]}: one Fig. 7 row
+    html('h3', {}, parent, row.title);
+    if (row.pics.length === 1) {  // one wide picture (a sheet of every block)
+      const [label, pic, alt] = row.pics[0];
+      picture(pic, alt, parent, 'pic wide');
+      html('p', {class: 'muted'}, parent, label);
+      return;
+    }
+    const grid = html('div', {class: 'maps'}, parent);
+    for (const [label, pic, alt] of row.pics) {
+      const f = html('figure', {class: 'map'}, grid);
+      if (pic === null) html('span', {class: 'muted'}, f, 'pruned'); else picture(pic, alt, f);
+      html('figcaption', {}, f, label);
+    }
+  }
+  function wordGrid(g, parent) {  // {words, layers, kept: layers x words, attribution: words, title}
+    const t = html('table', {class: 'wordgrid'}, parent);
+    html('caption', {}, t, g.title);
+    const head = html('tr', {}, t);
+    html('th', {scope: 'col'}, head, 'Layer');
+    for (const w of g.words) html('th', {scope: 'col'}, head, w);
+    g.layers.forEach((label, l) => {
+      const r = html('tr', {}, t);
+      html('th', {scope: 'row'}, r, label);
+      g.words.forEach((w, k) => {
+        const c = html('td', {class: g.kept[l][k] ? 'kept' : 'pruned'}, r);
+        if (g.kept[l][k]) c.textContent = w; else html('s', {}, c, w);
+      });
+    });
+    const r = html('tr', {class: 'attribution'}, t), top = Math.max(...g.attribution.slice(1), 1e-12);
+    html('th', {scope: 'row'}, r, g.attributionLabel);
+    for (const a of g.attribution) {
+      html('td', {style: `background:rgba(200,60,0,${Math.min(a / top, 1).toFixed(2)})`}, r, a.toFixed(2));
+    }
+  }
 
   function showNode(id) {
-    const n = nodes.get(id), p = start(n.label);
+    const n = nodes.get(id), p = start(n.title || n.label);
     p.dataset.view = 'node';
     facts(n.facts, p);
     if (n.featvis !== null) {
@@ -213,6 +254,11 @@
       if (n.featvisFailed) html('p', {class: 'bad featvis-failed'}, p, 'Failed: ' + n.featvisFailed + ' (not shown).');
       else picture(n.featvis, 'Feature visualisation of ' + n.label, p, 'pic featvis');
     }
+    for (const [title, pic, alt] of n.pictures || []) {
+      html('h3', {}, p, title);
+      if (pic === null) html('p', {class: 'muted'}, p, alt); else picture(pic, alt, p, 'pic wide');
+    }
+    if (n.words) words(n.words, p);
     const through = D.chains.filter(ch => ch.nodes.includes(id));
     if (n.maps.length) {
       html('h3', {}, p, 'Heatmap on every task image, by peak activation');
@@ -223,21 +269,27 @@
         if (pic === null) html('span', {class: 'muted'}, f, 'no spatial map'); else picture(pic, alt, f);
         html('figcaption', {}, f, `image ${i + 1} · peak ${peak.toPrecision(3)}`);
       }
-    } else if (n.kind !== 'output') {
+    } else if (n.kind === 'unit' && D.chains.length) {
       html('p', {class: 'muted'}, p, 'No chain uses this filter: pictures are computed for chain filters only.');
     }
-    html('h3', {}, p, `Chains through ${n.label} (${through.length})`);
-    chainList(through, p);
+    if (D.chains.length && n.kind !== 'cell') {
+      html('h3', {}, p, `Chains through ${n.label} (${through.length})`);
+      chainList(through, p);
+    }
     highlight(through, id);
   }
   function showImage(i) {
-    const im = D.images[i], p = start('Image ' + (i + 1));
+    const im = D.images[i], p = start(D.views.unit + ' ' + (i + 1));
     p.dataset.view = 'image';
-    picture(im.pic, im.caption, p, 'pic');
+    if (im.pic !== null) picture(im.pic, im.caption, p, 'pic');
     html('p', {class: im.wrong ? 'bad' : ''}, p, im.caption);
+    for (const row of im.rows || []) strip(row, p);
+    if (im.grid) wordGrid(im.grid, p);
     const chains = D.chains.filter(ch => ch.image === i);
-    html('h3', {}, p, 'Its chains');
-    chainList(chains, p);
+    if (D.views.chains) {
+      html('h3', {}, p, 'Its ' + D.views.chains);
+      chainList(chains, p);
+    }
     highlight(chains);
   }
   function groupChains(g) {
@@ -262,19 +314,20 @@
     p.dataset.view = 'class';
     const chains = groupChains(g);
     const used = new Set(chains.flatMap(ch => ch.nodes));
-    const rep = group.images.find(i => !D.images[i].wrong && D.chains.some(ch => ch.image === i));
-    html('p', {}, p, `The class's sub-network: ${used.size} nodes on the ${chains.length} chains of its ` +
-         `${group.images.length} images` + (rep === undefined ? '.' : `; heatmaps on image ${rep + 1}.`));
+    const rep = group.images.find(i => !D.images[i].wrong && D.chains.some(ch => ch.image === i)) ?? group.images[0];
+    html('p', {}, p, (D.views.chains ? `The class's sub-network: ${used.size} nodes on the ${chains.length} chains of its `
+                      : `${used.size} cells of its `) + `${group.images.length} images` +
+         (rep === undefined ? '.' : `; pictures of ${D.images[rep].caption}.`));
     const grid = html('div', {class: 'classnet'}, p);
     D.columns.forEach(col => {
-      const ids = col.nodes.filter(id => used.has(id));
+      const ids = col.nodes.filter(id => used.has(id) && (nodes.get(id).image === undefined || nodes.get(id).image === rep));
       if (!ids.length) return;
       const c = html('div', {class: 'classcol'}, grid);
       html('div', {class: 'colhead'}, c, col.label);
       for (const id of ids) {
         const n = nodes.get(id), f = html('figure', {class: 'map'}, c);
-        const m = n.maps.find(x => x[0] === rep);
-        if (m && m[1] !== null) picture(m[1], `Heatmap of ${n.label} on image ${rep + 1}`, f);
+        const m = n.maps.find(x => x[0] === rep) || (n.pictures || []).map(([t, pic]) => [rep, pic]).find(x => x[1] !== null);
+        if (m && m[1] !== null) picture(m[1], `${n.pictures ? n.pictures[0][0] : 'Heatmap of ' + n.label} on image ${rep + 1}`, f);
         const b = html('button', {type: 'button', class: 'linkish'}, html('figcaption', {}, f), n.label);
         b.addEventListener('click', () => showNode(id));
       }
@@ -317,8 +370,12 @@
   const imageSelect = document.getElementById('pick-image'), groupSelect = document.getElementById('pick-class');
   const cmpA = document.getElementById('cmp-a'), cmpB = document.getElementById('cmp-b');
   D.images.forEach((im, i) => html('option', {value: i}, imageSelect, `${i + 1}: ${im.label}`));
+  document.getElementById('pick-unit').textContent = D.views.unit;
   D.groups.forEach((g, i) => { for (const s of [groupSelect, cmpA, cmpB]) html('option', {value: i}, s, g.name); });
   if (D.groups.length > 1) cmpB.value = 1;
+  for (const [key, ids] of [['compare', ['cmp-a', 'cmp-b', 'cmp-go']], ['compact', ['compact']], ['classes', ['pick-class']]]) {
+    if (!D.views[key]) for (const id of ids) { const e = document.getElementById(id); (e.closest('label') || e).hidden = true; }
+  }
   imageSelect.addEventListener('change', () => { if (imageSelect.value !== '') showImage(+imageSelect.value); });
   groupSelect.addEventListener('change', () => { if (groupSelect.value !== '') showGroup(+groupSelect.value); });
   document.getElementById('cmp-go').addEventListener('click', () => showCompare(+cmpA.value, +cmpB.value));

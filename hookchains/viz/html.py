@@ -1,8 +1,7 @@
 """The HTML toolkit the report pages share: pictures embedded once, the page shell with its
 Content-Security-Policy, summary and fidelity tables, the task-image grid and the original model's
-predictions. The filter report (:mod:`hookchains.viz.report`), the token report
-(:mod:`hookchains.viz.token_report`) and the sweep report (:mod:`hookchains.viz.sweep_report`) are
-siblings built from these parts.
+predictions. The explorer pages (:mod:`hookchains.viz.explorer`: filter, token and text runs) and
+the sweep report (:mod:`hookchains.viz.sweep_report`) are built from these parts.
 """
 from __future__ import annotations
 
@@ -20,10 +19,11 @@ from torch import Tensor, nn
 from hookchains.core.state import eval_mode
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.data import ImageSet
+from hookchains.inputs.forward import class_scores
 from hookchains.tokens.result import TokenSubnetwork
 from hookchains.viz.graph import imagenet_names, output_names
 
-__all__ = ["Sprites", "Predictions", "predictions", "thumb", "fidelity_rows", "summary_html", "image_grid",
+__all__ = ["Sprites", "Predictions", "predictions", "thumb", "fidelity_rows", "summary_html",
            "document", "IMAGE_PX", "Result", "CSS"]
 
 IMAGE_PX = 128  # px of a task image in the page
@@ -71,10 +71,13 @@ def _class_indices(sub: Result, image_set: ImageSet, count: int,
 
 def predictions(sub: Result, model: nn.Module, image_set: ImageSet,
                  class_indices: Optional[Mapping[str, int]]) -> Predictions:
-    """The original model's prediction for every image, and whether it is the true class."""
+    """The original model's prediction for every image, and whether it is the true class (a filter
+    run reads the class scores where its ``sub.sites.output`` says: a dict/tuple output's entry)."""
     device = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
-        probs = model(image_set.images.to(device)).float().softmax(-1).cpu()
+        raw = model(image_set.images.to(device))
+        scores = class_scores(raw, sub.sites.output) if isinstance(sub, Subnetwork) else raw.float()
+    probs = scores.softmax(-1).cpu()
     indices = _class_indices(sub, image_set, probs.shape[1], class_indices)
     predicted = probs.argmax(-1).tolist()
     names = [image_set.class_names[int(y)] for y in image_set.labels]
@@ -106,17 +109,11 @@ h1{font-size:1.6rem;margin:.5rem 0}h2{font-size:1.3rem;margin-top:2rem;border-bo
 h3{font-size:1.05rem;margin:1.5rem 0 .5rem}
 table{border-collapse:collapse;margin:.5rem 0}caption{text-align:left;color:#555;font-size:.9rem}
 th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}th{background:#f3f3f3;font-weight:600}
-.graph{overflow:auto;max-height:85vh;border:1px solid #ddd;padding:.5rem;margin-bottom:.3rem}
 .grid{display:flex;flex-wrap:wrap;gap:.75rem}
 figure{margin:0}figcaption{font-size:.85rem}.grid figcaption{max-width:8rem}
 .bad{color:#a00000;font-weight:600}
-.chain{margin:.5rem 0 1rem}.chain p{margin:.2rem 0;font-size:.9rem}
-.steps{display:flex;flex-wrap:wrap;gap:.35rem;list-style:none;padding:0;margin:0}
-.step{display:flex;flex-direction:column;align-items:center;font-size:.75rem;width:100px}
-.pic{display:block;margin-bottom:2px}.label{font-family:ui-monospace,Menlo,Consolas,monospace}
+.pic{display:block;margin-bottom:2px}
 .muted{color:#555}
-.strip{overflow-x:auto;max-width:100%}.fig7 h4{font-size:.95rem;margin:.8rem 0 .3rem}
-.fig7 .steps{gap:0;padding-left:4px}.fig7 .step{width:84px}
 """
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -174,19 +171,6 @@ def summary_html(sub: Result, rows: Sequence[Tuple[str, str]], what: str) -> str
                        for line in sub.task.get("warnings", []))
     return (f"{warnings}<p>{html.escape(sub.summary())}</p><table><caption>The thresholded {html.escape(what)} on the "
             f"task images (τ = {sub.tau:g})</caption>{body}</table>")
-
-
-def image_grid(sprites: Sprites, predictions: Predictions, pngs: Mapping[int, bytes]) -> str:
-    """The task images with their true class and the original model's prediction (wrong ones in red).
-
-    Example: ``image_grid(sprites, predictions, {i: thumb(to_tensor(raw[i]), 128) for i in ...})``."""
-    figures = []
-    for i in sorted(pngs):
-        bad = ' class="bad"' if predictions.correct[i] is False else ""
-        caption = predictions.caption(i)
-        figures.append(f"<figure>{sprites.show(pngs[i], caption)}"
-                       f"<figcaption{bad}>{html.escape(caption)}</figcaption></figure>")
-    return f'<div class="grid">{"".join(figures)}</div>'
 
 
 def document(sprites: Sprites, sections: Sequence[Tuple[str, str, str]]) -> str:

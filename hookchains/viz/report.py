@@ -18,8 +18,8 @@ as one interactive page (:mod:`hookchains.viz.explorer`), whose spine is the sub
   classified image of the class (Fig. 4-5); two classes: shared and class-specific filters, and the
   chains of their misclassified images (Fig. 6).
 
-A token run (a ViT, :class:`~hookchains.tokens.TokenSubnetwork`) gets the page of
-:mod:`hookchains.viz.token_report` instead: Fig. 7 per image, built from the helpers here.
+A token run (a ViT, :class:`~hookchains.tokens.TokenSubnetwork`) gets the same explorer with its own
+spine and panels (:mod:`hookchains.viz.token_report`: token-by-layer cells, Fig. 7 per image).
 
 The page is one file: every picture stored once, an inline script allowed by its hash, and a
 Content-Security-Policy that forbids every network request. Feature visualisations are cached under
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import html
 import io
 from collections import Counter
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.faithfulness import faithfulness
 from hookchains.inputs.data import ImageSet
 from hookchains.tokens.result import TokenSubnetwork
-from hookchains.viz.explorer import Pictures, explorer_page
+from hookchains.viz.explorer import FILTER_VIEWS, Pictures, explorer_page, image_buttons
 from hookchains.viz.graph import MAX_NODES, Layout, layout
 from hookchains.viz.heatmap import featuremap_heatmap
 from hookchains.viz.html import IMAGE_PX, Predictions, fidelity_rows, predictions, summary_html, thumb
@@ -138,11 +137,22 @@ def _heatmaps(sub: Subnetwork, model: nn.Module, image_set: ImageSet, wanted: Se
     return result
 
 
+def _unmeasured(sub: Subnetwork) -> Optional[str]:
+    """Why :func:`_degradation` measures nothing for ``sub`` (None: it measures the chain filters)."""
+    if sub.ablation != "zero":
+        return f"only zero-ablation runs are measured, this one is {sub.ablation}"
+    if sub.sites.output.select is not None:
+        return (f"Fig. 2 is measured on the model's plain output; its class scores are output[{sub.sites.output.select!r}]"
+                if not callable(sub.sites.output.select) else "Fig. 2 is measured on the model's plain output")
+    return None
+
+
 def _degradation(sub: Subnetwork, model: nn.Module, images: Tensor, filters: Set[Key],
                  progress: Progress) -> Dict[Key, float]:
     """Fig. 2's degradation of each of ``filters``: the mean drop of the thresholded network's
-    probability of the original's predicted class when the filter is removed (zero ablation only)."""
-    if sub.ablation != "zero" or not filters:
+    probability of the original's predicted class when the filter is removed (zero ablation of a model
+    whose output is its class scores only: :func:`_unmeasured`)."""
+    if _unmeasured(sub) or not filters:
         return {}
     with progress.stage("degradation", f"removing each of {len(filters)} chain filters"), \
             attach(model, sites=sub.sites, tau=sub.tau, temperature=sub.temperature) as hooks:
@@ -190,7 +200,7 @@ def _filter_node(sub: Subnetwork, lay: Layout, column: int, site: FilterSite, j:
     if key in lay.importance:
         facts.append(("Importance in its layer", f"{lay.importance[key]:.3f}"))
     degradation = (f"{pics.degradation[key]:+.4f} (mean drop of the predicted class's probability)"
-                   if key in pics.degradation else "not measured (only chain filters of zero-ablation runs are)")
+                   if key in pics.degradation else f"not measured ({_unmeasured(sub) or 'only the chain filters are'})")
     facts += [("Degradation when removed", degradation), ("Chains through it", str(uses))]
     png = pics.featvis.get(key)
     maps = [[i, None if pics.heatmaps[(i, *key)][0] is None else table.add(pics.heatmaps[(i, *key)][0]),
@@ -230,7 +240,7 @@ def _explorer_data(sub: Subnetwork, study: _Study, lay: Layout, pics: _Pictures,
     title = f"{counts['layers_kept']}/{counts['layers_total']} layers, {counts['filters_kept']}/" \
             f"{counts['filters_total']} filters kept" + (f"; {lay.drawn} drawn" if lay.drawn < counts["filters_kept"] else "")
     names = study.image_set.class_names
-    return {"title": title, "note": lay.note,
+    return {"title": title, "note": lay.note, "views": FILTER_VIEWS,
             "colour": {"by": lay.colour_by if lay.colour_by == "score" else "importance (the scores tie)",
                        "low": "0", "high": f"{lay.top:.3g}" if lay.colour_by == "score" else "1"},
             "columns": columns, "nodes": nodes + outputs, "edges": edges,
@@ -254,26 +264,13 @@ def _summary(sub: Subnetwork) -> str:
     return summary_html(sub, rows + fidelity_rows(sub.fidelity), "sub-network")
 
 
-def _image_buttons(data: Mapping[str, Any], no_chains: str) -> str:
-    """The task images as buttons that select the image (pictures filled in from the table by the script)."""
-    figures = []
-    for i, image in enumerate(data["images"]):
-        bad = ' class="bad"' if image["wrong"] else ""
-        caption = html.escape(image["caption"])
-        figures.append(f'<figure><button type="button" data-image="{i}" aria-label="Show the chains of {caption}">'
-                       f'<img data-pic="{image["pic"]}" alt="{caption}" width="{IMAGE_PX}"></button>'
-                       f"<figcaption{bad}>{caption}</figcaption></figure>")
-    note = "" if data["chains"] else f"<p>{html.escape(no_chains)}</p>"
-    return f'{note}<div class="grid">{"".join(figures)}</div>'
-
-
 def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set: ImageSet, *,
                  chains_per_image: int = 2, featvis_steps: int = 32, featvis_size: int = 64,
                  out: Optional[PathLike] = None, class_indices: Optional[Mapping[str, int]] = None,
                  progress: Optional[Progress] = None, max_nodes: Optional[int] = MAX_NODES) -> Path:
     """Write the self-contained HTML explorer of ``sub`` on ``image_set`` (see the module docstring).
 
-    A token run's result (a ViT) has its own page, :func:`hookchains.viz.token_report.write_token_report`;
+    A token run's result (a ViT) has its own spine and panels, :func:`hookchains.viz.token_report.write_token_report`;
     :func:`hookchains.workflow.extract.write_run_report` picks the right one.
 
     Args:
@@ -320,7 +317,7 @@ def write_report(run_dir: PathLike, sub: Subnetwork, model: nn.Module, image_set
         table = Pictures()
         data = _explorer_data(sub, study, lay, pics, table)
         page = explorer_page(data, table, [("summary", "Sub-network", _summary(sub)),
-                                           ("images", "Task images", _image_buttons(data, study.no_chains))])
+                                           ("images", "Task images", image_buttons(data, "" if data["chains"] else study.no_chains))])
         return atomic_write_bytes(Path(out) if out is not None else run_dir / "report.html", page.encode())
 
 

@@ -36,6 +36,7 @@ import io
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import quote
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -697,9 +698,17 @@ _SCATTER_CSS = ("<style>.scatter{max-width:100%;height:auto}.scatter a circle{fi
                 ".scatter text{font-size:11px;fill:#333}tr:target{background:#ffe0f4}</style>")
 
 
-def _scatter_html(records: Sequence[Record]) -> str:
-    """Size vs fidelity per task as an inline SVG scatter: each point a focusable link to its task's row,
-    with a tooltip (classes, filters kept, KL); the paper's KL 0.8 mark dashed. Empty without data."""
+def _task_link(out_dir: Path, task: str) -> str:
+    """The relative link a task's point opens: its explorer page (``tasks/<id>/report.html``, written by
+    the sweep) when it exists, else its row in the task table."""
+    page = Path("tasks") / task / "report.html"
+    return quote(page.as_posix()) if (out_dir / page).is_file() else f"#task-{quote(task)}"
+
+
+def _scatter_html(records: Sequence[Record], out_dir: Path) -> str:
+    """Size vs fidelity per task as an inline SVG scatter: each point a focusable link that opens its
+    task's explorer (or its row), with a tooltip (classes, filters kept, KL); the paper's KL 0.8 mark
+    dashed. Empty without data."""
     points = [(str(r.get("task", "")), ", ".join(map(str, r.get("classes", []))), _get(r, "size", "filters_kept"),
                _get(r, "fidelity", "kl")) for r in records]
     points = [p for p in points if p[2] is not None and p[3] is not None]
@@ -729,12 +738,12 @@ def _scatter_html(records: Sequence[Record]) -> str:
     for task, classes, kept, kl in points:
         x, y = xy(kept, kl)
         label = html.escape(f"task {task} ({classes}): {kept} filters kept, KL {kl:.3f}")
-        parts.append(f'<a href="#task-{html.escape(task)}" aria-label="{label}"><circle cx="{x:.1f}" cy="{y:.1f}" '
+        parts.append(f'<a href="{html.escape(_task_link(out_dir, task))}" aria-label="{label}"><circle cx="{x:.1f}" cy="{y:.1f}" '
                      f'r="5"><title>{label}</title></circle></a>')
     return (f'{_SCATTER_CSS}<figure><h3>Size vs fidelity per task</h3><svg class="scatter" role="group" '
             f'aria-label="Filters kept vs mean KL, one point per task" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">{"".join(parts)}</svg><figcaption>One point per task: hover or '
-            "focus (Tab) a point for its classes, size and KL; click it to jump to its row in the task table. "
+            "focus (Tab) a point for its classes, size and KL; click it to open that task's explorer (its row below when the sweep wrote none). "
             "Below the dashed line the sub-network keeps the model's outputs within the paper's KL 0.8."
             "</figcaption></figure>")
 
@@ -757,7 +766,8 @@ def write_sweep_report(out_dir: PathLike, records: Sequence[Record], meta: Mappi
     The page is self-contained (plots embedded as base64 PNG with alt text, inline CSS, no script, a
     Content-Security-Policy that forbids every request): the sweep's settings (``meta``, e.g. model
     spec, data folder, classes per task, seed), the headline table next to :data:`PAPER`, an inline
-    SVG scatter of size vs fidelity whose points link to their task's row, each plot with a caption
+    SVG scatter of size vs fidelity whose points open their task's explorer (``tasks/<id>/report.html``,
+    a relative link that works from ``file://``; the task's row when the sweep wrote none), each plot with a caption
     saying how to read it, and a table of the tasks. A plot whose data no record has
     is left out (and a stale PNG of it removed). Files are written atomically.
 
@@ -778,6 +788,6 @@ def write_sweep_report(out_dir: PathLike, records: Sequence[Record], meta: Mappi
             figures.append(_plot_html(path.read_bytes(), title, alt, caption))
     sections = [("sweep", "Sweep", _meta_html(meta, len(records))),
                 ("headline", "This sweep vs the paper", _headline_html(numbers)),
-                ("plots", "Plots", _scatter_html(records) + "".join(figures) or "<p>No evaluation data to plot.</p>"),
+                ("plots", "Plots", _scatter_html(records, out_dir) + "".join(figures) or "<p>No evaluation data to plot.</p>"),
                 ("tasks", "Tasks", _tasks_html(records))]
     return atomic_write_bytes(out_dir / "report.html", document(Sprites(), sections).encode())

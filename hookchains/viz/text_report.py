@@ -1,12 +1,19 @@
-"""The HTML report of a text run: summary and fidelity, kept heads and MLP neurons per layer, and per
-kept neuron the words of the task's sentences that activate it most (the text analogue of feature
-visualisation: dataset examples, as in Olah et al. 2017's "dataset examples" and neuron-view tools).
+"""The explorer page of a text run (:mod:`hookchains.viz.explorer`: the same shell, keyboard and views
+as an image run, with a text run's own spine and panels).
 
-A token run (``--mode tokens``, :func:`text_token_report_html`) gets, per sentence, the tokens kept at
-each layer (a token-by-layer grid, words shown, pruned ones greyed) and the Eq. 10 attribution of the
-first token over the words (:func:`hookchains.tokens.attribution.text_token_attribution`).
+* A filter run (:func:`text_report_html`): the graph of kept attention heads and MLP neurons, two
+  columns per layer (heads, then neurons; a removed layer says "pass-through"), up to
+  :data:`NEURONS_PER_LAYER` neurons drawn per layer, highest score first, with "+N more". A click on a
+  head shows its layer and score; on a neuron, also the words of the task's sentences that activate it
+  most (the text analogue of feature visualisation: dataset examples, as in Olah et al. 2017's
+  "dataset examples" and neuron-view tools, :func:`top_words`).
+* A token run (``--sites tokens``, :func:`text_token_report_html`): the token-by-layer view of
+  :func:`hookchains.viz.token_report.token_explorer_data`, a cell per sentence and layer; picking a
+  sentence shows its word grid (the word pieces each layer keeps, pruned ones struck through) and the
+  first token's Eq. 10 attribution over the words
+  (:func:`hookchains.tokens.attribution.text_token_attribution`).
 
-Built from the shared page toolkit (:mod:`hookchains.viz.html`); nothing here runs a fit.
+Nothing here runs a fit.
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -22,22 +29,33 @@ Example:
 from __future__ import annotations
 
 import html
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from hookchains.core.state import capture_featuremaps
+from hookchains.core.sites import FilterSite
+from hookchains.core.state import capture_featuremaps, eval_mode
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.tokens.attribution import text_token_attribution
 from hookchains.tokens.result import TokenSubnetwork
-from hookchains.viz.html import Sprites, document, fidelity_rows
+from hookchains.viz.explorer import Pictures, explorer_page, image_buttons
+from hookchains.viz.html import fidelity_rows
+from hookchains.viz.token_report import token_explorer_data
 
 __all__ = ["layer_rows", "top_words", "text_report_html", "NEURONS_PER_LAYER", "WORDS_PER_NEURON",
-           "token_grid_html", "text_token_report_html"]
+           "text_token_report_html"]
 
-NEURONS_PER_LAYER = 8  # kept neurons shown per layer (highest scores first)
+NEURONS_PER_LAYER = 8  # kept neurons drawn per layer (highest scores first)
 WORDS_PER_NEURON = 5
+Words = List[Tuple[str, float]]
+
+
+def _layer_sites(sub: Subnetwork, gate) -> Tuple[FilterSite, FilterSite]:
+    """The (heads, MLP neurons) filter sites of one transformer layer."""
+    head = next(s for s in sub.sites.filters if s.kind == "head" and s.name in gate.filter_sites)
+    mlp = next(s for s in sub.sites.filters if s.kind == "neuron" and s.name in gate.filter_sites)
+    return head, mlp
 
 
 def layer_rows(sub: Subnetwork) -> List[Tuple[str, str, str, str]]:
@@ -45,8 +63,7 @@ def layer_rows(sub: Subnetwork) -> List[Tuple[str, str, str, str]]:
     kept = sub.kept_filters()
     rows = []
     for gate in sub.sites.gates:
-        head = next(s for s in sub.sites.filters if s.kind == "head" and s.name in gate.filter_sites)
-        mlp = next(s for s in sub.sites.filters if s.kind == "neuron" and s.name in gate.filter_sites)
+        head, mlp = _layer_sites(sub, gate)
         on = gate.name not in sub.removed_gates
         h, n = (kept.get(head.name, []), kept.get(mlp.name, [])) if on else ([], [])
         rows.append((gate.label, "open" if on else "removed (pass-through)",
@@ -55,11 +72,11 @@ def layer_rows(sub: Subnetwork) -> List[Tuple[str, str, str, str]]:
 
 
 def top_words(sub: Subnetwork, model: nn.Module, inputs: Dict[str, torch.Tensor], tokenizer,
-              per_layer: int = NEURONS_PER_LAYER, words: int = WORDS_PER_NEURON) -> Dict[str, List[Tuple[int, List[Tuple[str, float]]]]]:
-    """Per layer label, up to ``per_layer`` kept neurons (highest score first), each with the ``words``
+              per_layer: int = NEURONS_PER_LAYER, words: int = WORDS_PER_NEURON) -> Dict[str, List[Tuple[int, Words]]]:
+    """For the ``per_layer`` highest-scoring kept MLP neurons of each layer, the ``words`` distinct
     task tokens (special and padding tokens excluded) where the original model activates it most.
 
-    Returns ``{label: [(neuron, [(word, activation), ...]), ...]}``."""
+    Returns ``{neuron site name: [(neuron, [(word, activation), ...]), ...]}``."""
     kept = sub.kept_filters()
     sites = [s for s in sub.sites.filters if s.kind == "neuron" and kept.get(s.name)]
     maps = capture_featuremaps(model, inputs, sorted({s.hook_module for s in sites})) if sites else {}
@@ -79,7 +96,7 @@ def top_words(sub: Subnetwork, model: nn.Module, inputs: Dict[str, torch.Tensor]
                 if len(best) == words:
                     break
             shown.append((neuron, list(best.items())))
-        result[site.label.split(".")[0]] = shown
+        result[site.name] = shown
     return result
 
 
@@ -100,65 +117,104 @@ def _summary(sub, lines: Sequence[str], extra_rows: Sequence[Tuple[str, str]]) -
         ["Figure", "Value"], rows, f"The thresholded sub-network on the task sentences (τ = {sub.tau:g})")
 
 
+def _sentences(sub, model: nn.Module, inputs: Dict[str, torch.Tensor], tokenizer) -> Tuple[List[Dict[str, Any]],
+                                                                                          List[Dict[str, Any]]]:
+    """The explorer's ``images`` (the task's sentences, with the original model's prediction) and
+    ``groups`` (the task's classes: empty when the result does not carry the sentences' labels)."""
+    texts = sub.task.get("texts") or tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+    names, labels = list(sub.task.get("class_names", [])), sub.task.get("labels")
+    with torch.no_grad(), eval_mode(model):
+        probs = model(**inputs).float().softmax(-1).cpu()
+    items = []
+    for n, text in enumerate(texts):
+        p = int(probs[n].argmax())
+        said = names[p] if len(names) == probs.shape[-1] else f"output {p}"
+        true = f"true {names[labels[n]]}, " if labels is not None and names else ""
+        wrong = bool(labels is not None and len(names) == probs.shape[-1] and p != labels[n])
+        items.append({"label": f"{n + 1}: {text[:40]}", "pic": None, "wrong": wrong,
+                      "caption": f"Sentence {n + 1}: {text} ({true}predicted {said}, {float(probs[n, p]):.2f})"
+                                 + (" (misclassified)" if wrong else "")})
+    groups = [{"name": name, "images": [n for n, y in enumerate(labels) if y == g]}
+              for g, name in enumerate(names)] if labels is not None else []
+    return items, groups
+
+
+def _unit_node(sub: Subnetwork, site: FilterSite, j: int, column: int, top: float, layer: str,
+               words: Dict[Tuple[str, int], Words]) -> Dict[str, Any]:
+    """One kept head (``H{j}``) or MLP neuron (``N{j}``) as an explorer node."""
+    score, head = float(sub.scores[site.name][j]), site.kind == "head"
+    label = f"{layer}.{'H' if head else 'N'}{j}"
+    node = {"id": f"{site.name}:{j}", "label": label, "kind": "unit", "column": column, "value": score / top,
+            "aria": f"{'attention head' if head else 'MLP neuron'} {j} of layer {layer}, score {score:.3g}",
+            "facts": [("Layer", f"{layer} ({site.name})"), ("Kind", "attention head" if head else "MLP neuron"),
+                      ("Score", f"{score:.4g}")], "featvis": None, "featvisFailed": None, "maps": []}
+    if (site.name, j) in words:
+        node["words"] = words[(site.name, j)]
+    return node
+
+
+def _graph(sub: Subnetwork, words: Dict[Tuple[str, int], Words]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Columns (heads, then neurons, per layer) and nodes of the kept units."""
+    kept, columns, nodes = sub.kept_filters(), [], []
+    top = max((float(sub.scores[n][j]) for n, idx in kept.items() for j in idx), default=1.0) or 1.0
+    for gate in sub.sites.gates:
+        removed = gate.name in sub.removed_gates
+        for site in _layer_sites(sub, gate):
+            units = [] if removed else sorted(kept.get(site.name, []), key=lambda j: -float(sub.scores[site.name][j]))
+            shown = units if site.kind == "head" else units[:NEURONS_PER_LAYER]
+            nodes += [_unit_node(sub, site, j, len(columns), top, gate.label, words) for j in shown]
+            kind = "heads" if site.kind == "head" else "MLP"
+            columns.append({"label": f"{gate.label} {kind}", "kind": "layer", "kept": len(units),
+                            "more": len(units) - len(shown), "nodes": [f"{site.name}:{j}" for j in shown],
+                            "detail": "removed (pass-through)" if removed else f"{len(units)}/{site.channels} kept"})
+    return columns, nodes
+
+
 def text_report_html(sub: Subnetwork, model: nn.Module, inputs: Dict[str, torch.Tensor], tokenizer,
                      lines: Sequence[str] = (), extra_rows: Sequence[Tuple[str, str]] = ()) -> str:
-    """The whole page (module doc). ``model``: the objective-wrapped original (no hooks attached);
-    ``lines``: the summary lines (:func:`hookchains.workflow.text.text_summary`); ``extra_rows``: further
-    (label, value) rows of the summary table (e.g. the sliced module's size)."""
+    """The explorer page of a text filter run (module doc). ``model``: the objective-wrapped original (no
+    hooks attached); ``lines``: the summary lines (:func:`hookchains.workflow.text.text_summary`);
+    ``extra_rows``: further (label, value) rows of the summary table (e.g. the sliced module's size)."""
+    words = {(name, n): pairs for name, shown in top_words(sub, model, inputs, tokenizer).items() for n, pairs in shown}
+    columns, nodes = _graph(sub, words)
+    items, groups = _sentences(sub, model, inputs, tokenizer)
+    c = sub.counts()
+    data = {"title": f"{c['filters_kept']}/{c['filters_total']} heads and MLP neurons kept, "
+                     f"{c['gates_total'] - c['gates_kept']}/{c['gates_total']} layers removed",
+            "colour": {"by": "score relative to the highest kept", "low": "0", "high": "1"},
+            "views": {"chains": "", "highlight": "the picked unit", "unit": "Sentence", "compare": False,
+                      "compact": False, "classes": False},
+            "columns": columns, "nodes": nodes, "edges": [], "images": items, "groups": groups, "chains": []}
     layers = _table(["Layer", "Gate", "Heads kept", "MLP neurons kept"], layer_rows(sub),
                     "Kept attention heads (indices) and MLP neurons per layer; a removed layer passes its input through")
-    words = top_words(sub, model, inputs, tokenizer)
-    neuron_rows = [(label, f"N{n}", ", ".join(f"{w} ({a:.2f})" for w, a in pairs))
-                   for label, shown in words.items() for n, pairs in shown]
-    neurons = _table(["Layer", "Neuron", "Words of the task that activate it most (activation)"], neuron_rows,
-                     f"Up to {NEURONS_PER_LAYER} kept neurons per layer, highest score first")
-    return document(Sprites(), [("summary", "Sub-network", _summary(sub, lines, extra_rows)),
-                                ("layers", "Heads and neurons per layer", layers),
-                                ("neurons", "What the kept neurons respond to", neurons)])
-
-
-def token_grid_html(words: Sequence[str], kept: torch.Tensor, labels: Sequence[str], attribution: torch.Tensor,
-                    caption: str) -> str:
-    """One sentence's token-by-layer grid: a row per layer (``kept``: layers x words, bool), pruned words
-    greyed and struck through, then a row with the first token's Eq. 10 attribution over the words
-    (``attribution``: words, shaded by value relative to the largest over the other words, since the
-    first token's share of itself dominates).
-
-    Example:
-        >>> '<s>' in token_grid_html(["[CLS]", "rain"], torch.tensor([[True, False]]), ["L1"],
-        ...                          torch.tensor([0.7, 0.3]), "sentence 1")
-        True
-    """
-    head = "".join(f'<th scope="col">{html.escape(w)}</th>' for w in words)
-    rows = []
-    for label, row in zip(labels, kept.tolist()):
-        cells = "".join(f"<td>{html.escape(w)}</td>" if k else
-                        f'<td style="color:#bbb;background:#f3f3f3"><s>{html.escape(w)}</s></td>'
-                        for w, k in zip(words, row))
-        rows.append(f'<tr><th scope="row">{html.escape(label)}</th>{cells}</tr>')
-    top = max(float(attribution[1:].max()) if len(attribution) > 1 else 0.0, 1e-12)  # the words, not [CLS] itself
-    shade = "".join(f'<td style="background:rgba(200,60,0,{min(float(a) / top, 1.0):.2f})">{float(a):.2f}</td>'
-                    for a in attribution)
-    rows.append(f'<tr><th scope="row">[CLS] draws on (Eq. 10)</th>{shade}</tr>')
-    return (f"<table><caption>{html.escape(caption)}</caption><tr><th scope=\"col\">Layer</th>{head}</tr>"
-            + "".join(rows) + "</table>")
+    return explorer_page(data, Pictures(), [("summary", "Sub-network", _summary(sub, lines, extra_rows) + layers),
+                                            ("images", "Task sentences", image_buttons(data))],
+                         heading="NeuroChains explorer: text run")
 
 
 def text_token_report_html(tsub: TokenSubnetwork, model: nn.Module, inputs: Dict[str, torch.Tensor], tokenizer,
                            lines: Sequence[str] = ()) -> str:
-    """The page of a text token run: the summary and fidelity, then per sentence its token-by-layer grid
-    and the first token's Eq. 10 attribution after the last layer (:func:`token_grid_html`)."""
+    """The explorer page of a text token run (module doc): a cell per sentence and layer; a sentence's
+    panel shows its token-by-layer word grid and the first token's Eq. 10 attribution after the last layer."""
     attribution = text_token_attribution(model, inputs, tsub)[:, -1, 0]  # N x T: the first token, last layer
     labels = [site.label for site in tsub.sites]
     valid = inputs["attention_mask"].bool().cpu()
-    texts = tsub.task.get("texts") or [""] * len(valid)
-    grids = []
-    for n in range(len(valid)):
+    items, groups = _sentences(tsub, model, inputs, tokenizer)
+    positions, words = [], []
+    for n, item in enumerate(items):
         real = torch.nonzero(valid[n]).flatten()
-        words = tokenizer.convert_ids_to_tokens(inputs["input_ids"][n, real].tolist())
+        positions.append(real.tolist())
+        words.append(tokenizer.convert_ids_to_tokens(inputs["input_ids"][n, real].tolist()))
         kept = tsub.masks[n][:, real]
-        grids.append(token_grid_html(words, kept, labels, attribution[n, real],
-                                     f"Sentence {n + 1}: {texts[n]} ({int(kept.sum())}/{kept.numel()} token slots kept)"))
-    return document(Sprites(), [("summary", "Token sub-network", _summary(tsub, lines, [])),
-                                ("tokens", "Tokens kept at each layer, and what the first token draws on",
-                                 "".join(grids))])
+        item["grid"] = {"title": f"{int(kept.sum())}/{kept.numel()} token slots kept", "words": words[n],
+                        "layers": labels, "kept": kept.tolist(), "attribution": attribution[n, real].tolist(),
+                        "attributionLabel": f"{words[n][0]} draws on (Eq. 10)"}
+
+    def cell(n: int, b: int) -> Dict[str, Any]:
+        kept = [w for w, k in zip(words[n], tsub.masks[n, b, positions[n]].tolist()) if k]
+        return {"facts": [("Word pieces kept", " ".join(kept) or "none")]}
+
+    data = token_explorer_data(tsub, items, groups, positions, cell, "sentence")
+    return explorer_page(data, Pictures(), [("summary", "Token sub-network", _summary(tsub, lines, [])),
+                                            ("images", "Task sentences", image_buttons(data))],
+                         heading="NeuroChains explorer: text token run")

@@ -1,6 +1,10 @@
-"""The HTML report of a token run: a ViT with per-image token scores (paper section 4.5, Fig. 7).
+"""The explorer page of a token run: a ViT with per-image token scores (paper section 4.5, Fig. 7).
 
-For the first few images of each class the page shows Fig. 7's three rows, one panel per block:
+The page is the explorer (:mod:`hookchains.viz.explorer`: its header, Content-Security-Policy, picture
+table, keyboard and views) with a token-by-layer spine (:func:`token_explorer_data`, shared with the
+text token runs of :mod:`hookchains.viz.text_report`): a column per block, a cell per image coloured by
+the fraction of its patch tokens the block processes. A click on a cell, or picking an image, shows the
+paper's Fig. 7 for that image:
 
 * the patches each block processes, as red squares on the image (pruned ones dimmed), drawn by
   :func:`hookchains.tokens.attribution.kept_patches_figure`;
@@ -10,11 +14,10 @@ For the first few images of each class the page shows Fig. 7's three rows, one p
   index in the token sequence (0 is the class token) -- in every block that still has it
   (:func:`hookchains.tokens.attribution.patch_token_heatmaps`).
 
-Above them: the summary line, the fidelity table, the mean number of tokens each block processes and
-the task images with the original model's predictions. Heatmaps are drawn with
+Below the graph: the summary line, the fidelity table, the mean number of tokens each block processes
+and the task images with the original model's predictions. Heatmaps are drawn with
 :func:`hookchains.viz.heatmap.featuremap_heatmap` and normalised per map: they show where a token draws
-from, not how much. The page keeps the guarantees of :mod:`hookchains.viz.report` (one file, a
-Content-Security-Policy that forbids every request, no script, each picture embedded once and labelled).
+from, not how much.
 
 Example:
     >>> import timm, torch
@@ -25,7 +28,7 @@ Example:
     >>> views = ImageSet(torch.randn(4, 3, 64, 64), torch.tensor([0, 0, 1, 1]), ["cat", "espresso"],
     ...                  ["c.png"] * 2 + ["e.png"] * 2, [Image.new("RGB", (64, 64))] * 4)
     >>> tsub = fit_tokens(deit, views.images, steps=2, progress=False)
-    >>> write_token_report("runs/deit-cat", tsub, deit, views, images_per_class=2)
+    >>> write_token_report("runs/deit-cat", tsub, deit, views)
     PosixPath('runs/deit-cat/report.html')
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import dataclasses
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,20 +53,11 @@ from hookchains.tokens.attribution import (
     token_attribution,
 )
 from hookchains.tokens.result import TokenSubnetwork
+from hookchains.viz.explorer import Pictures, explorer_page, image_buttons
 from hookchains.viz.heatmap import featuremap_heatmap
-from hookchains.viz.html import (
-    IMAGE_PX,
-    Predictions,
-    Sprites,
-    document,
-    fidelity_rows,
-    image_grid,
-    predictions,
-    summary_html,
-    thumb,
-)
+from hookchains.viz.html import IMAGE_PX, fidelity_rows, predictions, summary_html, thumb
 
-__all__ = ["write_token_report"]
+__all__ = ["write_token_report", "token_explorer_data"]
 
 _PANEL = 80  # px of one block's panel: 12 blocks fit the page's width in one row
 
@@ -77,17 +71,6 @@ class _Fig7:
     class_maps: List[bytes]            # class-token attribution, per block
     token: int                         # sequence index of the bottom row's patch token
     patch_maps: List[Optional[bytes]]  # its attribution per block; None where it is pruned
-
-
-def _shown(image_set: ImageSet, per_class: int) -> List[int]:
-    """The first ``per_class`` images of each class, in task order."""
-    seen: Dict[int, int] = {}
-    shown = []
-    for i, label in enumerate(image_set.labels.tolist()):
-        if seen.get(label, 0) < per_class:
-            seen[label] = seen.get(label, 0) + 1
-            shown.append(i)
-    return shown
 
 
 def _overlay(attribution: Tensor, picture: Tensor) -> bytes:
@@ -147,77 +130,111 @@ def _summary(tsub: TokenSubnetwork) -> str:
     return summary_html(tsub, rows + fidelity_rows(tsub.fidelity), "token sub-network") + per_block
 
 
-def _row(sprites: Sprites, labels: Sequence[str], pngs: Sequence[Optional[bytes]], alts: Sequence[str]) -> str:
-    """One Fig. 7 row of labelled per-block heatmaps ('pruned' where there is none)."""
-    steps = [f'<li class="step"><span class="label">{html.escape(label)}</span>'
-             + (sprites.show(png, alt) if png else '<span class="muted">pruned</span>') + "</li>"
-             for label, png, alt in zip(labels, pngs, alts)]
-    return f'<ol class="steps">{"".join(steps)}</ol>'
+def token_explorer_data(tsub: TokenSubnetwork, items: Sequence[Dict[str, Any]], groups: Sequence[Dict[str, Any]],
+                        positions: Sequence[Sequence[int]], cell: Callable[[int, int], Dict[str, Any]],
+                        unit: str) -> Dict[str, Any]:
+    """The explorer's data model (:mod:`hookchains.viz.explorer`) of a token run: the token-by-layer view.
+
+    Each column is a block (layer), each node a cell (one image or sentence in one block) coloured by the
+    fraction of its ``positions`` (the patch tokens, or a sentence's word pieces) the block keeps;
+    picking an image or a class highlights its row(s).
+
+    Args:
+        items: the explorer's ``images`` (a picture or a sentence each, with its Fig. 7 rows or word grid).
+        positions: per item, the token indices its cells count.
+        cell: ``(item, block) ->`` extra node fields (more ``facts``, ``pictures``).
+        unit: "image" or "sentence", in the words of the panels.
+    """
+    masks, labels = tsub.masks, [s.label for s in tsub.sites]
+    columns: List[Dict[str, Any]] = []
+    nodes: List[Dict[str, Any]] = []
+    for b, label in enumerate(labels):
+        ids = [f"t{n}:{b}" for n in range(len(items))]
+        kept = [int(masks[n, b, list(positions[n])].sum()) for n in range(len(items))]
+        columns.append({"label": label, "kind": "layer", "kept": len(ids), "more": 0, "nodes": ids,
+                        "detail": f"{sum(kept) / max(len(kept), 1):.1f} kept (mean)"})
+        for n, k in enumerate(kept):
+            extra = cell(n, b)
+            total = len(positions[n])
+            nodes.append({"id": ids[n], "label": f"{n + 1}: {k}/{total}", "title": f"{unit.capitalize()} {n + 1}, {label}",
+                          "kind": "cell", "column": b, "image": n,
+                          "value": k / max(total, 1), "aria": f"{unit} {n + 1}, {label}: {k} of {total} tokens kept",
+                          "facts": [(unit.capitalize(), items[n]["caption"]), ("Block", label),
+                                    ("Tokens kept", f"{k}/{total}"), *extra.get("facts", [])],
+                          "featvis": None, "featvisFailed": None, "maps": [], "pictures": extra.get("pictures", [])})
+    c = tsub.counts()
+    title = (f"{c['slots_kept_mean']:.1f}/{c['slots_total']:.0f} token slots kept per {unit} (mean); "
+             f"{len(items)} {unit}s x {len(labels)} blocks")
+    return {"title": title, "columns": columns, "nodes": nodes, "edges": [], "images": list(items),
+            "colour": {"by": "fraction of tokens kept", "low": "0", "high": "1"},
+            "views": {"chains": "", "highlight": f"the picked {unit}'s cells", "unit": unit.capitalize(),
+                      "compare": False, "compact": False, "classes": True},
+            "groups": list(groups), "chains": [{"image": n, "nodes": [f"t{n}:{b}" for b in range(len(labels))],
+                                                "strength": 0.0, "title": items[n]["caption"]}
+                                               for n in range(len(items))]}
 
 
-def _article(sprites: Sprites, predictions: Predictions, i: int, fig: _Fig7, tsub: TokenSubnetwork) -> str:
-    """Fig. 7 for image ``i``: kept patches, class-token and patch-token attribution per block."""
-    caption, blocks = predictions.caption(i), [s.label for s in tsub.sites]
+def _fig7_rows(table: Pictures, i: int, fig: _Fig7, blocks: Sequence[str]) -> List[Dict[str, Any]]:
+    """Fig. 7 for image ``i`` as the explorer's picture rows: kept patches, class- and patch-token attribution."""
     kept = ", ".join(f"{b} {n}" for b, n in zip(blocks, fig.patches_per_block))
-    slots = int(tsub.masks[i].sum())
-    alt = f"Kept patches (red squares) per block on image {i + 1}; patch tokens kept: {kept}"
-    class_row = _row(sprites, blocks, fig.class_maps,
-                     [f"Class-token attribution heatmap, block {b}, image {i + 1}" for b in blocks])
     labels = [f"{b}_T{fig.token}" for b in blocks]
-    patch_row = _row(sprites, labels, fig.patch_maps,
-                     [f"Attribution heatmap of patch token {label}, image {i + 1}" for label in labels])
-    return (f'<article class="fig7"><h3 id="image-{i + 1}">{html.escape(caption)}</h3>'
-            f"<p>Keeps {slots}/{tsub.masks[i].numel()} token slots; patch tokens per block: "
-            f"{html.escape(kept)}.</p><h4>Kept patches per block</h4>"
-            f'<div class="strip">{sprites.show(fig.kept, alt)}</div>'
-            f"<h4>Class-token attribution per block</h4>{class_row}"
-            f"<h4>Attribution of patch token T{fig.token} (kept longest) per block</h4>{patch_row}</article>")
+    return [{"title": "Kept patches per block (Fig. 7, top)", "pics": [
+                ["red: processed; dimmed: pruned", table.add(fig.kept),
+                 f"Kept patches (red squares) per block on image {i + 1}; patch tokens kept: {kept}"]]},
+            {"title": "Class-token attribution per block (Eq. 10)", "pics": [
+                [b, table.add(png), f"Class-token attribution heatmap, block {b}, image {i + 1}"]
+                for b, png in zip(blocks, fig.class_maps)]},
+            {"title": f"Attribution of patch token T{fig.token} (kept longest) per block", "pics": [
+                [label, None if png is None else table.add(png), f"Attribution heatmap of patch token {label}, "
+                 f"image {i + 1}"] for label, png in zip(labels, fig.patch_maps)]}]
 
 
-def _explanation(per_class: int) -> str:
-    return (f"<p>As in the paper's Fig. 7, for the first {per_class} image(s) of each class. Top: the patches "
-            "each block processes (red squares; a dimmed patch is pruned there and in every later block). "
-            "Middle: where the class token draws its information from, per block (Eq. 10 on the pruned "
-            "network). Bottom: the same for the patch token kept longest, labelled B{block}_T{token} with the "
-            "token's index in the sequence (0 is the class token). Each heatmap is normalised to its own "
-            "maximum.</p>")
+def _explanation() -> str:
+    return ("<p>The graph is the token-by-layer view: a column per block, a cell per image, coloured by the "
+            "fraction of its patch tokens the block processes (a pruned patch stays pruned in every later "
+            "block). Click a cell for the image's kept patches and where the class token and the patch token "
+            "kept longest draw their information from in that block (the paper's Fig. 7, Eq. 10 on the pruned "
+            "network; each heatmap normalised to its own maximum); pick an image for its whole row.</p>")
 
 
 def write_token_report(run_dir: PathLike, tsub: TokenSubnetwork, model: nn.Module, image_set: ImageSet, *,
-                       images_per_class: int = 2, out: Optional[PathLike] = None,
-                       class_indices: Optional[Mapping[str, int]] = None) -> Path:
-    """Write the self-contained HTML report of a token run (see the module docstring).
+                       out: Optional[PathLike] = None, class_indices: Optional[Mapping[str, int]] = None) -> Path:
+    """Write the self-contained explorer page of a token run (see the module docstring).
 
     Args:
         run_dir: the run's folder (the page goes to ``run_dir/report.html`` unless ``out``).
         tsub: the token scores, fitted on ``image_set`` in this order; model: the ViT, without hooks.
-        images_per_class: how many images of each class get Fig. 7's rows.
         class_indices: task class name -> model output index, to tell misclassified images (default:
             ``tsub.task["class_indices"]``, else ImageNet names or synsets for 1000-class models).
 
-    Example:
-        >>> import timm, torch
-        >>> from PIL import Image
-        >>> from hookchains.inputs.data import ImageSet
-        >>> from hookchains.tokens.fit import fit_tokens
-        >>> deit = timm.create_model("test_vit", img_size=64, num_classes=2).eval()
-        >>> views = ImageSet(torch.randn(4, 3, 64, 64), torch.tensor([0, 0, 1, 1]), ["cat", "espresso"],
-        ...                  ["c.png"] * 2 + ["e.png"] * 2, [Image.new("RGB", (64, 64))] * 4)
-        >>> tsub = fit_tokens(deit, views.images, steps=2, progress=False)
-        >>> write_token_report("runs/deit-cat", tsub, deit, views)
-        PosixPath('runs/deit-cat/report.html')
+    Raises:
+        ValueError: the scores are not for ``image_set``'s images.
+
+    Example: ``write_token_report("runs/deit-cat", tsub, deit, views)`` (module docstring).
     """
-    if tsub.scores.shape[0] != len(image_set) or images_per_class < 1:
+    if tsub.scores.shape[0] != len(image_set):
         raise ValueError(f"the token scores are for {tsub.scores.shape[0]} images, the task has {len(image_set)}; "
-                         f"images_per_class must be >= 1 (got {images_per_class})")
+                         "report on the images the run was fitted on")
     preds = predictions(tsub, model, image_set, class_indices)
-    shown = _shown(image_set, images_per_class)
-    figures = _figures(tsub, model, image_set, shown)
-    sprites = Sprites()
-    pngs = {i: thumb(to_tensor(image_set.raw[i]), IMAGE_PX) for i in range(len(image_set))}
-    articles = "".join(_article(sprites, preds, i, figures[i], tsub) for i in shown)
-    page = document(sprites, [("summary", "Token sub-network", _summary(tsub)),
-                              ("images", "Task images", image_grid(sprites, preds, pngs)),
-                              ("fig7", "Kept tokens and attribution per image (Fig. 7)",
-                               _explanation(images_per_class) + articles)])
+    figures = _figures(tsub, model, image_set, range(len(image_set)))
+    table, blocks = Pictures(), [s.label for s in tsub.sites]
+    rows = {i: _fig7_rows(table, i, fig, blocks) for i, fig in figures.items()}
+    items = [{"label": preds.true_name(i) + (" (misclassified)" if preds.correct[i] is False else ""),
+              "caption": preds.caption(i), "pic": table.add(thumb(to_tensor(image_set.raw[i]), IMAGE_PX)),
+              "wrong": preds.correct[i] is False, "rows": rows[i]} for i in range(len(image_set))]
+
+    def cell(i: int, b: int) -> Dict[str, Any]:
+        kept, class_row, patch_row = rows[i]
+        return {"pictures": [(kept["title"], *kept["pics"][0][1:]),
+                             (f"Class-token attribution, {blocks[b]} (Eq. 10)", *class_row["pics"][b][1:]),
+                             (f"Attribution of patch token {patch_row['pics'][b][0]}", patch_row["pics"][b][1],
+                              patch_row["pics"][b][2] if patch_row["pics"][b][1] else "pruned in this block")]}
+
+    prefix = tsub.prefix_tokens
+    groups = [{"name": name, "images": [i for i, y in enumerate(image_set.labels.tolist()) if y == g]}
+              for g, name in enumerate(image_set.class_names)]
+    data = token_explorer_data(tsub, items, groups, [range(prefix, tsub.masks.shape[2])] * len(items), cell, "image")
+    page = explorer_page(data, table, [("summary", "Token sub-network", _summary(tsub)),
+                                       ("images", "Task images", _explanation() + image_buttons(data))],
+                         heading="NeuroChains explorer: token run")
     return atomic_write_bytes(Path(out) if out is not None else Path(run_dir) / "report.html", page.encode())

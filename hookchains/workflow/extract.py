@@ -167,7 +167,8 @@ def _check_task(model: nn.Module, model_ref: ModelRef, task: ImageSet, images: t
 def write_run_report(run_dir, sub: Result, model: nn.Module, task: ImageSet, progress: Optional[Progress] = None,
                      **options) -> Path:
     """Write ``run_dir/report.html`` for a filter run (:func:`hookchains.viz.report.write_report`) or a
-    token run (:func:`hookchains.viz.token_report.write_token_report`, Fig. 7 per image).
+    token run (:func:`hookchains.viz.token_report.write_token_report`: token-by-layer cells, Fig. 7 per image);
+    both are the explorer page (:mod:`hookchains.viz.explorer`).
 
     ``options`` go to the page writer (e.g. ``out=``, ``class_indices=``); ``progress`` times the
     stages (:class:`~hookchains.core.progress.Progress`).

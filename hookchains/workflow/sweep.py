@@ -16,8 +16,10 @@ It never loses or repeats work:
   ``r, r+K, ...`` and uses GPU ``LOCAL_RANK``); each appends to its own ``results.rank-R.jsonl``,
   and rank 0 merges them into ``results.jsonl`` once all are done.
 
-Each task's scores are also saved (``OUT/tasks/<id>/``, safetensors + JSON) so any case can be
-rendered or materialised later.
+Each task is also saved as a run folder (``OUT/tasks/<id>/``, the layout of
+:mod:`hookchains.workflow.runs`, written atomically before its line is appended) with its explorer page
+(``report.html``, :func:`hookchains.viz.report.write_report`; ``explorers=False`` leaves it out), so the
+sweep report's scatter opens a task's explorer and any case can be loaded, rendered or materialised later.
 """
 from __future__ import annotations
 
@@ -31,21 +33,25 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm.auto import tqdm
 
 from hookchains.core.attach import attach
 from hookchains.core.fit import FitConfig, fit, fit_tasks
 from hookchains.core.io import atomic_write_bytes, read_json, write_json
+from hookchains.core.progress import Progress
 from hookchains.core.sites import SiteMap
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.evaluation.evaluate import EvalOptions, evaluate, summary_line
-from hookchains.inputs.data import class_folders
+from hookchains.inputs.data import ImageSet, class_folders
 from hookchains.inputs.forward import class_scores
-from hookchains.inputs.models import create_model, preprocessing
+from hookchains.inputs.models import ModelRef, Preprocess, create_model, preprocessing
 from hookchains.inputs.tasks import SweepTask, TaskImages, class_indices, load_task, plan_tasks
+from hookchains.viz.report import write_report
 from hookchains.workflow.extract import fit_config, resolve_device
+from hookchains.workflow.runs import discard_staging, finish_run_dir, prepare_run_dir, save_run
 
-__all__ = ["SweepConfig", "run_sweep", "read_results", "append_record", "RESULTS"]
+__all__ = ["SweepConfig", "run_sweep", "read_results", "append_record", "shown_images", "RESULTS"]
 
 RESULTS = "results.jsonl"
 _SETTINGS = "sweep.json"
@@ -72,6 +78,8 @@ class SweepConfig:
         batch_tasks: tasks fitted together in one forward pass (:func:`hookchains.core.fit.fit_tasks`).
         skip_bad_images: leave out unreadable images instead of stopping.
         output: where the class scores are in a dict/tuple/list output (a key or an index).
+        explorers: write each task's explorer page (chains, feature visualisations, heatmaps: seconds
+            per task on a small CNN, a minute or more on an ImageNet model on CPU).
     """
 
     model: str
@@ -93,11 +101,12 @@ class SweepConfig:
     evaluation: EvalOptions = EvalOptions()
     batch_tasks: int = 1
     skip_bad_images: bool = False
+    explorers: bool = True
 
     def settings(self) -> Dict[str, Any]:
         """What must match for a rerun to continue a sweep (all but the task count and batching)."""
         data = dataclasses.asdict(self)
-        for key in ("tasks", "batch_tasks"):
+        for key in ("tasks", "batch_tasks", "explorers"):
             data.pop(key)
         data["data"] = str(Path(self.data).resolve())
         data["checkpoint"] = str(Path(self.checkpoint).resolve()) if self.checkpoint else None
@@ -136,7 +145,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, device: Optional[str] = N
             sites = checked.sites
         with torch.no_grad():
             outputs = class_scores(model(example), sites.output).shape[-1]
-        study = _Study(config, model, sites, prep, classes, outputs, out, rank, world, dev, log)
+        study = _Study(config, model, sites, prep, classes, outputs, out, rank, world, dev, log, ref)
         study.run(mine, progress)
         _barrier(world)
         return _finish(out, config, ref.spec, len(plan)) if rank == 0 else []
@@ -160,6 +169,7 @@ class _Study:
     world: int
     device: torch.device
     log: Optional[Callable[[str], None]]
+    ref: ModelRef
 
     def run(self, tasks: List[SweepTask], progress: bool) -> None:
         results = self.out / (RESULTS if self.world == 1 else f"results.rank-{self.rank}.jsonl")
@@ -179,7 +189,7 @@ class _Study:
             fit_seconds = (time.perf_counter() - begin) / len(group)
             for task, images, sub in zip(group, data, subs):
                 record = self._evaluate(task, images, sub, fit_seconds)
-                sub.save(self.out / "tasks" / task.id)
+                self._save_task(task, images, sub)
                 append_record(results, record)
                 if self.log:
                     self.log(summary_line(task.id, task.classes, record))
@@ -204,6 +214,22 @@ class _Study:
                 subs.append(fit(chains, x, cfg))
         return subs
 
+    def _save_task(self, task: SweepTask, data: TaskImages, sub: Subnetwork) -> None:
+        """The task's run folder (``OUT/tasks/<id>``, atomically) with its explorer page."""
+        folder = self.out / "tasks" / task.id
+        staging = prepare_run_dir(folder, overwrite=True)
+        try:
+            images = shown_images(data, self.prep)
+            save_run(staging, sub, self.ref, images)
+            if self.config.explorers:
+                indices = None if task.one_vs_rest else class_indices(data.class_names, self.outputs)
+                write_report(staging, sub, self.model, images, progress=Progress(enabled=False),
+                             class_indices=None if indices is None else dict(zip(data.class_names, indices)))
+            finish_run_dir(staging, folder)
+        except BaseException:
+            discard_staging(staging)
+            raise
+
     def _evaluate(self, task: SweepTask, data: TaskImages, sub: Subnetwork, fit_seconds: float) -> Dict[str, Any]:
         begin = time.perf_counter()
         with attach(self.model, sites=self.sites, tau=self.config.tau, temperature=self.config.temperature) as chains:
@@ -215,6 +241,18 @@ class _Study:
                 "steps": sub.config["steps_run"], "fit_seconds": round(fit_seconds, 3),
                 "seconds": round(fit_seconds + time.perf_counter() - begin, 3),
                 "rank": self.rank, "device": str(self.device)}
+
+
+def shown_images(data: TaskImages, prep: Preprocess) -> ImageSet:
+    """A task's fitting images as an :class:`~hookchains.inputs.data.ImageSet`, the pictures rebuilt from
+    the normalised batch (``x * std + mean``, at the model's resolution: what the model saw).
+
+    Example: ``shown_images(load_task(...), preprocessing(model)).raw[0]`` is a PIL image."""
+    mean = torch.tensor(prep.config["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(prep.config["std"]).view(1, -1, 1, 1)
+    pixels = ((data.images.cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    raw = [Image.fromarray(p.permute(1, 2, 0).numpy()).convert("RGB") for p in pixels]
+    return ImageSet(data.images.cpu(), data.labels.cpu(), list(data.class_names), list(data.true_classes), raw)
 
 
 def _init_distributed() -> Tuple[int, int, bool]:

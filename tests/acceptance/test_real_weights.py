@@ -1,7 +1,8 @@
 """Claims on real pretrained weights: the embedded MobileNetV2 (ImageNet) on real photos.
 
 The images are 10 augmented views (crops, flips, slight colour jitter) of one bundled photo per class,
-not 20 independent photos: the only real photos that ship offline (see hookchains.workflow.demo).
+not 20 independent photos: the only real photos that ship offline (see hookchains.workflow.demo). The
+sub-network is the one ``hookchains demo`` fitted (the session's ``demo_run``, read back from its folder).
 """
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ import pytest
 import torch
 
 import hookchains
-from hookchains.core.fit import preset_for
-from hookchains.workflow.demo import DEMO_FIT, demo_task
+from hookchains.workflow.runs import load_run
 
 
 @pytest.fixture(scope="module")
-def demo_result():
-    model, _, task = demo_task()
-    with hookchains.attach(model, example=task.images[:1]) as chains:
-        sub = hookchains.fit(chains, task.images, preset_for("mobilenet", progress=False, **DEMO_FIT))
-    print("\n" + sub.summary())
-    return model, task, sub
+def demo_result(demo_run):
+    run = load_run(demo_run)
+    print("\n" + run.sub.summary())
+    return run.base_model(), run.task, run.sub
 
 
 def test_teacher_is_confident_on_the_demo_photos(demo_result):

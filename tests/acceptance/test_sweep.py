@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from benchmarks.digits import build, train, write_images  # on the path: pytest's pythonpath = ["."]
 from hookchains.inputs.data import class_folders
 from hookchains.inputs.models import create_model, preprocessing
 from hookchains.inputs.tasks import REST, SweepTask, load_task, plan_tasks
+from hookchains.workflow.runs import load_run
 from hookchains.workflow.sweep import append_record, read_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,11 +67,33 @@ def _comparable(records):
 
 
 @pytest.fixture(scope="module")
-def straight(digits_study, tmp_path_factory):
+def straight_out(digits_study, tmp_path_factory) -> Path:
     """An uninterrupted single-process sweep: the reference every other run must reproduce."""
     out = tmp_path_factory.mktemp("straight") / "sweep"
     _run(digits_study, out)
-    return read_results(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(straight_out):
+    return read_results(straight_out)
+
+
+def test_a_scatter_point_opens_its_task_explorer(straight_out, straight, browser):
+    page = (straight_out / "report.html").read_text()
+    links = re.findall(r'<a href="([^"]+)" aria-label="task ([^ ]+) ', page)
+    assert [task for _, task in links] == [r["task"] for r in straight]  # a point per task
+    for href, task in links:
+        assert href == f"tasks/{task}/report.html"  # relative: the sweep folder can move, file:// works
+        run = load_run(straight_out / "tasks" / task)  # the runs layout, checked against its manifest
+        record = next(r for r in straight if r["task"] == task)
+        assert run.sub.counts()["filters_kept"] == record["size"]["filters_kept"] and len(run.task) == record["images"]
+    browser.get((straight_out / "report.html").as_uri())
+    task = links[-1][1]
+    browser.find_element(By.CSS_SELECTOR, f'.scatter a[href="tasks/{task}/report.html"]').click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready"))
+    assert browser.current_url == (straight_out / "tasks" / task / "report.html").as_uri()
+    assert browser.find_elements(By.CSS_SELECTOR, "#graph .node") and browser.get_log("browser") == []
 
 
 def test_plan_covers_every_pair_and_extends_stably():
@@ -121,12 +147,13 @@ def test_killed_sweep_resumes_without_losing_or_repeating_a_task(digits_study, s
     assert [r["task"] for r in records] == [f"{i:05d}" for i in range(4)]
     assert _comparable(records) == _comparable(straight)
     assert (out / "report.html").exists() and sorted(p.name for p in (out / "tasks").iterdir()) == [
-        f"{i:05d}" for i in range(4)]
+        f"{i:05d}" for i in range(4)]  # no staging folder left by the kill
+    assert all((out / "tasks" / f"{i:05d}" / "report.html").is_file() for i in range(4))
 
 
 def test_sweep_refuses_to_resume_with_other_settings(digits_study, tmp_path):
     out = tmp_path / "sweep"
-    _run(digits_study, out, "--tasks", "1")
+    _run(digits_study, out, "--tasks", "1", "--no-explorers")
     cmd = [sys.executable, "-m", "hookchains.cli.main", *_sweep_args(digits_study, out, "--lam", "0.02")]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
@@ -135,14 +162,14 @@ def test_sweep_refuses_to_resume_with_other_settings(digits_study, tmp_path):
 
 def test_batched_tasks_give_the_same_records(digits_study, straight, tmp_path):
     out = tmp_path / "sweep"
-    _run(digits_study, out, "--batch-tasks", "2")
+    _run(digits_study, out, "--batch-tasks", "2", "--no-explorers")  # explorers do not change records
     assert _comparable(read_results(out)) == _comparable(straight)
 
 
 def test_torchrun_two_processes_share_the_tasks(digits_study, straight, tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "hookchains.cli.main", *_sweep_args(digits_study, out), "--quiet"]
+           "-m", "hookchains.cli.main", *_sweep_args(digits_study, out), "--quiet", "--no-explorers"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_results(out)
@@ -150,7 +177,8 @@ def test_torchrun_two_processes_share_the_tasks(digits_study, straight, tmp_path
     assert _comparable(records) == _comparable(straight)
     assert not list(out.glob("results.rank-*.jsonl"))         # merged into results.jsonl
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
-    assert (out / "report.html").exists()
+    assert (out / "report.html").exists() and not list(out.glob("tasks/*/report.html"))
+    assert '<a href="#task-00000"' in (out / "report.html").read_text()  # no explorer: the point jumps to the row
 
 
 @pytest.mark.parametrize("kind, extra, images, labels", [

@@ -43,16 +43,14 @@ def test_round_trip_on_real_minilm_is_exact():
     assert all(torch.equal(v, state[k]) for k, v in task.model.state_dict().items())
 
 
-def test_text_demo_end_to_end(tmp_path):
-    result = _cli("demo", "--text", "--out", str(tmp_path / "demo"), "--json")
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+def test_text_demo_end_to_end(text_demo_run):
+    folder, data = text_demo_run
     physical, fid = data["physical"], data["fidelity"]
     assert physical["max_abs_diff"] <= physical["tolerance"]
     assert physical["params_after"] < physical["params_before"] == 22_713_216
     assert fid["agree"] >= 27 and fid["kl"] <= 0.1
     assert physical["heads_kept"] < 72 and physical["neurons_kept"] < 9216
-    assert (tmp_path / "demo" / "report.html").is_file()
+    assert (folder / "report.html").is_file()
 
 
 def test_tokens_dropped_from_real_minilm_equal_the_thresholded_network():
@@ -69,7 +67,7 @@ def test_tokens_dropped_from_real_minilm_equal_the_thresholded_network():
     scores[..., 0] = 1.0
     tsub = TokenSubnetwork(scores * valid[:, None], sites, tau=0.3, valid=valid)
     assert 0 < int(tsub.masks.sum()) < int(valid.sum()) * len(sites)
-    for mode in ("hard", "mask"):
-        small = materialize_tokens(tsub, task.model, task.inputs, mode=mode)  # MaterializeError unless exact
+    for masking in ("hard", "mask"):
+        small = materialize_tokens(tsub, task.model, task.inputs, masking=masking)  # MaterializeError unless exact
         assert small.max_abs_diff <= 1e-4 * 20  # logits are cosines / 0.05: |logit| <= 20
         assert small.tokens_per_block().tolist() == tsub.masks.sum(2).tolist()

@@ -98,3 +98,5 @@ def test_sweep_takes_output_too(dict_model):
     assert result.exit_code == 0, result.output
     record = json.loads((dict_model / "sweep" / "results.jsonl").read_text().splitlines()[0])
     assert record["classes"] == ["a", "b"] and record["images"] == 4
+    page = (dict_model / "sweep" / "tasks" / record["task"] / "report.html").read_text()  # the task's explorer
+    assert "explorer-data" in page and "its class scores are output['logits']" in page  # Fig. 2 not measured, said why

@@ -81,12 +81,12 @@ def test_sites_and_round_trip_are_exact():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("mode", ["hard", "mask"])
-def test_dropped_tokens_equal_the_thresholded_network(mode):
+@pytest.mark.parametrize("masking", ["hard", "mask"])
+def test_dropped_tokens_equal_the_thresholded_network(masking):
     model, x = _vit(), _images()
     tsub = _random_result(model, x)
     assert 0 < int(tsub.masks[:, :, 1:].sum()) < IMAGES * LAYERS * (TOKENS - 1)  # some pruned, some kept
-    small = materialize_tokens(tsub, model, x, mode=mode)  # raises MaterializeError unless exact
+    small = materialize_tokens(tsub, model, x, masking=masking)  # raises MaterializeError unless exact
     assert small.max_abs_diff <= 1e-4
     assert small.tokens_per_block().tolist() == tsub.masks.sum(2).tolist()  # the layers really see fewer tokens
 
@@ -95,7 +95,7 @@ def test_the_binary_sub_network_equals_the_model_run_by_hand_on_the_kept_tokens(
     model, x = _vit(), _images()
     tsub = _random_result(model, x, seed=2)
     with torch.no_grad():
-        dropped = materialize_tokens(tsub, model, x, mode="mask")(x)
+        dropped = materialize_tokens(tsub, model, x, masking="mask")(x)
     assert torch.allclose(dropped, _by_hand(model.model, x, tsub.masks), atol=1e-5)
 
 
@@ -111,9 +111,9 @@ def test_fit_keeps_the_class_token_prunes_cumulatively_and_ste_is_the_hard_netwo
         chains.load_scores(result.scores)
         with torch.no_grad():
             outs = {}
-            for mode in ("hard", "ste"):
-                with chains.using(mode):
-                    outs[mode] = model(x)
+            for masking in ("hard", "ste"):
+                with chains.using(masking):
+                    outs[masking] = model(x)
     assert torch.allclose(outs["ste"], outs["hard"], atol=1e-5)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert model.model.config._attn_implementation == "sdpa"
@@ -153,3 +153,53 @@ def test_deit_keeps_both_prefix_tokens_and_pooling_models_are_refused():
     with pytest.raises(ValueError, match="model_type 'beit'") as info:
         check_token_model(beit)
     assert "\n" not in str(info.value)
+
+
+def test_extract_from_the_cli_on_an_image_folder(tmp_path):
+    """``hookchains extract --model hf:PATH --data DIR``: images preprocessed as the saved processor does,
+    a token run folder whose saved logits are the thresholded network's, the class token kept."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from hookchains.cli.main import main
+    from hookchains.inputs.models import hf_preprocessing_note
+    from hookchains.workflow.runs import load_run
+
+    folder, data = tmp_path / "vit", tmp_path / "data"
+    _vit().model.save_pretrained(folder)
+    std = (0.2, 0.25, 0.3)
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.3, 0.4, 0.5],
+                                               image_std=list(std))
+    processor.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(data / name / f"{i}.png")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{folder}", "--data", str(data), "--classes", "a,b",
+                                       "--per-class", "3", "--steps", "20", "--lam", "0.3", "--lr", "0.1", "--seed",
+                                       "0", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "Kept tokens and attribution per image (Fig. 7)" in (out / "report.html").read_text()  # Eq. 10, HF attentions
+    run = load_run(out)
+    tsub, images = run.sub, run.images
+    assert run.is_token_run and images.shape == (6, 3, 32, 32) and run.model_ref.spec == f"hf:{folder}"
+    theirs = torch.cat([processor(images=Image.open(p), return_tensors="pt")["pixel_values"] for p in run.task.paths])
+    assert (images - theirs).abs().max() <= 1.01 / 255 / min(std)  # transformers' own preprocessing, to a grey level
+    masks = tsub.masks
+    assert masks[:, :, 0].all() and int(masks[:, :, 1:].sum()) < masks[:, :, 1:].numel()  # class token kept, some pruned
+    model = OutputLogits(transformers.AutoModelForImageClassification.from_pretrained(str(folder))).eval()
+    with TokenChains(model, 6, example=images[:1]) as chains, torch.no_grad():
+        chains.load_scores(tsub.scores)
+        with chains.using("hard"):
+            masked = model(images)
+    saved = load_file(str(out / "token_logits.safetensors"))["logits"]
+    assert (saved - masked).abs().max() <= 1e-4 * masked.abs().max()  # the saved run is the thresholded network
+    refused = CliRunner().invoke(main, ["report", str(out)])  # no silent rebuild of another model
+    assert refused.exit_code == 1 and "cannot be rebuilt from its run folder yet" in refused.output.splitlines()[-1]
+    assert hf_preprocessing_note(model) is None
+    (folder / "preprocessor_config.json").unlink()
+    assert "mean = std = 0.5" in hf_preprocessing_note(model)

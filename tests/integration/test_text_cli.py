@@ -87,8 +87,8 @@ def test_the_report_lists_layers_and_the_words_of_kept_neurons(bert_dir, text_da
                                        "--out", str(out), "--steps", "2", "--quiet"])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
-    assert "Heads and neurons per layer" in page and "<td>L2</td>" in page
-    words = [w for w in WORDS if f"<td>{w} (" in page or f", {w} (" in page]
+    assert "Kept attention heads (indices) and MLP neurons per layer" in page and "<td>L2</td>" in page
+    words = [w for w in WORDS if f'"words":[["{w}",' in page]  # a kept neuron's panel (the explorer's data)
     assert words, "no task word shown for the kept neurons"
 
 
@@ -204,3 +204,11 @@ def test_text_commands_run_one_thread_unless_omp_is_set_and_restore_the_count(mo
             assert used == 2
     finally:
         torch.set_num_threads(caller)
+
+
+def test_extract_with_data_refuses_an_hf_text_model(tmp_path, bert_dir, text_data):
+    refused = CliRunner().invoke(main, ["extract", "--model", f"hf:{bert_dir}", "--data", str(text_data),
+                                        "--classes", "sport,food"])
+    last = refused.output.splitlines()[-1]
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert last.startswith("Error:") and "is a text model (embedding), not an image classifier: give text with" in last

@@ -54,13 +54,13 @@ def _random_result(model, x, seed=0):
     return TokenSubnetwork(scores * valid[:, None], _sites(model, x), tau=0.3, valid=valid)
 
 
-@pytest.mark.parametrize("mode", ["hard", "mask"])
-def test_dropped_tokens_equal_the_thresholded_network(mode):
+@pytest.mark.parametrize("masking", ["hard", "mask"])
+def test_dropped_tokens_equal_the_thresholded_network(masking):
     x = _inputs()
     model = _zero_shot(_bert(), x)
     tsub = _random_result(model, x)
     assert 0 < int(tsub.masks.sum()) < int(x["attention_mask"].sum()) * LAYERS  # something pruned, something kept
-    small = materialize_tokens(tsub, model, x, mode=mode)  # raises MaterializeError unless exact
+    small = materialize_tokens(tsub, model, x, masking=masking)  # raises MaterializeError unless exact
     assert small.max_abs_diff <= 1e-4
     assert small.tokens_per_block().tolist() == tsub.masks.sum(2).tolist()  # the layers really see fewer tokens
 
@@ -75,7 +75,7 @@ def test_tokens_pruned_from_the_first_layer_equal_padding_them():
     keep[1, 4] = False
     scores = keep[:, None, :].expand(6, LAYERS, LENGTH).float()
     tsub = TokenSubnetwork(scores, _sites(model, x), tau=0.5, valid=x["attention_mask"].bool())
-    small = materialize_tokens(tsub, model, x, mode="mask")
+    small = materialize_tokens(tsub, model, x, masking="mask")
     with torch.no_grad():
         padded = model(input_ids=x["input_ids"], attention_mask=keep.long())
         dropped = small(x)
@@ -94,7 +94,7 @@ def test_first_token_never_pruned_padding_never_kept_nor_counted():
     assert int(masks.sum()) < int(valid.sum()) * LAYERS          # the L1 term pruned something
     assert result.counts()["slots_total"] == pytest.approx(float(valid.sum()) * LAYERS / 6)
     assert (masks[:, 1:] <= masks[:, :-1]).all()                 # cumulative: never re-admitted later
-    assert model.model.config._attn_implementation == "sdpa"     # the eager switch of mode ste is undone
+    assert model.model.config._attn_implementation == "sdpa"     # the eager switch of masking ste is undone
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
@@ -109,9 +109,9 @@ def test_ste_forward_is_the_hard_network_and_off_is_the_original():
         chains.load_scores(scores)
         with torch.no_grad():
             outs = {}
-            for mode in ("off", "hard", "ste"):
-                with chains.using(mode):
-                    outs[mode] = model(**x)
+            for masking in ("off", "hard", "ste"):
+                with chains.using(masking):
+                    outs[masking] = model(**x)
     assert torch.equal(outs["off"], original)
     assert torch.allclose(outs["ste"], outs["hard"], atol=1e-5) and not torch.allclose(outs["hard"], original, atol=1e-3)
 
@@ -152,7 +152,7 @@ def test_cli_extract_mode_tokens_writes_an_exact_run_with_the_token_grid(tmp_pat
     (data / "sport.txt").write_text("the team won the match\na goal\n")
     (data / "food.txt").write_text("bake the bread\nsalt the sauce\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{folder}", "--text-data", str(data), "--mode",
+    result = CliRunner().invoke(main, ["extract", "--model", f"hf:{folder}", "--text-data", str(data), "--sites",
                                        "tokens", "--out", str(out), "--steps", "4", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])["summary"]
@@ -178,10 +178,3 @@ def test_attribution_of_the_unpruned_network_is_eq10_over_transformers_own_atten
     expected = rollout(attentions, valid[:, None, :].expand(6, LAYERS, LENGTH))
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.allclose(got[:, -1, 0].sum(-1), torch.ones(6), atol=1e-5)  # a distribution over the words
-
-
-def test_the_grid_greys_exactly_the_pruned_word_pieces():
-    from hookchains.viz.text_report import token_grid_html
-    kept = torch.tensor([[True, True, False], [True, False, False]])
-    page = token_grid_html(["[CLS]", "rain", "snow"], kept, ["L1", "L2"], torch.tensor([0.5, 0.3, 0.2]), "s")
-    assert page.count("<s>") == 3 and page.count("<s>snow</s>") == 2 and "<s>rain</s>" in page

@@ -65,10 +65,10 @@ def _fused(model, flag: bool):
             b.attn.fused_attn = f
 
 
-def _masked_logits(model, tsub: TokenSubnetwork, images, mode: str) -> torch.Tensor:
+def _masked_logits(model, tsub: TokenSubnetwork, images, masking: str) -> torch.Tensor:
     with TokenChains(model, images.shape[0], tau=tsub.tau, sites=tsub.sites) as chains, torch.no_grad():
         chains.load_scores(tsub.scores)
-        with chains.using(mode):
+        with chains.using(masking):
             return model(images)
 
 
@@ -86,13 +86,13 @@ def test_masked_model_equals_the_model_that_drops_the_tokens(name):
     results = {}
     for fused in (True, False):
         with _fused(model, fused):
-            for mode in ("hard", "mask"):
-                dropped = materialize_tokens(tsub, model, images, mode=mode)  # raises unless exact
+            for masking in ("hard", "mask"):
+                dropped = materialize_tokens(tsub, model, images, masking=masking)  # raises unless exact
                 with torch.no_grad():
-                    results[fused, mode] = (_masked_logits(model, tsub, images, mode), dropped(images))
-    for (fused, mode), (masked, dropped_logits) in results.items():
-        assert _close(dropped_logits, masked), (fused, mode)
-        assert _close(masked, results[True, mode][0]), "fused and manual attention disagree"
+                    results[fused, masking] = (_masked_logits(model, tsub, images, masking), dropped(images))
+    for (fused, masking), (masked, dropped_logits) in results.items():
+        assert _close(dropped_logits, masked), (fused, masking)
+        assert _close(masked, results[True, masking][0]), "fused and manual attention disagree"
         assert not _close(masked, full), "the random masks did not change the outputs"
     lengths = dropped.tokens_per_block()
     assert lengths[:, 0].lt(197).all() and (lengths[:, 1:] <= lengths[:, :-1]).all()
@@ -154,7 +154,7 @@ def test_class_token_is_never_pruned():
     assert torch.isfinite(only_class).all()
     tsub = TokenSubnetwork(torch.zeros(2, 12, 197), _sites(model))
     assert tsub.masks[:, :, 0].all() and tsub.counts()["slots_kept"] == [12, 12]
-    dropped = materialize_tokens(tsub, model, images, mode="mask")
+    dropped = materialize_tokens(tsub, model, images, masking="mask")
     assert dropped.tokens_per_block().eq(1).all()
     with torch.no_grad():
         assert _close(dropped(images), only_class)
@@ -191,13 +191,13 @@ def test_straight_through_mode_is_the_hard_network_and_can_readmit_tokens():
     grads = {}
     with frozen_weights(model), TokenChains(model, 1, tau=0.1, sites=_sites(model)) as chains:
         chains.load_scores(scores)
-        for mode in ("ste", "hard"):
-            with chains.using(mode):
+        for masking in ("ste", "hard"):
+            with chains.using(masking):
                 out = model(images) @ weights
             out.backward()
-            grads[mode], chains.scores.grad = chains.scores.grad[0, 11].clone(), None
-            grads[mode + "_value"] = out.detach()
-    assert all(b.attn.fused_attn for b in model.blocks), "mode ste must restore fused attention"
+            grads[masking], chains.scores.grad = chains.scores.grad[0, 11].clone(), None
+            grads[masking + "_value"] = out.detach()
+    assert all(b.attn.fused_attn for b in model.blocks), "masking ste must restore fused attention"
     assert torch.allclose(grads["ste_value"], grads["hard_value"], rtol=1e-4, atol=1e-4)
     assert grads["hard"][pruned] == 0.0 and grads["ste"][pruned] != 0.0
     for token, value, delta, tau in ((pruned, 0.0, 1e-2, 5e-3), (kept, 0.15, 1e-2, 0.1)):

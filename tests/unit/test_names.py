@@ -65,3 +65,36 @@ def test_cli_mode_option_still_works_with_a_one_line_note():
     note = "note: --mode is deprecated; it is now called --sites\n"
     assert old.output == note + new.output and "extract needs --data DIR" in new.output and old.exit_code == new.exit_code != 0
     assert "--sites [auto|filters|tokens]" in CliRunner().invoke(main, ["extract", "--help"]).output
+
+
+def test_token_hooks_take_masking_and_the_old_mode_name_with_a_warning():
+    import timm
+
+    from hookchains.tokens.hooks import TokenChains
+    from hookchains.tokens.materialize import materialize_tokens
+    from hookchains.tokens.result import TokenSubnetwork
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), TokenChains(model, 2, example=x[:1]) as chains:
+        chains.scores[:, 1:, 3:] = 0.0
+        with chains.using("mask"):
+            masked = model(x)
+        with pytest.warns(DeprecationWarning, match=r"using\(mode=...\) is deprecated: use masking="):
+            with chains.using(mode="mask"):
+                assert torch.equal(model(x), masked) and chains.masking == "mask"
+                with pytest.warns(DeprecationWarning, match="TokenChains.mode is deprecated: use TokenChains.masking"):
+                    assert chains.mode == "mask"
+        with pytest.warns(DeprecationWarning, match="use masking="):
+            assert torch.equal(chains.key_bias(0, mode="mask"), chains.key_bias(0, "mask"))
+        assert not torch.equal(masked, model(x))  # soft, outside the block
+        tsub = TokenSubnetwork(chains.scores.detach().clone(), chains.sites, tau=0.5)
+    with pytest.warns(DeprecationWarning, match=r"materialize_tokens\(mode=...\) is deprecated"):
+        small = materialize_tokens(tsub, model, x, mode="mask")
+    assert small.masking == "mask" and torch.allclose(small(x), masked, atol=1e-5)
+    with pytest.warns(DeprecationWarning, match="TokenDroppedViT.mode is deprecated"):
+        assert small.mode == "mask"
+    with pytest.warns(DeprecationWarning, match="TokenChains.mode is deprecated"):
+        chains.mode = "off"   # setting the old attribute sets the new one
+    assert chains.masking == "off"
