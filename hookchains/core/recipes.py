@@ -49,7 +49,9 @@ pruning of scores or masks, hard-concrete masks) were measured and none did bett
 (CHANGELOG, "Why the default misses the paper's regime"); the model is unsure of those photos
 (output entropy 1.2-1.4 nats against 0.1-0.3 on the demo's), which makes KL <= 0.1 far stricter.
 At 224 px (300 steps, lr 0.02): demo 564/17056 (3.31 %), 20/20, KL 0.071; palace 21.86 %, 19/20,
-KL 0.053; missile 22.17 %, 15/20, KL 0.108 -- all at the step limit.
+KL 0.053; missile 22.17 %, 15/20, KL 0.108 -- all at the step limit. On two photo pairs the model is
+sure of (``benchmarks/recipes.py`` tasks ``spotlight`` and ``tripod``): 456/17056 (2.67 %), 20/20, KL
+0.0998 and 412/17056 (2.42 %), 18/20, KL 0.089 (its two flips: views whose top-1 leads by < 0.2).
 """
 from __future__ import annotations
 
