@@ -5,6 +5,7 @@ and against the same model run by hand on the kept tokens only."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -183,7 +184,10 @@ def test_extract_from_the_cli_on_an_image_folder(tmp_path):
                                        "--per-class", "3", "--steps", "20", "--lam", "0.3", "--lr", "0.1", "--seed",
                                        "0", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "Kept tokens and attribution per image (Fig. 7)" in (out / "report.html").read_text()  # Eq. 10, HF attentions
+    page = (out / "report.html").read_text()  # the explorer: Fig. 7 rows per image (Eq. 10 from HF attentions)
+    start = page.index('<script type="application/json" id="explorer-data">')
+    explorer = json.loads(page[page.index(">", start) + 1:page.index("</script>", start)])
+    assert len(explorer["images"]) == 6 and all(len(image["rows"]) == 3 for image in explorer["images"])
     run = load_run(out)
     tsub, images = run.sub, run.images
     assert run.is_token_run and images.shape == (6, 3, 32, 32) and run.model_ref.spec == f"hf:{folder}"
