@@ -22,4 +22,5 @@ def test_gpu_check_falls_back_to_cpu_and_prints_every_figure():
         assert re.search(rf"batched {count} tasks: \d+\.\d+ s per task per step", out), out
     seconds = float(re.search(r"projected at 300 steps: hookchains (\d+\.\d+) s", out).group(1))
     ratio = float(re.search(r"paper 55 s \(RTX 6000\) -> (\d+\.\d+)x", out).group(1))
-    assert seconds > 0 and abs(ratio - 55 / seconds) <= 0.01 * (55 / seconds) + 0.01
+    # seconds is printed to 0.1 s and the ratio from the unrounded value: it lies within that rounding
+    assert seconds > 0 and 55 / (seconds + 0.05) - 0.01 <= ratio <= 55 / max(seconds - 0.05, 1e-9) + 0.01
