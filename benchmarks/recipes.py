@@ -16,6 +16,7 @@ and of the magnitude and random baselines on the first task, with each curve's a
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
@@ -33,8 +34,8 @@ from hookchains.inputs.models import create_model, preprocessing
 
 # Tasks (class: photo): the demo's pair; two pairs of bundled photos the demo does not use, on which
 # the model is unsure (rocket.png is a "drilling platform" to it, astronaut.png has no ImageNet class);
-# and two pairs of scikit-image photos the package does not ship ("skimage:NAME", read from the installed
-# scikit-image, the test extra), on which it is as sure as on the demo's. The class names are the
+# and three pairs of scikit-image / scikit-learn sample photos the package does not ship ("skimage:NAME",
+# "sklearn:NAME", read from the installed packages), on which it is about as sure as on the demo's. The class names are the
 # model's own top-1 on the photo, as in the paper's tasks (ImageNet images of the classes).
 TASKS = {
     "demo": {"Egyptian cat": None, "espresso": None},
@@ -42,6 +43,7 @@ TASKS = {
     "missile": {"missile": "rocket.png", "astronaut": "astronaut.png"},
     "tripod": {"tripod": "skimage:camera.png", "moped": "skimage:motorcycle_left.png"},
     "spotlight": {"tripod": "skimage:camera.png", "spotlight": "skimage:clock_motion.png"},
+    "bubble": {"bubble": "skimage:hubble_deep_field.jpg", "honeycomb": "sklearn:flower.jpg"},
 }
 RECIPES = {
     "mask": lambda: Mask(),
@@ -57,16 +59,21 @@ RECIPES = {
 }
 
 
+SAMPLE_FOLDERS = {"skimage": "data", "sklearn": "datasets/images"}  # where each package keeps its sample photos
+
+
 def _photo(cls: str, path: Optional[str]) -> List[Path]:
-    """The photo of class ``cls``: the demo's, a bundled asset, or ``skimage:NAME`` from scikit-image."""
+    """The photo of class ``cls``: the demo's, a bundled asset, or ``PACKAGE:NAME``, a sample photo of
+    scikit-image or scikit-learn."""
     if path is None:
         return list(demo_photos()[cls])
-    if path.startswith("skimage:"):
+    package, _, name = path.partition(":")
+    if name:
         try:
-            import skimage
+            module = importlib.import_module(package)
         except ImportError:
-            raise SystemExit("these tasks read scikit-image's sample photos: pip install scikit-image") from None
-        return [Path(skimage.__file__).parent / "data" / path.split(":", 1)[1]]
+            raise SystemExit(f"these tasks read {package}'s sample photos: pip install scikit-image scikit-learn") from None
+        return [Path(module.__file__).parent / SAMPLE_FOLDERS[package] / name]
     return [asset_path(path)]
 
 

@@ -16,6 +16,7 @@ import click
 
 from hookchains.cli.options import (
     CHECKPOINT,
+    FIT_KEYS,
     MOVED_CHECKPOINT,
     OUTPUT,
     check_image_size,
@@ -257,7 +258,7 @@ def sweep(model_spec, pretrained, checkpoint, data_dir, output, n_tasks, classes
     """
     from hookchains.evaluation.evaluate import EvalOptions
     from hookchains.workflow.sweep import SweepConfig, run_sweep
-    fit = {k: opts[k] for k in ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "kl_tol", "seed") if opts[k] is not None}
+    fit = {k: opts[k] for k in FIT_KEYS if opts.get(k) is not None}
     evaluation = EvalOptions(faithfulness=not no_faithfulness, baselines=not no_baselines, baseline_steps=baseline_steps,
                              allocation=allocation, baseline_budget=baseline_budget, robustness=robustness, eps=eps,
                              pgd_steps=pgd_steps, random_control=random_control, seed=opts["seed"])

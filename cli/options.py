@@ -14,6 +14,8 @@ from hookchains.viz.graph import GRAPH_FORMATS
 from hookchains.workflow.demo import DEMO_FIT, DEMO_IMAGE_SIZE
 
 DEMO_DEFAULTS = {**DEMO_FIT, "image_size": DEMO_IMAGE_SIZE}  # see hookchains.workflow.demo for why
+FIT_KEYS = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "kl_tol", "min_agreement", "seed")
+"""The :class:`~hookchains.core.fit.FitConfig` fields the method's options set."""
 
 
 def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs: bool = True):
@@ -35,6 +37,8 @@ def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs:
         click.option("--kl-target", type=float, help="KL the sub-network should stay within [0.1]"),
         click.option("--kl-tol", type=float, help="KL the returned sub-network must be within: a fit at the step "
                                                   "limit returns its sparsest network within it [0.1]"),
+        click.option("--min-agreement", type=click.FloatRange(0, 1),
+                     help="share of the images whose top-1 class the returned sub-network must keep [0.95]"),
         click.option("--tau", type=float, default=0.1, show_default=True, help="filter/token score threshold"),
         click.option("--temperature", type=float, default=0.2, show_default=True, help="gate sigmoid temperature T"),
         click.option("--image-size", type=int, default=d.get("image_size"), help="input resolution [model default]"),
@@ -88,9 +92,7 @@ def config_from_options(model, opts: Dict) -> FitConfig:
 
     Example: ``config_from_options(deit, {"sites": "auto", "steps": 5, ...}).steps == 5``."""
     from hookchains.workflow.extract import fit_config
-    return fit_config(model, opts.get("sites", "auto"), steps=opts["steps"], lr=opts["lr"], lam=opts["lam"],
-                      lam_gate=opts["lam_gate"], recipe=opts["recipe"], kl_target=opts["kl_target"],
-                      kl_tol=opts.get("kl_tol"), seed=opts["seed"], progress=not opts["quiet"])
+    return fit_config(model, opts.get("sites", "auto"), **{k: opts.get(k) for k in FIT_KEYS}, progress=not opts["quiet"])
 
 
 def output_choice(value: Optional[str]):

@@ -22,6 +22,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import click
 
+from hookchains.cli.options import FIT_KEYS
+
 TEXT_DEMO_DURATION = ("measured 69-115 s on a 2-core CPU shared with other jobs (load 3-6; one torch thread unless "
                       "OMP_NUM_THREADS is set); 300 steps at most")
 
@@ -43,8 +45,7 @@ def text_threads() -> Iterator[int]:
 def _fit_options(opts: Dict) -> Dict:
     """The fit options the user gave; the rest is the core's preset for transformers
     (``hookchains.core.fit.preset_for("transformers")``: lr 0.02, lam_gate 0.05) or the token defaults."""
-    keys = ("steps", "lr", "lam", "lam_gate", "recipe", "kl_target", "kl_tol", "seed")
-    return {**{k: opts[k] for k in keys if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
+    return {**{k: opts[k] for k in FIT_KEYS if opts.get(k) is not None}, "progress": not opts.get("quiet", False)}
 
 
 def _curve_spec(opts: Dict, tokens: bool) -> Optional[Tuple[str, List[float]]]:

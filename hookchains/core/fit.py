@@ -8,15 +8,16 @@ trades size for fidelity differently on every model) and records how the fit end
 
 Stop rule (all recipes but ``paper``): after ``min_steps``, the fit has *converged* when the kept
 filter count moved by at most ``size_tol`` (relative) over the last ``patience`` steps and the
-thresholded network's KL is within ``kl_tol``. Otherwise it runs to ``steps`` and the result says so:
+thresholded network is *feasible*: its KL is within ``kl_tol`` and it keeps the top-1 class of at least
+``min_agreement`` of the images (default 0.95: 19 of 20; :func:`feasible`). Otherwise it runs to ``steps`` and the result says so:
 ``config["ended"]`` is ``"converged"`` or ``"step_limit"`` and ``config["kept_change_per_10_steps"]``
 the kept count's change (percent per 10 steps) over the last ``patience`` steps;
 :meth:`Subnetwork.summary` names a step-limit ending. (The paper's ``|dloss| < 0.05`` fired at step 9
 or never; docs/design.md.)
 
-A fit that reaches the step limit returns the sparsest network it met whose KL was within ``kl_tol``
-(every step's KL is that of the thresholded network the step started from, so that network's fidelity
-is known exactly), not the last one, which dual ascent leaves hovering around ``kl_target`` and can end
+A fit that reaches the step limit returns the sparsest feasible network it met (every step's KL and
+agreement are those of the thresholded network the step started from, so that network's fidelity is
+known exactly), not the last one, which dual ascent leaves hovering around ``kl_target`` and can end
 just above it; ``config["returned_step"]`` names the step (``None``: the last network). This is the
 "best feasible iterate" of constrained optimisation; recipes whose recorded KL is not the extracted
 network's (``paper``'s soft network, ``l0``'s sampled masks) return the last network as before.
@@ -44,13 +45,13 @@ from hookchains.core.attach import ScoreHooks
 from hookchains.core.dataflow import DataflowError, find_dead_filters
 from hookchains.core.deprecation import renamed_keyword
 from hookchains.core.metrics import fidelity
-from hookchains.core.recipes import GATE_BOUND, RECIPES, Recipe, recipe_named
+from hookchains.core.recipes import GATE_BOUND, RECIPES, Recipe, feasible, recipe_named
 from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
 from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
 
 __all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
-           "kl_per_task", "Scored", "KLTerm", "Track", "optimise"]
+           "kl_per_task", "fidelity_per_task", "feasible", "Fidelities", "Scored", "KLTerm", "Track", "optimise"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,12 @@ class FitConfig:
         patience: steps over which the kept count must be settled to stop (module doc).
         size_tol: the relative change of the kept count allowed over ``patience`` steps.
         min_steps: no stop before this step.
-        kl_tol: the KL the thresholded network must be within to stop.
+        kl_tol: the KL the thresholded network must be within to stop (or to be returned, module doc).
+        min_agreement: the share of the images (0-1) whose top-1 class the thresholded network must
+            keep to stop or to be returned; while it keeps fewer, the KL weight rises
+            (:meth:`~hookchains.core.recipes.Recipe.next_kl_weight`). Default 0.95: 19 of 20 images, since
+            1.0 held a digits fit at the step limit on one near-tied image (the fit then returned its
+            unpruned network of step 17); 0 gives the KL-only rule.
         loss_tol: recipe ``paper``: stop when ``|loss_t - loss_{t-1}| < loss_tol``.
         batch_size: images per forward pass (gradients are accumulated; default: all at once).
         seed: seeds torch before fitting.
@@ -98,6 +104,7 @@ class FitConfig:
     size_tol: float = 0.01
     min_steps: int = 50
     kl_tol: float = 0.1
+    min_agreement: float = 0.95
     loss_tol: float = 0.05
     batch_size: Optional[int] = None
     seed: int = 0
@@ -110,6 +117,8 @@ class FitConfig:
         problems += [f"{n} must be >= 0 (got {v})" for n, v in
                      (("lam", self.lam), ("lam_gate", self.lam_gate), ("kl_tol", self.kl_tol),
                       ("size_tol", self.size_tol)) if v < 0]
+        if not 0 <= self.min_agreement <= 1:
+            problems.append(f"min_agreement must be a share between 0 and 1 (got {self.min_agreement})")
         if not (self.recipe is None or isinstance(self.recipe, Recipe) or self.recipe in (*RECIPES, "hookchains")):
             problems.append(f"recipe must be one of {sorted(RECIPES)} or a hookchains.core.recipes.Recipe "
                             f"(got {self.recipe!r})")
@@ -177,12 +186,13 @@ def _input_layout(chains: ScoreHooks, images: torch.Tensor, batch_size: Optional
 
 
 def _tasks_kl_backward(chains: ScoreHooks, images, teacher_logp: torch.Tensor, parts: Sequence[slice],
-                       weights: torch.Tensor, layout: torch.memory_format = torch.contiguous_format) -> List[float]:
-    """Mean KL per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x classes, or
-    tasks x N x P x classes for a dense prediction, whose KL is averaged over the P positions);
-    backpropagates ``sum_t weights[t] * KL_t`` chunk by chunk (a chunk takes the same images of every task)."""
+                       weights: torch.Tensor, layout: torch.memory_format = torch.contiguous_format) -> Fidelities:
+    """Mean KL and top-1 agreement per task (``images``: tasks x N x ...; ``teacher_logp``: tasks x N x
+    classes, or tasks x N x P x classes for a dense prediction, whose figures are averaged over the P
+    positions); backpropagates ``sum_t weights[t] * KL_t`` chunk by chunk (a chunk takes the same
+    images of every task)."""
     tasks, n = primary(images).shape[:2]
-    totals = torch.zeros(tasks, dtype=torch.float64)
+    totals = torch.zeros(2, tasks, dtype=torch.float64)
     for part in parts:
         target = teacher_logp[:, part]
         scores = class_scores(call(chains.model, _batch(images, part, layout)), chains.sites.output)
@@ -190,8 +200,15 @@ def _tasks_kl_backward(chains: ScoreHooks, images, teacher_logp: torch.Tensor, p
         kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1)
         kl = kl.reshape(tasks, kl.shape[1], -1).mean(-1).sum(1) / n
         (weights.to(kl.device) * kl).sum().backward()
-        totals += kl.detach().cpu().double()
-    return totals.tolist()
+        totals[0] += kl.detach().cpu().double()
+        totals[1] += _agreeing(logq.detach(), target).sum(1).cpu().double() / n
+    return totals[0].tolist(), totals[1].tolist()
+
+
+def _agreeing(logq: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """tasks x N: the share of each image's positions (1 for a classifier) whose top-1 class is the teacher's."""
+    same = logq.argmax(-1) == teacher_logp.argmax(-1)
+    return same.reshape(*same.shape[:2], -1).double().mean(-1)
 
 
 def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice], weight: float) -> float:
@@ -200,7 +217,7 @@ def kl_backward(chains: ScoreHooks, images, teacher_logp, parts: Sequence[slice]
     ``images``: N x ... (or a tuple/dict of inputs); ``teacher_logp``: N x classes (N x P x classes
     for a dense prediction) log-probabilities; returns the KL in nats."""
     return _tasks_kl_backward(chains, map_tensors(lambda t: t[None], images), teacher_logp[None], parts,
-                              torch.tensor([weight]))[0]
+                              torch.tensor([weight]))[0][0]
 
 
 class Scored(Protocol):
@@ -219,18 +236,23 @@ class Scored(Protocol):
     def kept_counts(self, task: int = 0) -> Mapping[str, float]: ...
 
 
+Fidelities = Tuple[List[float], List[float]]
+"""Per task: the mean KL (nats) and the top-1 agreement (share of images, 0-1) with the original model."""
+
+
 @dataclass(frozen=True)
 class KLTerm:
     """The KL part of the objective, for :func:`optimise`.
 
     Attributes:
-        backward: ``weights`` (one per task) -> every task's mean KL (nats), after backpropagating
-            ``sum_t weights[t] * KL_t`` (Eq. 8's first term, weighted).
-        hard: every task's mean KL of the thresholded (``hard``) network, without gradients.
+        backward: ``weights`` (one per task) -> every task's mean KL (nats) and top-1 agreement
+            (:data:`Fidelities`), after backpropagating ``sum_t weights[t] * KL_t`` (Eq. 8's first term, weighted).
+        hard: the same figures of the thresholded (``hard``) network, without gradients
+            (:func:`fidelity_per_task`).
     """
 
-    backward: Callable[[torch.Tensor], List[float]]
-    hard: Callable[[], List[float]]
+    backward: Callable[[torch.Tensor], Fidelities]
+    hard: Callable[[], Fidelities]
 
 
 @dataclass
@@ -238,26 +260,29 @@ class Track:
     """One task's bookkeeping during the optimisation: its history, KL weight and stop rule."""
 
     history: Dict[str, List[float]] = dataclasses.field(
-        default_factory=lambda: {k: [] for k in ("loss", "kl", "kl_weight")})
+        default_factory=lambda: {k: [] for k in ("loss", "kl", "agreement", "kl_weight")})
     kl_weight: float = 1.0
     stopped: bool = False
     counted: List[str] = dataclasses.field(default_factory=list)
     sparsest: Optional[Tuple[float, int, List[torch.Tensor]]] = None  # kept count, step, values
     returned_step: Optional[int] = None  # the step whose network the fit returns (None: the last)
 
-    def remember(self, kept: float, kl: float, values: List[torch.Tensor], cfg: FitConfig) -> None:
-        """Keep ``values`` (this task's fitted tensors before the step) if that network's KL was within
-        ``kl_tol`` and it is the sparsest so far (ties: the later)."""
-        if kl <= cfg.kl_tol and (self.sparsest is None or kept <= self.sparsest[0]):
+    def remember(self, kept: float, kl: float, agreement: float, values: List[torch.Tensor], cfg: FitConfig) -> None:
+        """Keep ``values`` (this task's fitted tensors before the step) if that network was feasible
+        (:func:`feasible`) and is the sparsest so far (ties: the later)."""
+        if feasible(kl, agreement, cfg) and (self.sparsest is None or kept <= self.sparsest[0]):
             self.sparsest = (kept, len(self.history["kl"]), values)
 
-    def record(self, recipe: Recipe, cfg: FitConfig, kl: float, penalty: float, kept: Mapping[str, float]) -> None:
-        """Log one step (loss, KL, KL weight and every kept count), adapt the KL weight, and decide
-        whether this task has converged."""
+    def record(self, recipe: Recipe, cfg: FitConfig, fidelities: Tuple[float, float], penalty: float,
+               kept: Mapping[str, float]) -> None:
+        """Log one step (loss, KL, top-1 agreement, KL weight and every kept count), adapt the KL weight,
+        and decide whether this task has converged."""
         self.counted = list(kept)
-        for name, value in (("loss", kl + penalty), ("kl", kl), ("kl_weight", self.kl_weight), *kept.items()):
+        kl, agreement = fidelities
+        for name, value in (("loss", kl + penalty), ("kl", kl), ("agreement", agreement),
+                            ("kl_weight", self.kl_weight), *kept.items()):
             self.history.setdefault(name, []).append(value)
-        self.kl_weight = recipe.next_kl_weight(self.kl_weight, kl, cfg)
+        self.kl_weight = recipe.next_kl_weight(self.kl_weight, kl, cfg, agreement)
         self.stopped = recipe.converged(cfg, self.history)
 
     def ending(self, cfg: FitConfig, counted: str = "filters") -> Dict[str, object]:
@@ -273,7 +298,7 @@ class Track:
 
 def _step(hooks: Scored, recipe: Recipe, optimiser, kl: KLTerm, tracks: List[Track], cfg: FitConfig):
     """One Adam step for every task; a converged task's values are put back, so it ends exactly
-    where it would have ended alone. Returns the per-task KL and penalty."""
+    where it would have ended alone. Returns the per-task (KL, top-1 agreement) and penalty."""
     params = [p for group in optimiser.param_groups for p in group["params"]]
     frozen = [i for i, t in enumerate(tracks) if t.stopped]
     saved = [hooks.per_task(p).detach()[frozen].clone() for p in params] if frozen else []
@@ -288,7 +313,7 @@ def _step(hooks: Scored, recipe: Recipe, optimiser, kl: KLTerm, tracks: List[Tra
     recipe.project(hooks, cfg)
     if recipe.stochastic:  # record the KL of the network that will be extracted
         kls = kl.hard()
-    return kls, penalty.detach().cpu().tolist()
+    return list(zip(*kls)), penalty.detach().cpu().tolist()
 
 
 def kl_per_task(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]:
@@ -304,13 +329,24 @@ def kl_per_task(scores: torch.Tensor, teacher_logp: torch.Tensor) -> List[float]
     return kl.reshape(*kl.shape[:2], -1).mean(-1).mean(-1).double().cpu().tolist()
 
 
+def fidelity_per_task(scores: torch.Tensor, teacher_logp: torch.Tensor) -> Fidelities:
+    """Per task, the mean KL (:func:`kl_per_task`) and the top-1 agreement: the share of images (of
+    positions, averaged per image, for a dense prediction) whose top-1 class is the teacher's.
+
+    Example:
+        >>> fidelity_per_task(torch.tensor([[[2.0, 0.0], [0.0, 2.0]]]), torch.log_softmax(torch.eye(2)[None], -1))[1]
+        [1.0]
+    """
+    return kl_per_task(scores, teacher_logp), _agreeing(scores, teacher_logp).mean(-1).cpu().tolist()
+
+
 def _confirm(recipe: Recipe, kl: KLTerm, tracks: Dict[int, Track], cfg: FitConfig) -> None:
     """A task about to stop is checked on the network it ends with (the KL recorded in a step is that
-    of the network before the step's update): it keeps running if that network's KL is above ``kl_tol``."""
+    of the network before the step's update): it keeps running unless that network is :func:`feasible`."""
     if recipe.confirms and any(t.stopped for t in tracks.values()):
-        final = kl.hard()
+        final, agreement = kl.hard()
         for index, track in tracks.items():
-            track.stopped = track.stopped and final[index] <= cfg.kl_tol
+            track.stopped = track.stopped and feasible(final[index], agreement[index], cfg)
 
 
 def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: str = "fit") -> List[Track]:
@@ -327,8 +363,8 @@ def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: st
         >>> model, x = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(2, 3, 32, 32)
         >>> hooks = hookchains.attach(model)
         >>> teacher = torch.log_softmax(logits_of(hooks, x, "off"), -1)
-        >>> kl = KLTerm(lambda w: [kl_backward(hooks, x, teacher, chunks(2, None), float(w[0]))],
-        ...             lambda: kl_per_task(logits_of(hooks, x, "hard")[None], teacher[None]))
+        >>> kl = KLTerm(lambda w: ([kl_backward(hooks, x, teacher, chunks(2, None), float(w[0]))], [1.0]),
+        ...             lambda: fidelity_per_task(logits_of(hooks, x, "hard")[None], teacher[None]))
         >>> track = optimise(hooks, Ste(), kl, FitConfig(steps=3, progress=False))[0]
         >>> len(track.history["kl"]), sorted(track.counted)
         (3, ['filters', 'gates', 'layers'])
@@ -345,7 +381,7 @@ def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: st
                 kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 for i in running:
                     if i in before:
-                        tracks[i].remember(before[i][0], kls[i], before[i][1], cfg)
+                        tracks[i].remember(before[i][0], *kls[i], before[i][1], cfg)
                     tracks[i].record(recipe, cfg, kls[i], penalties[i], hooks.kept_counts(i))
                 _confirm(recipe, kl, {i: tracks[i] for i in running}, cfg)
                 bar.set_postfix(_progress(tracks, recipe.counted))
@@ -371,15 +407,15 @@ def _starting_points(hooks: Scored, recipe: Recipe, params: List[torch.Tensor],
 
 def _return_sparsest(hooks: Scored, recipe: Recipe, kl: KLTerm, params: List[torch.Tensor], tracks: List[Track],
                      cfg: FitConfig) -> None:
-    """A task that ran to the step limit gets its sparsest network within ``kl_tol`` back (module doc)
-    unless its last network is within ``kl_tol`` and at least as sparse."""
+    """A task that ran to the step limit gets its sparsest :func:`feasible` network back (module doc)
+    unless its last network is feasible and at least as sparse."""
     ended = {i: t.sparsest for i, t in enumerate(tracks) if not t.stopped and t.sparsest is not None}
     if not ended:
         return
-    final = kl.hard()
+    final, agreement = kl.hard()
     with torch.no_grad():
         for i, (kept, step, values) in ended.items():
-            if final[i] <= cfg.kl_tol and hooks.kept_counts(i)[recipe.counted] <= kept:
+            if feasible(final[i], agreement[i], cfg) and hooks.kept_counts(i)[recipe.counted] <= kept:
                 continue
             for p, value in zip(params, values):
                 hooks.per_task(p)[i] = value
@@ -507,7 +543,7 @@ def _fit(chains: ScoreHooks, tasks: List[torch.Tensor], config: Optional[FitConf
         layout, teacher = _input_layout(chains, images, cfg.batch_size)
         teacher_logp, parts = F.log_softmax(teacher, -1), chunks(primary(images).shape[1], cfg.batch_size)
         kl = KLTerm(lambda weights: _tasks_kl_backward(chains, images, teacher_logp, parts, weights, layout),
-                    lambda: kl_per_task(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp))
+                    lambda: fidelity_per_task(_tasks_logits(chains, images, "hard", cfg.batch_size, layout), teacher_logp))
         tracks = optimise(chains, recipe, kl, cfg)
         student = _tasks_logits(chains, images, "hard", cfg.batch_size, layout)
     if any(math.isnan(v) for t in tracks for v in t.history["loss"]):

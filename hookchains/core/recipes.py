@@ -62,13 +62,14 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["Recipe", "Ste", "Paper", "Mask", "HardConcrete", "RECIPES", "GATE_BOUND", "default_recipe", "recipe_named"]
+__all__ = ["Recipe", "Ste", "Paper", "Mask", "HardConcrete", "RECIPES", "GATE_BOUND", "default_recipe", "recipe_named", "feasible"]
 
 # Recipes other than "paper" keep |alpha / T| <= GATE_BOUND (and |a| <= GATE_BOUND for masks): the
 # forward pass uses rounded values, and a saturated sigmoid would stop a closed gate from reopening.
 GATE_BOUND = 4.0
 # Hard-concrete stretch and temperature (Louizos et al. 2018, section 4).
 _GAMMA, _ZETA, _BETA = -0.1, 1.1, 2.0 / 3.0
+AGREEMENT_SLACK = 1e-9  # agreement is a share of images: k/N compared with min_agreement up to rounding
 
 
 @dataclass
@@ -122,18 +123,23 @@ class Recipe:
         """After the Adam step: scores into ``[0, 1]``, gate logits into ``+-GATE_BOUND * T``."""
         _clamp(chains, 0.0, 1.0)
 
-    def next_kl_weight(self, weight: float, kl: float, cfg) -> float:
-        """Dual ascent on the KL multiplier of ``min cost s.t. KL <= kl_target`` (Eq. 2 with a tolerance)."""
+    def next_kl_weight(self, weight: float, kl: float, cfg, agreement: float = 1.0) -> float:
+        """Dual ascent on the KL multiplier of ``min cost s.t. KL <= kl_target`` (Eq. 2 with a tolerance);
+        a network that changed the top-1 class of more images than ``min_agreement`` allows counts as the
+        largest violation (the KL is the only differentiable handle on agreement)."""
         if cfg.kl_target is None:
             return weight
         step = max(-1.0, min(1.0, kl / cfg.kl_target - 1.0))
+        if agreement < cfg.min_agreement - AGREEMENT_SLACK:
+            step = 1.0
         return float(min(1e4, max(1.0, weight * math.exp(cfg.kl_rate * step))))
 
     def converged(self, cfg, history: Dict[str, List[float]]) -> bool:
         """The kept count (``history[counted]``) moved by at most ``size_tol`` (relative) over the last
-        ``patience`` steps and the thresholded network's KL is within ``kl_tol``."""
+        ``patience`` steps and the thresholded network is :func:`feasible`."""
         step, kept = len(history["kl"]), history[self.counted]
-        if step < max(self.earliest_stop, cfg.patience + 1) or history["kl"][-1] > cfg.kl_tol:
+        if step < max(self.earliest_stop, cfg.patience + 1) or not feasible(history["kl"][-1],
+                                                                            history["agreement"][-1], cfg):
             return False
         return abs(kept[-1] - kept[-1 - cfg.patience]) <= cfg.size_tol * max(kept[-1 - cfg.patience], 1)
 
@@ -183,7 +189,7 @@ class Paper(Recipe):
             for s in chains.scores.values():
                 s.clamp_(0.0, 1.0)
 
-    def next_kl_weight(self, weight: float, kl: float, cfg) -> float:
+    def next_kl_weight(self, weight: float, kl: float, cfg, agreement: float = 1.0) -> float:
         return weight
 
     def converged(self, cfg, history: Dict[str, List[float]]) -> bool:
@@ -276,8 +282,8 @@ class Mask(Recipe):
             state["multipliers"] = (lam1 + self.multiplier_lr * gap, lam2 + self.multiplier_lr * gap ** 2)
         return lam1 * gap + lam2 * gap ** 2 + gates
 
-    def next_kl_weight(self, weight: float, kl: float, cfg) -> float:
-        return weight if self.keep_target is not None else super().next_kl_weight(weight, kl, cfg)
+    def next_kl_weight(self, weight: float, kl: float, cfg, agreement: float = 1.0) -> float:
+        return weight if self.keep_target is not None else super().next_kl_weight(weight, kl, cfg, agreement)
 
     def project(self, chains, cfg) -> None:
         """Clamp ``m`` into ``[tau, m_max]`` and ``a`` into ``+-GATE_BOUND``, then write the extracted
@@ -315,6 +321,19 @@ class HardConcrete(Mask):
 
 
 RECIPES = {"ste": Ste, "paper": Paper, "mask": Mask, "l0": HardConcrete}
+
+
+def feasible(kl: float, agreement: float, cfg) -> bool:
+    """Whether a network meets a fit's fidelity constraint: KL (nats) within ``cfg.kl_tol`` and top-1
+    agreement (a share of images) of at least ``cfg.min_agreement`` (``cfg``: a
+    :class:`~hookchains.core.fit.FitConfig`; :mod:`hookchains.core.fit` module doc).
+
+    Example:
+        >>> from hookchains.core.fit import FitConfig
+        >>> feasible(0.05, 1.0, FitConfig()), feasible(0.05, 0.9, FitConfig()), feasible(0.2, 1.0, FitConfig())
+        (True, False, False)
+    """
+    return kl <= cfg.kl_tol and agreement >= cfg.min_agreement - AGREEMENT_SLACK
 
 
 def default_recipe() -> Recipe:

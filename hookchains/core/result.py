@@ -134,8 +134,9 @@ class Result:
         kl, target = self.fidelity.get("kl"), self.config.get("kl_tol")
         missed = f", KL {kl:.3f} above kl_tol {target:g}" if kl is not None and target is not None and kl > target else ""
         step = self.config.get("returned_step")
+        agreement = self.config.get("min_agreement", 0.0)
         returned = (f"; returned the network of step {step}, the sparsest with KL within kl_tol {target:g}"
-                    if step is not None else "")
+                    + (f" and top-1 agreement >= {100 * agreement:g} %" if agreement else "") if step is not None else "")
         return f"; stopped at the step limit, {trend}{missed}{returned}"
 
     def save(self, directory) -> Path:

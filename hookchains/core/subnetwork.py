@@ -101,7 +101,10 @@ class Subnetwork(Result):
         8,192 fully-connected units in 2 layers; ResNet-50 has 26,560 conv filters in 53 conv layers.
         (The paper's own "4,480" VGG-19 filters and "/67" ResNet-50 layers do not follow from the
         architectures.) ``gates_*``: gated layers/blocks kept / total. ``dead_filters``: kept filters with
-        no live input (included in ``filters_kept``; None when not determined).
+        no live input (included in ``filters_kept``; None when not determined); ``filters_live``: the
+        kept filters that are not dead, the count the summary leads with (issue 12: a dead filter is an
+        input-independent constant, folded into a bias when materialised where that is exact, and in
+        no chain), equal to ``filters_kept`` when dead filters were not determined.
 
         Example:
             >>> sub.counts()["conv_filters_total"]      # doctest: +SKIP
@@ -118,6 +121,7 @@ class Subnetwork(Result):
             "gates_total": len(self.sites.gates),
             "dead_filters": None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values()),
         }
+        counts["filters_live"] = counts["filters_kept"] - (counts["dead_filters"] or 0)
         for kind, unit in (("conv", "filters"), ("linear", "units")):
             sites = [s for s in self.sites.filters if s.kind == kind]
             counts.update({f"{kind}_{unit}_kept": sum(len(kept.get(s.name, ())) for s in sites),
@@ -127,20 +131,22 @@ class Subnetwork(Result):
         return counts
 
     def summary(self) -> str:
-        """One line like the paper's: 'retains 13/53 layers and 77/26560 filters; ...'."""
+        """One line like the paper's: 'retains 13/53 layers and 77/26560 filters; ...' (the live
+        filters, when some kept filters are dead: ``counts()``)."""
         c = self.counts()
         line = (f"retains {c['layers_kept']}/{c['layers_total']} layers and "
-                f"{c['filters_kept']}/{c['filters_total']} filters "
-                f"({100.0 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %{self._dead_note(c)})")
+                f"{c['filters_live']}/{c['filters_total']} filters "
+                f"({100.0 * c['filters_live'] / max(c['filters_total'], 1):.2f} %{self._dead_note(c)})")
         if c["gates_total"]:
             line += f", {c['gates_kept']}/{c['gates_total']} gated blocks"
         return line + self.fidelity_text() + f"; {self.ablation} ablation" + self.ending_text()
 
     @staticmethod
     def _dead_note(counts: Dict[str, Any]) -> str:
-        """'; N of them dead (...)' when kept filters have no live input (:func:`hookchains.core.dataflow.find_dead_filters`)."""
+        """'; plus N dead (...)' when kept filters have no live input (:func:`hookchains.core.dataflow.find_dead_filters`)."""
         dead = counts["dead_filters"]
-        return f"; {dead} of them dead: constant whatever the input, in no chain" if dead else ""
+        return (f"; not counted: {dead} more kept filters that are dead, constant whatever the input, "
+                f"in no chain" if dead else "")
 
     def materialize(self, model, images=None, **options):
         """Deprecated since 0.2: ``module, report = hookchains.materialize(sub, model, images)`` (this method

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hookchains.core.fit import FitConfig, KLTerm, chunks, kl_per_task, optimise
+from hookchains.core.fit import Fidelities, FitConfig, KLTerm, chunks, fidelity_per_task, optimise
 from hookchains.core.metrics import fidelity
 from hookchains.core.recipes import Paper, Recipe, Ste, recipe_named
 from hookchains.core.state import eval_mode, frozen_weights, seeded
@@ -112,16 +112,18 @@ def rows_of(inputs, part):
 
 
 def _kl_backward(chains: TokenChains, images, teacher_logp: torch.Tensor,
-                 parts: Sequence[slice], weight: float) -> float:
-    """Mean KL over the images; backpropagates ``weight * KL`` chunk by chunk (each with its rows)."""
-    total = 0.0
+                 parts: Sequence[slice], weight: float) -> Tuple[float, float]:
+    """Mean KL and top-1 agreement over the images; backpropagates ``weight * KL`` chunk by chunk
+    (each with its rows)."""
+    total, agreeing = 0.0, 0
     for part in parts:
         with chains.select(part):
             logq = F.log_softmax(call(chains.model, rows_of(images, part)).float(), -1)
         kl = F.kl_div(logq, teacher_logp[part], log_target=True, reduction="sum") / count(images)
         (weight * kl).backward()
         total += float(kl.detach())
-    return total
+        agreeing += int((logq.argmax(-1) == teacher_logp[part].argmax(-1)).sum())
+    return total, agreeing / count(images)
 
 
 @torch.no_grad()
@@ -136,8 +138,12 @@ def _logits(chains: TokenChains, images, masking: str, batch_size: Optional[int]
 
 def _kl_term(chains: TokenChains, images, teacher_logp: torch.Tensor, batch_size: Optional[int]) -> KLTerm:
     parts = chunks(count(images), batch_size)
-    return KLTerm(lambda weights: [_kl_backward(chains, images, teacher_logp, parts, float(weights[0]))],
-                  lambda: kl_per_task(_logits(chains, images, "hard", batch_size)[None], teacher_logp[None]))
+
+    def backward(weights: torch.Tensor) -> Fidelities:
+        kl, agreement = _kl_backward(chains, images, teacher_logp, parts, float(weights[0]))
+        return [kl], [agreement]
+    return KLTerm(backward,
+                  lambda: fidelity_per_task(_logits(chains, images, "hard", batch_size)[None], teacher_logp[None]))
 
 
 def fit_tokens(model: nn.Module, images, *, steps: Optional[int] = None, lr: Optional[float] = None,

@@ -257,8 +257,10 @@ def _explorer_data(sub: Subnetwork, study: _Study, lay: Layout, pics: _Pictures,
 def _summary(sub: Subnetwork) -> str:
     c = sub.counts()
     rows = [("Layers kept", f"{c['layers_kept']}/{c['layers_total']}"),
-            ("Filters kept", f"{c['filters_kept']}/{c['filters_total']} "
-                             f"({100 * c['filters_kept'] / max(c['filters_total'], 1):.2f} %)")]
+            ("Filters kept", f"{c['filters_live']}/{c['filters_total']} "
+                             f"({100 * c['filters_live'] / max(c['filters_total'], 1):.2f} %)")]
+    if c["dead_filters"]:
+        rows.append(("Dead filters (constants, not counted)", str(c["dead_filters"])))
     if c["gates_total"]:
         rows.append(("Gated blocks kept", f"{c['gates_kept']}/{c['gates_total']}"))
     return summary_html(sub, rows + fidelity_rows(sub.fidelity), "sub-network")

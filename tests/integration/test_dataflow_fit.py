@@ -22,7 +22,10 @@ def test_the_summary_names_dead_filters_only_when_there_are_some(digits_net, dig
     with hookchains.attach(digits_net, example=images[:1]) as hooks:
         sub = hookchains.fit(hooks, images, steps=3, progress=False)
     site, kept = next(iter(sub.kept_filters().items()))
+    total, all_kept = sub.counts()["filters_total"], sub.counts()["filters_kept"]
     sub.dead_filters = {site: kept[:2]}
-    assert "2 of them dead: constant whatever the input" in sub.summary()
+    assert sub.counts()["filters_live"] == all_kept - 2
+    assert (f"and {all_kept - 2}/{total} filters ({100 * (all_kept - 2) / total:.2f} %; not counted: 2 more kept "
+            "filters that are dead, constant whatever the input") in sub.summary()
     sub.dead_filters = {}
-    assert "dead" not in sub.summary()
+    assert "dead" not in sub.summary() and f"and {all_kept}/{total} filters" in sub.summary()

@@ -64,8 +64,9 @@ def test_materialise_fitted_digits_net(digits_net, digits_task):
     images, _ = digits_task
     model = copy.deepcopy(digits_net)
     with hookchains.attach(model, example=images[:1]) as chains:
-        # any KL accepted (kl_tol): after 60 steps the KL is above 0.1, and a fit returns its sparsest network within kl_tol
-        result = hookchains.fit(chains, images, steps=60, lr=0.05, lam=0.01, kl_tol=10.0, progress=False)
+        # any network accepted (kl_tol, min_agreement): after 60 steps the KL is above 0.1, and a fit returns its sparsest network within kl_tol
+        result = hookchains.fit(chains, images, steps=60, lr=0.05, lam=0.01, kl_tol=10.0, min_agreement=0.0,
+                                progress=False)
         with torch.no_grad(), chains.using("hard"):
             expected = model(images)
     small, report = hookchains.materialize(result, model, images)

@@ -158,10 +158,27 @@ def test_step_limit_returns_the_sparsest_network_within_kl_tol(digits_net, digit
         kl_again = measure(chains, images, result)["kl"]
     h, tol = result.history, result.config["kl_tol"]
     assert h["kl"][-1] > tol  # the last network missed the target: the case this is about
-    feasible = [(h["filters"][s - 1], s) for s in range(1, len(h["kl"])) if h["kl"][s] <= tol]
+    assert result.config["min_agreement"] == 0.95  # the default: 19 of 20 images keep their top-1 class
+    feasible = [(h["filters"][s - 1], s) for s in range(1, len(h["kl"])) if h["kl"][s] <= tol and h["agreement"][s] >= 0.95]
     kept, step = min(feasible, key=lambda f: (f[0], -f[1]))
     assert result.config["returned_step"] == step
     assert result.counts()["filters_kept"] == kept
     assert result.fidelity["kl"] == pytest.approx(h["kl"][step], abs=1e-5) and result.fidelity["kl"] <= tol
+    assert result.fidelity["agree"] >= 19
     assert kl_again == pytest.approx(result.fidelity["kl"], abs=1e-6)  # the returned network, measured anew
-    assert f"returned the network of step {step}, the sparsest with KL within kl_tol {tol:g}" in result.summary()
+    assert (f"returned the network of step {step}, the sparsest with KL within kl_tol {tol:g} and top-1 agreement "
+            ">= 95 %") in result.summary()
+
+
+def test_a_lower_min_agreement_may_return_a_sparser_network_that_loses_an_image(digits_net, digits_task):
+    """The agreement half of the constraint: with min_agreement 0 the returned network is the sparsest
+    within kl_tol whatever it agrees on, never larger than the default's."""
+    images, _ = digits_task
+    results = {}
+    for share in (0.95, 0.0):
+        with hookchains.attach(copy.deepcopy(digits_net), example=images[:1]) as chains:
+            results[share] = hookchains.fit(chains, images, steps=40, min_agreement=share, **{**FAST, "lr": 0.05})
+    h, tol = results[0.0].history, results[0.0].config["kl_tol"]
+    feasible = [(h["filters"][s - 1], s) for s in range(1, len(h["kl"])) if h["kl"][s] <= tol]
+    assert results[0.0].config["returned_step"] == min(feasible, key=lambda f: (f[0], -f[1]))[1]
+    assert results[0.0].counts()["filters_kept"] <= results[0.95].counts()["filters_kept"]
