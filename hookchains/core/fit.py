@@ -267,10 +267,10 @@ class Track:
     sparsest: Optional[Tuple[float, int, List[torch.Tensor]]] = None  # kept count, step, values
     returned_step: Optional[int] = None  # the step whose network the fit returns (None: the last)
 
-    def remember(self, kept: float, kl: float, agreement: float, values: List[torch.Tensor], cfg: FitConfig) -> None:
-        """Keep ``values`` (this task's fitted tensors before the step) if that network was feasible
-        (:func:`feasible`) and is the sparsest so far (ties: the later)."""
-        if feasible(kl, agreement, cfg) and (self.sparsest is None or kept <= self.sparsest[0]):
+    def remember(self, kept: float, fidelities: Tuple[float, float], values: List[torch.Tensor], cfg: FitConfig) -> None:
+        """Keep ``values`` (this task's fitted tensors before the step) if that network, whose (KL, top-1
+        agreement) were ``fidelities``, was :func:`feasible` and is the sparsest so far (ties: the later)."""
+        if feasible(*fidelities, cfg) and (self.sparsest is None or kept <= self.sparsest[0]):
             self.sparsest = (kept, len(self.history["kl"]), values)
 
     def record(self, recipe: Recipe, cfg: FitConfig, fidelities: Tuple[float, float], penalty: float,
@@ -381,7 +381,7 @@ def optimise(hooks: Scored, recipe: Recipe, kl: KLTerm, cfg: FitConfig, desc: st
                 kls, penalties = _step(hooks, recipe, optimiser, kl, tracks, cfg)
                 for i in running:
                     if i in before:
-                        tracks[i].remember(before[i][0], *kls[i], before[i][1], cfg)
+                        tracks[i].remember(before[i][0], kls[i], before[i][1], cfg)
                     tracks[i].record(recipe, cfg, kls[i], penalties[i], hooks.kept_counts(i))
                 _confirm(recipe, kl, {i: tracks[i] for i in running}, cfg)
                 bar.set_postfix(_progress(tracks, recipe.counted))

@@ -121,7 +121,7 @@ class Subnetwork(Result):
             "gates_total": len(self.sites.gates),
             "dead_filters": None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values()),
         }
-        counts["filters_live"] = counts["filters_kept"] - (counts["dead_filters"] or 0)
+        counts["filters_live"] = sum(len(v) for v in kept.values()) - (counts["dead_filters"] or 0)
         for kind, unit in (("conv", "filters"), ("linear", "units")):
             sites = [s for s in self.sites.filters if s.kind == kind]
             counts.update({f"{kind}_{unit}_kept": sum(len(kept.get(s.name, ())) for s in sites),
