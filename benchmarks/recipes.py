@@ -34,8 +34,9 @@ from hookchains.inputs.models import create_model, preprocessing
 
 # Tasks (class: photo): the demo's pair; two pairs of bundled photos the demo does not use, on which
 # the model is unsure (rocket.png is a "drilling platform" to it, astronaut.png has no ImageNet class);
-# and three pairs of scikit-image / scikit-learn sample photos the package does not ship ("skimage:NAME",
-# "sklearn:NAME", read from the installed packages), on which it is about as sure as on the demo's. The class names are the
+# and four pairs of scikit-image / scikit-learn sample photos the package does not ship ("skimage:NAME",
+# "sklearn:NAME", read from the installed packages): three on which it is about as sure as on the
+# demo's, and "honeycomb", where flower.jpg is a "honeycomb" at 0.53 (9 of its 10 views). The class names are the
 # model's own top-1 on the photo, as in the paper's tasks (ImageNet images of the classes).
 TASKS = {
     "demo": {"Egyptian cat": None, "espresso": None},
@@ -43,7 +44,8 @@ TASKS = {
     "missile": {"missile": "rocket.png", "astronaut": "astronaut.png"},
     "tripod": {"tripod": "skimage:camera.png", "moped": "skimage:motorcycle_left.png"},
     "spotlight": {"tripod": "skimage:camera.png", "spotlight": "skimage:clock_motion.png"},
-    "bubble": {"bubble": "skimage:hubble_deep_field.jpg", "honeycomb": "sklearn:flower.jpg"},
+    "bubble": {"bubble": "skimage:hubble_deep_field.jpg", "spotlight": "skimage:clock_motion.png"},
+    "honeycomb": {"bubble": "skimage:hubble_deep_field.jpg", "honeycomb": "sklearn:flower.jpg"},
 }
 RECIPES = {
     "mask": lambda: Mask(),
