@@ -38,10 +38,9 @@ from hookchains.workflow.runs import TOKEN_LOGITS, load_run
 MODEL = "deit_tiny_patch16_224"
 CLASSES = {"Egyptian cat": "cat", "espresso": "espresso"}
 VIEWS = 3  # per class
-# --kl-tol 10 --min-agreement 0: 8 steps end far above KL 0.1 and flip near-tied images of this random-weight
-# ViT, and a fit returns its sparsest feasible network (the unpruned start otherwise); these tests are about
-# structure and exactness, not fidelity
-FIT = ["--steps", "8", "--lr", "0.15", "--kl-tol", "10", "--min-agreement", "0", "--quiet"]
+# 8 steps, fewer than min_steps: the fit returns its last network, whatever its fidelity; these tests are
+# about structure and exactness, not fidelity
+FIT = ["--steps", "8", "--lr", "0.15", "--quiet"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -148,37 +148,13 @@ def test_token_fit_refuses_the_filter_recipes():
         hookchains.fit_tokens(model, images, steps=1, progress=False, recipe="mask")
 
 
-def test_step_limit_returns_the_sparsest_network_within_kl_tol(digits_net, digits_task):
-    """Short fits end with KL far above kl_tol; the fit returns the sparsest earlier network within it.
-    Expected step computed from the history: the network after s steps has ``history["filters"][s - 1]``
-    kept filters and the KL ``history["kl"][s]`` (measured by the step that starts from it)."""
+def test_networks_before_min_steps_are_never_returned(digits_net, digits_task):
+    """The same short fit with the default min_steps (50, more than its 40 steps): its only feasible
+    networks are the unpruned start, so it returns its last network and says the KL is above kl_tol."""
     images, _ = digits_task
     with hookchains.attach(copy.deepcopy(digits_net), example=images[:1]) as chains:
         result = hookchains.fit(chains, images, steps=40, **{**FAST, "lr": 0.05})
-        kl_again = measure(chains, images, result)["kl"]
     h, tol = result.history, result.config["kl_tol"]
-    assert h["kl"][-1] > tol  # the last network missed the target: the case this is about
-    assert result.config["min_agreement"] == 0.95  # the default: 19 of 20 images keep their top-1 class
-    feasible = [(h["filters"][s - 1], s) for s in range(1, len(h["kl"])) if h["kl"][s] <= tol and h["agreement"][s] >= 0.95]
-    kept, step = min(feasible, key=lambda f: (f[0], -f[1]))
-    assert result.config["returned_step"] == step
-    assert result.counts()["filters_kept"] == kept
-    assert result.fidelity["kl"] == pytest.approx(h["kl"][step], abs=1e-5) and result.fidelity["kl"] <= tol
-    assert result.fidelity["agree"] >= 19
-    assert kl_again == pytest.approx(result.fidelity["kl"], abs=1e-6)  # the returned network, measured anew
-    assert (f"returned the network of step {step}, the sparsest with KL within kl_tol {tol:g} and top-1 agreement "
-            ">= 95 %") in result.summary()
-
-
-def test_a_lower_min_agreement_may_return_a_sparser_network_that_loses_an_image(digits_net, digits_task):
-    """The agreement half of the constraint: with min_agreement 0 the returned network is the sparsest
-    within kl_tol whatever it agrees on, never larger than the default's."""
-    images, _ = digits_task
-    results = {}
-    for share in (0.95, 0.0):
-        with hookchains.attach(copy.deepcopy(digits_net), example=images[:1]) as chains:
-            results[share] = hookchains.fit(chains, images, steps=40, min_agreement=share, **{**FAST, "lr": 0.05})
-    h, tol = results[0.0].history, results[0.0].config["kl_tol"]
-    feasible = [(h["filters"][s - 1], s) for s in range(1, len(h["kl"])) if h["kl"][s] <= tol]
-    assert results[0.0].config["returned_step"] == min(feasible, key=lambda f: (f[0], -f[1]))[1]
-    assert results[0.0].counts()["filters_kept"] <= results[0.95].counts()["filters_kept"]
+    assert any(k <= tol for k in h["kl"][:8]) and result.config["min_steps"] == 50  # a feasible start existed
+    assert result.config["returned_step"] is None and result.counts()["filters_kept"] == h["filters"][-1]
+    assert f"above kl_tol {tol:g}" in result.summary() and "returned the network" not in result.summary()

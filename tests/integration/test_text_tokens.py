@@ -86,9 +86,8 @@ def test_first_token_never_pruned_padding_never_kept_nor_counted():
     x = _inputs()
     model = _zero_shot(_bert(), x)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    # any KL accepted (kl_tol): 12 steps end far above 0.1, and a fit returns its sparsest network within kl_tol
-    result = fit_tokens(model, x, steps=12, lr=0.2, lam=0.5, kl_tol=10.0, min_agreement=0.0, progress=False,
-                        seed=0)
+    # 12 steps, fewer than min_steps: the fit returns its last network, whatever its fidelity
+    result = fit_tokens(model, x, steps=12, lr=0.2, lam=0.5, progress=False, seed=0)
     masks, valid = result.masks, x["attention_mask"].bool()
     assert masks[:, :, 0].all()                                  # [CLS] kept everywhere
     assert not (masks & ~valid[:, None, :]).any()                # padding never kept
