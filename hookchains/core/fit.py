@@ -86,8 +86,8 @@ class FitConfig:
         min_agreement: the share of the images (0-1) whose top-1 class the thresholded network must
             keep to stop or to be returned; while it keeps fewer, the KL weight rises
             (:meth:`~hookchains.core.recipes.Recipe.next_kl_weight`). Default 0.95: 19 of 20 images, since
-            1.0 held a digits fit at the step limit on one near-tied image (the fit then returned its
-            unpruned network of step 17); 0 gives the KL-only rule.
+            1.0 held a digits fit at 19/20 with a steady size until the step limit (one near-tied
+            image); 0 gives the KL-only rule.
         loss_tol: recipe ``paper``: stop when ``|loss_t - loss_{t-1}| < loss_tol``.
         batch_size: images per forward pass (gradients are accumulated; default: all at once).
         seed: seeds torch before fitting.
