@@ -20,9 +20,9 @@ A fit that reaches the step limit returns the sparsest feasible network it met a
 network's fidelity is known exactly), not the last one, which dual ascent leaves hovering around
 ``kl_target`` and can end just above it; ``config["returned_step"]`` names the step (``None``: the last
 network). Networks before ``min_steps`` do not count: they are the start, before the fit has pruned,
-and returning one gave back the unpruned network on 3 of the 45 digits pairs whose KL stayed at
-0.11-0.13 after step 7 (the last network is returned instead, and its summary says its KL is above
-``kl_tol``). This is the
+and returning one gave back the unpruned network on 3 of the 45 digits pairs whose KL stayed just
+above ``kl_tol`` after step 7 (the last network is returned instead, and its summary says its KL is
+above ``kl_tol``). This is the
 "best feasible iterate" of constrained optimisation; recipes whose recorded KL is not the extracted
 network's (``paper``'s soft network, ``l0``'s sampled masks) return the last network as before.
 
