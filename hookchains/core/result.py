@@ -133,11 +133,21 @@ class Result:
                  if abs(change) >= 0.05 else f"kept {self.unit} steady")
         kl, target = self.fidelity.get("kl"), self.config.get("kl_tol")
         missed = f", KL {kl:.3f} above kl_tol {target:g}" if kl is not None and target is not None and kl > target else ""
+        missed += self._agreement_missed()
         step = self.config.get("returned_step")
         agreement = self.config.get("min_agreement", 0.0)
         returned = (f"; returned the network of step {step}, the sparsest with KL within kl_tol {target:g}"
                     + (f" and top-1 agreement >= {100 * agreement:g} %" if agreement else "") if step is not None else "")
         return f"; stopped at the step limit, {trend}{missed}{returned}"
+
+    def _agreement_missed(self) -> str:
+        """', top-1 agreement N % below min_agreement M %' when the returned network keeps fewer images
+        (positions, for a dense prediction) than the fit's constraint asked (:func:`hookchains.core.recipes.feasible`)."""
+        f, wanted = self.fidelity, self.config.get("min_agreement")
+        if not f or wanted is None or "agree" not in f:
+            return ""
+        share = f["agree"] / max(f.get("positions", f["images"]), 1)
+        return f", top-1 agreement {100 * share:.0f} % below min_agreement {100 * wanted:g} %" if share < wanted - 1e-9 else ""
 
     def save(self, directory) -> Path:
         """Write the result's two files (``files``) into ``directory``, each atomically; returns ``directory``.

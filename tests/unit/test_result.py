@@ -58,6 +58,17 @@ def test_token_summary_and_html_use_the_shared_parts():
     assert tsub._repr_html_() == f"<p><strong>TokenSubnetwork</strong>: {tsub.summary()}</p>"
 
 
+@pytest.mark.parametrize("agree,said", [(18, True), (19, False)])
+def test_a_step_limit_summary_says_when_agreement_is_below_min_agreement(agree, said):
+    sites = [TokenSite("blocks.0", "B1", 5)]
+    fidelity = {"kl": 0.05, "agree": agree, "images": 20, "positions": 20, "quotient_mean": 1.0}
+    tsub = TokenSubnetwork(torch.ones(20, 1, 5), sites, fidelity=fidelity,
+                           config={"ended": "step_limit", "kept_change_per_10_steps": 0.0, "kl_tol": 0.1,
+                                   "min_agreement": 0.95})
+    assert tsub.summary().endswith(", top-1 agreement 90 % below min_agreement 95 %") == said
+    assert "above kl_tol" not in tsub.summary()
+
+
 def test_one_exactness_check_with_its_tolerance_in_one_place():
     reference = torch.tensor([[4.0, -2.0]])  # limit: TOLERANCE x 4
     assert check_exact(reference + 4 * TOLERANCE * 0.99, reference) == pytest.approx(4 * TOLERANCE * 0.99, rel=1e-3)
