@@ -36,7 +36,8 @@ def fit_options(func: Optional[Callable] = None, *, demo: bool = False, outputs:
                           "gates; paper: Eq. 8 as written; hookchains: old name of ste"),
         click.option("--kl-target", type=float, help="KL the sub-network should stay within [0.1]"),
         click.option("--kl-tol", type=float, help="KL the returned sub-network must be within: a fit at the step "
-                                                  "limit returns its sparsest network within it [0.1]"),
+                                                  "limit returns its sparsest network within it and "
+                                                  "--min-agreement [0.1]"),
         click.option("--min-agreement", type=click.FloatRange(0, 1),
                      help="share of the images whose top-1 class the returned sub-network must keep [0.95]"),
         click.option("--tau", type=float, default=0.1, show_default=True, help="filter/token score threshold"),

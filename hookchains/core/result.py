@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 import torch
 
 from hookchains.core.io import read_json, read_tensors, write_json, write_tensors
+from hookchains.core.recipes import AGREEMENT_SLACK
 
 __all__ = ["Result", "FORMAT_VERSION", "TOLERANCE", "MaterializeError", "check_exact", "exactness_limit"]
 
@@ -147,7 +148,8 @@ class Result:
         if not f or wanted is None or "agree" not in f:
             return ""
         share = f["agree"] / max(f.get("positions", f["images"]), 1)
-        return f", top-1 agreement {100 * share:.0f} % below min_agreement {100 * wanted:g} %" if share < wanted - 1e-9 else ""
+        below = share < wanted - AGREEMENT_SLACK
+        return f", top-1 agreement {100 * share:.0f} % below min_agreement {100 * wanted:g} %" if below else ""
 
     def save(self, directory) -> Path:
         """Write the result's two files (``files``) into ``directory``, each atomically; returns ``directory``.

@@ -112,16 +112,18 @@ class Subnetwork(Result):
         """
         kept = self.kept_filters()
         totals = self.sites.totals()
+        dead = None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values())
+        kept_count = sum(len(v) for v in kept.values())
         counts = {
-            "filters_kept": sum(len(v) for v in kept.values()),
+            "filters_kept": kept_count,
             "filters_total": totals["scorable_filters"],
             "layers_kept": len(kept),
             "layers_total": len(self.sites.filters),
             "gates_kept": len(self.sites.gates) - len(self.removed_gates),
             "gates_total": len(self.sites.gates),
-            "dead_filters": None if self.dead_filters is None else sum(len(v) for v in self.dead_filters.values()),
+            "dead_filters": dead,
+            "filters_live": kept_count - (dead or 0),
         }
-        counts["filters_live"] = sum(len(v) for v in kept.values()) - (counts["dead_filters"] or 0)
         for kind, unit in (("conv", "filters"), ("linear", "units")):
             sites = [s for s in self.sites.filters if s.kind == kind]
             counts.update({f"{kind}_{unit}_kept": sum(len(kept.get(s.name, ())) for s in sites),
