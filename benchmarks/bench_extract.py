@@ -6,7 +6,11 @@ Compared, on the same model, images and number of steps:
 * **baseline** -- what a first implementation of section 3.2 does: the same score hooks and loss,
   Adam on the scores, but the model's weights left trainable (autograd also computes every weight
   gradient) and tasks run one after another;
-* **hookchains** -- :func:`hookchains.core.fit.fit`: weights frozen, teacher logits computed once;
+* **hooks** -- :func:`hookchains.core.fit.fit` as landed before norm folding (``fold_norms=False``):
+  weights frozen, teacher logits computed once, every score multiplying its featuremap in a hook;
+* **hookchains** -- the same fit with the scores folded into the norms' affine parameters
+  (:mod:`hookchains.core.folding`, the default); ``--compare`` also runs both full extractions and
+  prints how far their results are apart (kept filters, KL);
 * **batched** -- :func:`hookchains.core.fit.fit_tasks` with ``--tasks T`` tasks in one forward pass
   (on a GPU this is what keeps the device full); ``--tasks 1,4,16`` measures each count.
 
@@ -122,6 +126,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.02, help="learning rate of the full extraction")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the full extraction with fold_norms=False and compare the results")
     parser.add_argument("--project", action="store_true",
                         help="report an extraction as s/step x --steps instead of running one (big models on CPU)")
     args = parser.parse_args()
@@ -143,8 +149,9 @@ def main() -> None:
     print(f"model {args.model}, {args.images} images at {args.image_size} px")
     sites = discover(model, example=tasks[0][:1])
 
-    def ours(steps: int, **options):
+    def ours(steps: int, fold: bool = True, **options):
         with hookchains.attach(model, sites=sites) as chains:
+            chains.fold_norms = fold
             return hookchains.fit(chains, tasks[0], **{"steps": steps, "min_steps": steps, "progress": False, **options})
 
     def batched(count: int) -> Callable[[int], None]:
@@ -156,10 +163,12 @@ def main() -> None:
     n = args.timed_steps
     ours(2)  # warm-up (allocator, kernels)
     base = per_step(device, lambda k: baseline_steps(model, tasks[0], k, sites), n)
+    hooked = per_step(device, lambda k: ours(k, fold=False), n)
     step = per_step(device, ours, n)
     flops = step_flops(model, tasks[0], sites)
-    print(f"per step: baseline (weights trainable) {base:.3f} s, hookchains (weights frozen) {step:.3f} s "
-          f"-> {base / step:.2f}x")
+    print(f"per step: baseline (weights trainable) {base:.3f} s, hooks (weights frozen, fold_norms=False) "
+          f"{hooked:.3f} s, hookchains (norms folded) {step:.3f} s -> {hooked / step:.2f}x over hooks, "
+          f"{base / step:.2f}x over the baseline")
     for count in args.task_counts:
         per_task = per_step(device, batched(count), n) / count
         print(f"batched {count} tasks: {per_task:.3f} s per task per step -> {step / per_task:.2f}x throughput "
@@ -173,10 +182,26 @@ def main() -> None:
     begin = time.perf_counter()
     sub = ours(args.steps, lr=args.lr, min_steps=FitConfig.min_steps)
     full = time.perf_counter() - begin
+    if args.compare:
+        compare_results(sub, ours(args.steps, fold=False, lr=args.lr, min_steps=FitConfig.min_steps), full)
     print(f"per extraction: hookchains {full:.1f} s ({sub.config['steps_run']} steps, its stop rule; "
           f"{sub.summary()}); baseline {base * args.steps:.1f} s ({args.steps} steps: the paper's stop rule "
           f"|d loss| < 0.05 does not fire, docs/design.md) -> {base * args.steps / full:.2f}x"
           f"{_versus_paper(args, full)}")
+
+
+def compare_results(folded, hooked, seconds: float) -> None:
+    """Print how far the folded fit's result is from the hooks' (kept filters, steps, KL, agreement)."""
+    def kept(sub):
+        return {(site, i) for site, indices in sub.kept_filters().items() for i in indices}
+    a, b = kept(folded), kept(hooked)
+    overlap = len(a & b) / max(len(a | b), 1)
+    print(f"results, folded vs hooks: kept filters {len(a)} vs {len(b)} ({100 * overlap:.1f} % overlap, "
+          f"Jaccard), steps {folded.config['steps_run']} vs {hooked.config['steps_run']}, "
+          f"KL {folded.fidelity['kl']:.4f} vs {hooked.fidelity['kl']:.4f} "
+          f"(|diff| {abs(folded.fidelity['kl'] - hooked.fidelity['kl']):.4f}), top-1 agreement "
+          f"{folded.fidelity['agree']}/{folded.fidelity['images']} vs {hooked.fidelity['agree']}/"
+          f"{hooked.fidelity['images']}; folded fit {seconds:.1f} s")
 
 
 def _versus_paper(args: argparse.Namespace, seconds: float) -> str:

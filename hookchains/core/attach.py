@@ -28,8 +28,10 @@ from torch import nn
 
 from hookchains.adapters import default_example, discover
 from hookchains.core.deprecation import renamed_keyword
+from hookchains.core.folding import folded_affine, norm_folds
 from hookchains.core.guard import verify
 from hookchains.core.sites import FilterSite, GateSite, SiteMap
+from hookchains.inputs.forward import call
 
 __all__ = ["ScoreHooks", "HookOwner", "attach", "strip_hooks", "MASKINGS", "MODES"]
 
@@ -116,6 +118,9 @@ class ScoreHooks(HookOwner):
         # masking "recipe": site name -> multipliers, installed by a fit recipe (hookchains.core.recipes)
         self.recipe_values: Optional[Callable[[str], torch.Tensor]] = None
         self.means: Dict[str, torch.Tensor] = {}  # mean ablation (hookchains.core.ablation); empty: zero ablation
+        self.fold_norms = True  # forward(): multipliers enter the norms' affine parameters (hookchains.core.folding)
+        self._norm_folds = norm_folds(model, sites.filters)
+        self._folding: Dict[str, str] = {}  # the folds forward() applies in its current call
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._register()
 
@@ -179,7 +184,7 @@ class ScoreHooks(HookOwner):
 
     def _filter_hook(self, site: FilterSite):
         def hook(module, args, out):
-            if self.masking == "off":
+            if self.masking == "off" or site.name in self._folding:
                 return None
             scaled = self._scaled(out, self.filter_values(site.name), site.channel_dim, site.width)
             return scaled if site.name not in self.means else scaled + self._ablated(out, site)
@@ -221,6 +226,38 @@ class ScoreHooks(HookOwner):
         return hook
 
     # ------------------------------------------------------------------ public API
+    def forward(self, inputs):
+        """The hooked model on ``inputs`` (a tensor, or a tuple/dict: :func:`hookchains.inputs.forward.call`)
+        in the current masking, the sites scored after a norm layer folded into that norm.
+
+        Folding (:mod:`hookchains.core.folding`) computes the same network as the hooks' multiplications,
+        up to float rounding, in less time; the fit runs through it. It applies while ``fold_norms`` is
+        true (the default), with one task, to sites without mean ablation; the others are multiplied
+        by their hooks as in ``model(inputs)``.
+
+        Example:
+            >>> import hookchains, timm, torch
+            >>> model, x = timm.create_model("test_resnet", num_classes=2).eval(), torch.randn(2, 3, 32, 32)
+            >>> with hookchains.attach(model, example=x) as hooks, hooks.using("hard"), torch.no_grad():
+            ...     _ = [s.uniform_() for s in hooks.scores.values()]
+            ...     folded, hooked = hooks.forward(x), model(x)
+            >>> torch.allclose(folded, hooked, atol=1e-5)
+            True
+        """
+        plain = self.masking == "off" or self.tasks is not None or not self.fold_norms or torch.jit.is_tracing()
+        folds = {} if plain else {
+            name: path for name, path in self._norm_folds.items() if name not in self.means}
+        if not folds:
+            return call(self.model, inputs)
+        affine = folded_affine(self.model, folds, self.filter_values)
+        args, kwargs = (inputs, {}) if isinstance(inputs, (tuple, list)) else (
+            ((), inputs) if isinstance(inputs, dict) else ((inputs,), {}))
+        self._folding = folds
+        try:
+            return torch.func.functional_call(self.model, affine, tuple(args), kwargs)
+        finally:
+            self._folding = {}
+
     def parameters(self) -> Iterator[nn.Parameter]:
         """All learnable tensors (scores, then gate logits)."""
         yield from self.scores.values()

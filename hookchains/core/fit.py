@@ -52,7 +52,7 @@ from hookchains.core.metrics import fidelity
 from hookchains.core.recipes import GATE_BOUND, RECIPES, Recipe, feasible, recipe_named
 from hookchains.core.state import explaining, seeded
 from hookchains.core.subnetwork import Subnetwork
-from hookchains.inputs.forward import call, class_scores, map_tensors, primary, stack, validate_inputs
+from hookchains.inputs.forward import class_scores, map_tensors, primary, stack, validate_inputs
 
 __all__ = ["FitConfig", "PRESETS", "GATE_BOUND", "fit", "fit_tasks", "preset_for", "logits_of", "chunks", "kl_backward",
            "kl_per_task", "fidelity_per_task", "feasible", "Fidelities", "Scored", "KLTerm", "Track", "optimise"]
@@ -199,7 +199,7 @@ def _tasks_kl_backward(chains: ScoreHooks, images, teacher_logp: torch.Tensor, p
     totals = torch.zeros(2, tasks, dtype=torch.float64)
     for part in parts:
         target = teacher_logp[:, part]
-        scores = class_scores(call(chains.model, _batch(images, part, layout)), chains.sites.output)
+        scores = class_scores(chains.forward(_batch(images, part, layout)), chains.sites.output)
         logq = F.log_softmax(scores, -1).reshape(target.shape)
         kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1)
         kl = kl.reshape(tasks, kl.shape[1], -1).mean(-1).sum(1) / n
@@ -459,7 +459,7 @@ def _tasks_logits(chains: ScoreHooks, images, masking: str, batch_size: Optional
     :func:`hookchains.inputs.forward.class_scores`) of the hooked model on ``images`` (tasks x N x ...) in ``masking``."""
     tasks, n = primary(images).shape[:2]
     with chains.using(masking):
-        parts = [class_scores(call(chains.model, _batch(images, p, layout)), chains.sites.output)
+        parts = [class_scores(chains.forward(_batch(images, p, layout)), chains.sites.output)
                  for p in chunks(n, batch_size)]
     return torch.cat([part.view(tasks, -1, *part.shape[1:]) for part in parts], 1)
 
