@@ -90,14 +90,16 @@ def thumb(image: Tensor, size: int) -> bytes:
     """A (3, H, W) image in [0, 1] scaled to ``size`` px high, as a 128-colour PNG.
 
     The palette makes a heatmap thumbnail about 2.5x smaller than 24-bit PNG with no visible change,
-    which keeps a 20-image report to a few megabytes.
+    which keeps a 20-image report to a few megabytes. Pillow's fast octree quantiser: on the demo's 80 px
+    heatmaps 0.4 ms a thumbnail instead of 7.3 ms for the default median cut, about as small (4968 vs
+    5022 bytes), a mean error of 5.8/255 per channel instead of 4.5/255.
     """
     width = max(1, round(size * image.shape[2] / image.shape[1]))
     small = F.interpolate(image[None].float(), size=(size, width), mode="bilinear", antialias=True,
                           align_corners=False)[0]
     pixels = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(pixels).quantize(128).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(pixels).quantize(128, method=Image.Quantize.FASTOCTREE).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 

@@ -177,8 +177,9 @@ def _pictures(run_dir: Path, sub: Subnetwork, model: nn.Module, image_set: Image
     cache = FeatureVisCache(run_dir / "featvis", _model_key(model), model=model)
     filters = sorted({(site, ch) for _, site, ch in wanted})
     with progress.stage("feature visualisation", f"{len(filters)} filters, {steps} steps each"):
-        featvis = {(site, ch): cache.get(sub.sites.filter(site).hook_module, ch, steps=steps, image_size=vis_size)
-                   for site, ch in progress.bar(filters, "feature visualisation", unit="filter")}
+        pngs = cache.get_many([(sub.sites.filter(site).hook_module, ch) for site, ch in filters], steps=steps,
+                              image_size=vis_size)
+        featvis = dict(zip(filters, pngs))
     with progress.stage("heatmaps", f"{len(wanted)} (image, filter) pairs"):
         return _Pictures(featvis, _heatmaps(sub, model, image_set, wanted, size))
 

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from torch import Tensor, nn
 
-from hookchains.analysis.featvis import FeatureVisCache, visualize_filter
+from hookchains.analysis.featvis import FeatureVisCache, visualize_filter, visualize_filters
 from hookchains.core.io import save_png, to_png_bytes
 from hookchains.core.state import capture_featuremaps
 from hookchains.viz.heatmap import apply_colormap, featuremap_heatmap
@@ -268,3 +268,15 @@ def test_capture_featuremaps_matches_direct_forward_and_cleans_up() -> None:
     assert hook_count(net) == 0 and all(m.training for m in net.modules())
     with pytest.raises(ValueError, match="no module at path"):
         capture_featuremaps(net, x, ["9"])
+
+
+def test_filters_visualised_together_are_each_the_one_visualised_alone():
+    """One batch over two layers and repeated layers gives each filter its own single-run picture."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.ReLU()).eval()
+    filters = [("3", 2), ("1", 5), ("1", 0)]
+    together = visualize_filters(net, filters, image_size=24, steps=10)
+    for picture, (path, channel) in zip(together, filters):
+        torch.testing.assert_close(picture, visualize_filter(net, path, channel, image_size=24, steps=10),
+                                   rtol=0, atol=1e-4)
+    assert not torch.allclose(together[1], together[2], atol=1e-3)  # different channels, different pictures
