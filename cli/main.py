@@ -39,6 +39,8 @@ from hookchains.workflow.extract import EXTRACT_SITES
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Extract and draw the small sub-network a pretrained model uses on a small task (NeuroChains)."""
+    from hookchains.core.allocator import keep_freed_memory
+    keep_freed_memory()  # this process is the command's own: freed featuremaps reused, not faulted in again
     ctx.obj = {"debug": debug}
 
 

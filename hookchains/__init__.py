@@ -31,6 +31,7 @@ Example (the embedded MobileNetV2 and a few of its photos, small and quick):
 import warnings
 
 from hookchains.analysis.chains import extract_chains
+from hookchains.core.allocator import keep_freed_memory
 from hookchains.core.attach import ScoreHooks, attach
 from hookchains.core.fit import FitConfig, fit, fit_tasks
 from hookchains.core.materialize import MaterializeReport, materialize
@@ -52,7 +53,7 @@ from hookchains.workflow.runs import load
 from hookchains.workflow.sweep import SweepConfig, run_sweep
 
 __version__ = "0.2.0"
-__all__ = ["attach", "ScoreHooks", "fit", "fit_tasks", "FitConfig", "materialize", "MaterializeReport",
+__all__ = ["keep_freed_memory", "attach", "ScoreHooks", "fit", "fit_tasks", "FitConfig", "materialize", "MaterializeReport",
            "Subnetwork", "load", "evaluate", "EvalOptions", "run_sweep", "SweepConfig", "render_graph",
            "extract_chains", "write_report", "SiteMap", "FilterSite", "GateSite", "TokenSite", "fit_tokens",
            "TokenSubnetwork", "materialize_tokens", "token_attribution", "class_token_heatmaps",

@@ -40,7 +40,7 @@ def test_folded_forward_and_score_gradients_equal_the_hooks(name, folded):
         logits, grads = _logits_and_grads(hooks, x, fold=True)
     torch.testing.assert_close(logits, hooked, rtol=1e-5, atol=1e-6)
     for site, grad in hooked_grads.items():
-        torch.testing.assert_close(grads[site], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{site}: {m}")
+        torch.testing.assert_close(grads[site], grad, rtol=1e-4, atol=1e-7, msg=lambda m, site=site: f"{site}: {m}")
 
 
 def test_the_model_is_untouched_by_a_folded_step():
