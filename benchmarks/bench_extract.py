@@ -137,6 +137,7 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = _arguments()
+    hookchains.keep_freed_memory()  # as the hookchains command runs (hookchains.core.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

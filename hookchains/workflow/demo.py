@@ -20,14 +20,16 @@ __all__ = ["DEMO_CLASSES", "DEMO_DURATION", "DEMO_FIT", "DEMO_IMAGE_SIZE", "demo
 DEMO_CLASSES = ("Egyptian cat", "espresso")
 DEMO_IMAGE_SIZE = 160
 DEMO_FIT = {"steps": 150, "lr": 0.02}
-DEMO_DURATION = ("It takes about 1.5 minutes on an idle 2-core CPU (measured: 85 s, 62 s of it the 150-step fit) "
-                 "and up to 20 minutes on a busy one (measured: 19 min at load 20); each stage prints a status "
-                 "line, and the last line says where the time went.")
+DEMO_DURATION = ("It takes about 50 s on an idle 2-core CPU (measured: 51 s, 37 s of it the 150-step fit) "
+                 "and many times that on a busy one (measured before the speed-ups of issue 16: 19 min at load 20); "
+                 "each stage prints a status line, and the last line says where the time went.")
 """What the demo takes. Measured with ``hookchains demo`` on a 2-core CPU shared by other jobs (load
 average 20, one torch thread): ``time: load 3 s, fit 972 s, materialise 3 s, save 1 s, graph 3 s,
 chains 15 s, feature visualisation 105 s, heatmaps 20 s, report page 2 s, other 7 s (total 1129 s)``.
-The idle figure scales that total by the fit's share: the 150 steps take about 52 s on an idle
-2-core CPU (``benchmarks/bench_extract.py``: 103.9 s for 300 steps)."""
+That was before the fit folded its scores into the norms and the command kept freed memory (issue 16).
+The idle figure is ``benchmarks/demo_time.py``'s best of two runs: ``current 51.2 s (load 0, fit 37,
+materialise 0, save 0, graph 1, chains 0, feature visualisation 5, heatmaps 1, degradation 4, report page 0)``
+against 84.8 s for the code before (fit 53, feature visualisation 13, heatmaps 8, degradation 5)."""
 
 
 def demo_task(image_size: int = DEMO_IMAGE_SIZE, per_class: int = 10, seed: int = 0) -> Tuple[nn.Module, ModelRef, ImageSet]:
