@@ -34,7 +34,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +229,7 @@ def visualize_filters(
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     device: Optional[Union[str, torch.device]] = None,
+    bar: Optional[Callable[[Iterable[int]], Iterable[int]]] = None,
 ) -> Tensor:
     """:func:`visualize_filter` of each ``(module_path, channel)`` in ``filters``, all in one batch:
     K×3×S×S in [0, 1], on CPU, image ``k`` for ``filters[k]``.
@@ -238,6 +239,8 @@ def visualize_filters(
     mode treats the images of a batch independently, the loss is the sum of the filters' losses, and
     Adam's update is elementwise. The forward stops after the last of the filters' modules. One batch
     of K costs far less than K runs on a CPU: at the report's 64 px a single image leaves the cores idle.
+
+    ``bar`` wraps the steps (e.g. a progress bar, :meth:`hookchains.core.progress.Progress.bar`).
 
     Raises:
         ValueError: a module that does not run in the forward pass, a channel out of range, a bad option.
@@ -260,7 +263,7 @@ def visualize_filters(
     optimizer = torch.optim.Adam([image.spectrum], lr=lr)
     with frozen_weights(model), eval_mode(model), torch.enable_grad(), \
             _truncated_forward(model, [path for path, _ in filters]) as forward:
-        for _ in range(steps):
+        for _ in (bar or iter)(range(steps)):
             optimizer.zero_grad(set_to_none=True)
             outputs = forward((_robust_view(image.rgb(), generator) - mean_t) / std_t)
             activations = [_channel_activation(outputs[path], channel, path)[k]
@@ -315,16 +318,17 @@ class FeatureVisCache:
         """Return the PNG bytes, computing and storing them on a cache miss."""
         return self.get_many([(module_path, channel)], **params)[0]
 
-    def get_many(self, filters: Sequence[Tuple[str, int]], **params: object) -> List[bytes]:
+    def get_many(self, filters: Sequence[Tuple[str, int]], bar: Optional[Callable[[Iterable[int]], Iterable[int]]] = None,
+                 **params: object) -> List[bytes]:
         """:meth:`get` of each ``(module_path, channel)``; the missing ones computed in one batch
-        (:func:`visualize_filters`)."""
+        (:func:`visualize_filters`, whose steps ``bar`` wraps)."""
         targets = [self.path(path, channel, **params) for path, channel in filters]
         missing = [f for f, target in zip(filters, targets) if not target.is_file()]
         if missing and self.model is None:
             raise LookupError(f"{self.path(*missing[0], **params)} is not cached and this cache has no model to "
                               "compute it")
         if missing:
-            for picture, (path, channel) in zip(visualize_filters(self.model, missing, **params), missing):
+            for picture, (path, channel) in zip(visualize_filters(self.model, missing, bar=bar, **params), missing):
                 save_png(picture, self.path(path, channel, **params))
         return [target.read_bytes() for target in targets]
 

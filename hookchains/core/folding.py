@@ -37,6 +37,7 @@ from timm.layers import norm_act as timm_norm_act
 from torch import nn
 
 from hookchains.core.sites import FilterSite
+from hookchains.core.state import tensor_of
 
 __all__ = ["FOLDABLE_NORMS", "TIMM_NORM_ACT", "norm_folds", "folded_affine"]
 
@@ -109,8 +110,9 @@ def folded_affine(model: nn.Module, folds: Dict[str, str], values: Callable[[str
     affine: Dict[str, torch.Tensor] = {}
     for name, path in folds.items():
         norm = model.get_submodule(path)
-        v = values(name).to(norm.weight.dtype)
-        affine[f"{path}.weight"] = norm.weight * v
-        if norm.bias is not None:
-            affine[f"{path}.bias"] = norm.bias * v
+        weight = tensor_of(norm, "weight")
+        v = values(name).to(weight.dtype)
+        affine[f"{path}.weight"] = weight * v
+        if getattr(norm, "bias", None) is not None:
+            affine[f"{path}.bias"] = tensor_of(norm, "bias") * v
     return affine

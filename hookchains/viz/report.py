@@ -178,7 +178,7 @@ def _pictures(run_dir: Path, sub: Subnetwork, model: nn.Module, image_set: Image
     filters = sorted({(site, ch) for _, site, ch in wanted})
     with progress.stage("feature visualisation", f"{len(filters)} filters, {steps} steps each"):
         pngs = cache.get_many([(sub.sites.filter(site).hook_module, ch) for site, ch in filters], steps=steps,
-                              image_size=vis_size)
+                              image_size=vis_size, bar=lambda rows: progress.bar(rows, "feature visualisation", unit="step"))
         featvis = dict(zip(filters, pngs))
     with progress.stage("heatmaps", f"{len(wanted)} (image, filter) pairs"):
         return _Pictures(featvis, _heatmaps(sub, model, image_set, wanted, size))
