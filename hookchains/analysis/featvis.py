@@ -34,7 +34,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -188,34 +188,22 @@ def _check_args(image_size: int, steps: int, lr: float, mean: Sequence[float], s
         raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
 
 
-def visualize_filter(
-    model: nn.Module,
-    module_path: str,
-    channel: int,
-    *,
-    image_size: int = 128,
-    steps: int = 64,
-    lr: float = 0.05,
-    seed: int = 0,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
-    device: Optional[Union[str, torch.device]] = None,
-) -> Tensor:
+def visualize_filter(model: nn.Module, module_path: str, channel: int, **options: Any) -> Tensor:
     """Return the image (3×S×S, in [0, 1], on CPU) that maximises one filter.
 
     Activation maximisation (Erhan et al. 2009) with the robust recipe of
     Olah et al. 2017: FFT parameterisation with 1/f scaling, decorrelated
     colours, sigmoid, transformation robustness, Adam on the negative mean
-    activation of ``channel`` in the output of ``module_path``.  ``mean`` and
-    ``std`` are the model's input normalisation.  The model is used in eval
-    mode with all weights frozen; its training flags, ``requires_grad`` flags
-    and hooks are restored afterwards.  Same seed, same result (on CPU).
-    Several filters at once: :func:`visualize_filters`.
+    activation of ``channel`` in the output of ``module_path``.  ``options`` are
+    :func:`visualize_filters`' (``image_size`` 128, ``steps`` 64, ``lr`` 0.05,
+    ``seed`` 0, the model's input normalisation ``mean`` and ``std``, ``device``).
+    The model is used in eval mode with all weights frozen; its training flags,
+    ``requires_grad`` flags and hooks are restored afterwards.  Same seed, same
+    result (on CPU).
 
     Example: ``img = visualize_filter(mobilenet, "features.4", 17, steps=32)``.
     """
-    return visualize_filters(model, [(module_path, channel)], image_size=image_size, steps=steps, lr=lr, seed=seed,
-                             mean=mean, std=std, device=device)[0]
+    return visualize_filters(model, [(module_path, channel)], **options)[0]
 
 
 def visualize_filters(
@@ -275,8 +263,8 @@ def visualize_filters(
 
 _VIS_DEFAULTS = {
     name: param.default
-    for name, param in inspect.signature(visualize_filter).parameters.items()
-    if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "device"
+    for name, param in inspect.signature(visualize_filters).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "bar")
 }
 
 
