@@ -250,11 +250,9 @@ class ScoreHooks(HookOwner):
         if not folds:
             return call(self.model, inputs)
         affine = folded_affine(self.model, folds, self.filter_values)
-        args, kwargs = (inputs, {}) if isinstance(inputs, (tuple, list)) else (
-            ((), inputs) if isinstance(inputs, dict) else ((inputs,), {}))
         self._folding = folds
         try:
-            return torch.func.functional_call(self.model, affine, tuple(args), kwargs)
+            return call(lambda *args, **kwargs: torch.func.functional_call(self.model, affine, args, kwargs), inputs)
         finally:
             self._folding = {}
 

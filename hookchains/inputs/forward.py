@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 __all__ = ["OutputSpec", "KINDS", "call", "map_tensors", "primary", "count", "select", "detect_kind",
            "class_scores", "modality", "stack", "validate_inputs"]
@@ -99,8 +98,9 @@ def count(inputs) -> int:
     return primary(inputs).shape[0]
 
 
-def call(model: nn.Module, inputs):
-    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
+def call(model: Callable[..., Any], inputs):
+    """``model(inputs)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict (``model``:
+    a module or any callable)."""
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     if isinstance(inputs, dict):
