@@ -7,6 +7,7 @@ each so every run computes the same numbers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -160,10 +161,24 @@ def test_sweep_refuses_to_resume_with_other_settings(digits_study, tmp_path):
     assert "other settings (fit differ)" in done.stderr and "--out" in done.stderr
 
 
+def _differences(a, b, where="records"):
+    """Where ``a`` and ``b`` differ beyond float rounding: floats within 1 % relative or 1e-6 absolute (a
+    Taylor importance, a product of small gradients, moves 0.4 % from the rounding; KLs move < 1e-6)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-6) else [f"{where}: {a} vs {b}"]
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
 def test_batched_tasks_give_the_same_records(digits_study, straight, tmp_path):
+    """The same records up to float rounding: a single task's fit folds its scores into the norms
+    (hookchains.core.folding), batched tasks multiply the featuremaps; every count and choice is equal."""
     out = tmp_path / "sweep"
     _run(digits_study, out, "--batch-tasks", "2", "--no-explorers")  # explorers do not change records
-    assert _comparable(read_results(out)) == _comparable(straight)
+    assert not _differences(_comparable(read_results(out)), _comparable(straight))
 
 
 def test_torchrun_two_processes_share_the_tasks(digits_study, straight, tmp_path):
