@@ -89,7 +89,8 @@ class ScoreHooks(HookOwner):
     ``T x channels``, ``gate_logits[name]`` has ``T`` entries) and a batch must be the ``T`` tasks'
     images concatenated, the same number per task: image ``i`` is scaled by the scores of task
     ``i // (batch / T)``. One forward pass then fits several tasks (:func:`hookchains.core.fit.fit_tasks`),
-    each exactly as if it ran alone, which keeps a GPU busy.
+    each exactly as if it ran alone with ``fold_norms = False`` (:meth:`forward`; a single task's fit folds its
+    scores into the norms, equal up to float rounding), which keeps a GPU busy.
 
     Example:
         >>> import hookchains, timm, torch

@@ -1,4 +1,4 @@
-"""Batched extraction: several tasks in one forward pass, each exactly as if fitted alone."""
+"""Batched extraction: several tasks in one forward pass, each exactly as if fitted alone without norm folding."""
 from __future__ import annotations
 
 import pytest
