@@ -197,8 +197,8 @@ def compare_results(folded, hooked, seconds: float) -> None:
         return {(site, i) for site, indices in sub.kept_filters().items() for i in indices}
     a, b = kept(folded), kept(hooked)
     overlap = len(a & b) / max(len(a | b), 1)
-    print(f"results, folded vs hooks: kept filters {len(a)} vs {len(b)} ({100 * overlap:.1f} % overlap, "
-          f"Jaccard), steps {folded.config['steps_run']} vs {hooked.config['steps_run']}, "
+    print(f"results, folded vs hooks: kept filters {len(a)} vs {len(b)}, {len(a & b)} in both ({100 * overlap:.1f} % "
+          f"Jaccard; {100 * len(a & b) / max(len(a), len(b), 1):.1f} % of the larger set), steps {folded.config['steps_run']} vs {hooked.config['steps_run']}, "
           f"KL {folded.fidelity['kl']:.4f} vs {hooked.fidelity['kl']:.4f} "
           f"(|diff| {abs(folded.fidelity['kl'] - hooked.fidelity['kl']):.4f}), top-1 agreement "
           f"{folded.fidelity['agree']}/{folded.fidelity['images']} vs {hooked.fidelity['agree']}/"
